@@ -1,0 +1,85 @@
+# PSViT-NAS: every entry point goes through the project venv. `make help` lists the targets.
+
+PYTHON ?= python3
+PY := .venv/bin/python
+PIP := $(PY) -m pip
+# Pinned first so `pip install -e .` finds torch>=2.3 already satisfied and downloads no other build.
+# CUDA users: make install TORCH_REQ="torch==2.13.0 --index-url <wheel index>"
+TORCH_REQ ?= torch==2.13.0
+# Hydra overrides passed through to the apps, e.g. make supernet ARGS="space=fmnist_1d train.epochs=2"
+ARGS ?=
+PYTEST_ARGS ?=
+# Architecture JSON for `make retrain`.
+ARCH ?=
+# One worker per visible GPU (CUDA_VISIBLE_DEVICES wins over nvidia-smi); 1 on CPU-only machines.
+NPROC ?= $(shell \
+	if [ -n "$$CUDA_VISIBLE_DEVICES" ]; then echo "$$CUDA_VISIBLE_DEVICES" | tr ',' '\n' | grep -c .; \
+	elif n=$$(nvidia-smi -L 2>/dev/null | grep -c '^GPU') && [ "$$n" -gt 0 ]; then echo $$n; \
+	else echo 1; fi)
+
+FMNIST := /usr/share/datasets/fashion-mnist/train-images-idx3-ubyte.gz
+# A new package directory must reach the editable install's import map, so it re-triggers the install.
+PKG_INITS := $(wildcard space/__init__.py supernet/__init__.py search/__init__.py)
+
+# $(call require,FILE,WHY): one line on stderr and exit 1 while a stage is not written yet; else bring the venv up to date.
+define require
+@test -f $(1) || { echo "make $@: not implemented yet ($(2))" >&2; exit 1; }
+@$(MAKE) --no-print-directory install
+endef
+
+.DEFAULT_GOAL := help
+.PHONY: help install data test info supernet search retrain bench demo clean distclean
+
+help: ## list the targets
+	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | sed -E 's/^([a-z-]+):.*## /  \1\t/' | expand -t 14
+
+install: .venv/.installed data ## create .venv and install the package with the dev extra (no-op when up to date)
+
+.venv/.installed: setup.cfg pyproject.toml Makefile $(PKG_INITS)
+	test -x $(PY) || $(PYTHON) -m venv .venv
+	$(PIP) install $(TORCH_REQ)
+	$(PIP) install -e '.[dev]'
+	touch $@
+
+data: ## make sure Fashion-MNIST is in /usr/share/datasets (Debian package); never fails
+	@if [ -f $(FMNIST) ]; then exit 0; fi; \
+	if [ "$$(id -u)" = 0 ]; then sudo=; elif sudo -n true 2>/dev/null; then sudo="sudo -n"; else sudo=none; fi; \
+	if [ "$$sudo" != none ] && command -v apt-get >/dev/null 2>&1; then \
+	   $$sudo apt-get update -qq && $$sudo env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq dataset-fashion-mnist; \
+	fi; \
+	[ -f $(FMNIST) ] || echo "make data: Fashion-MNIST not found at $(FMNIST); install the Debian package dataset-fashion-mnist (as root) or pass data.root=DIR to the apps" >&2
+
+test: install ## run the test suite (PYTEST_ARGS / ARGS go to pytest)
+	$(PY) -m pytest $(PYTEST_ARGS) $(ARGS)
+
+info: ## print a search-space summary: size, params/MACs range (make info ARGS="space=fmnist_2d")
+	$(call require,space/info.py,search-space summary: space/info.py in progress)
+	$(PY) -m space.info $(ARGS)
+
+supernet: ## train the SPOS supernet with torchrun on NPROC workers
+	$(call require,supernet/train.py,issue #4: SPOS supernet training)
+	$(PY) -m torch.distributed.run --standalone --nproc_per_node=$(NPROC) -m supernet.train $(ARGS)
+
+search: ## evolutionary search over the trained supernet
+	$(call require,search/evolve.py,issue #5: evolutionary search)
+	$(PY) -m search.evolve $(ARGS)
+
+retrain: ## train an exported architecture from scratch (make retrain ARCH=path/to/arch.json)
+	$(call require,supernet/retrain.py,issue #6: retraining the found architecture)
+	@test -n "$(ARCH)" || { echo "make retrain: set ARCH=path/to/arch.json" >&2; exit 1; }
+	$(PY) -m supernet.retrain arch=$(ARCH) $(ARGS)
+
+bench: ## benchmarks printing side-by-side ratios
+	$(call require,bench/__main__.py,issues #3/#4/#5: benchmarks)
+	$(PY) -m bench $(ARGS)
+
+demo: ## end to end on Fashion-MNIST: supernet, search, retrain
+	$(call require,scripts/demo.sh,issue #6: end-to-end demo)
+	bash scripts/demo.sh $(ARGS)
+
+clean: ## remove build and test artefacts (keeps .venv and experiment outputs)
+	rm -rf build dist *.egg-info .pytest_cache .hypothesis
+	find . -path ./.venv -prune -o -name __pycache__ -type d -exec rm -rf {} +
+
+distclean: clean ## clean, and remove .venv too
+	rm -rf .venv

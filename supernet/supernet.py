@@ -1,0 +1,168 @@
+"""The weight-sharing PSViT supernet: ``forward(x, arch)`` runs one path, ``extract(arch)`` returns it as a
+stand-alone PSViT.
+
+As in SPOS, every cell keeps separate weights per op (a basic layer and a shared pair); as in AutoFormer,
+every stage holds them at its largest dim and a smaller dim uses the leading slice of every weight, bias
+and norm (weight entanglement; heads follow the dim at a fixed head dim). Patch embedding, position
+embedding, pooling convs and head are entangled the same way. Slices are views: no weight is copied on
+the forward path, and weights off the path take no part and receive no gradient (``grad is None``).
+
+The supernet's modules are PSViT's modules built at the largest sizes, with identical parameter names,
+so extraction is one rule: copy ``src[:n0, :n1, ...]`` into every parameter of the subnet.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from space.arch import ArchSpec
+from space.space import SearchSpace
+from supernet.layers import (Block, PatchEmbed, Pool1d, Pool2d, SharedBlock, SharedPair, BasicCell, attention,
+                             init_weights, mlp, pool1d, pool2d, shared_attention)
+from supernet.model import PSViT
+
+
+def lead(t: Tensor, *sizes: int) -> Tensor:
+    """Leading slice ``t[:s0, :s1, ...]`` as a view."""
+    return t[tuple(slice(0, s) for s in sizes)]
+
+
+def _norm(x: Tensor, norm: nn.LayerNorm, dim: int) -> Tensor:
+    return F.layer_norm(x, (dim,), norm.weight[:dim], norm.bias[:dim], norm.eps)
+
+
+def _mlp(x: Tensor, m: nn.Module, dim: int, hidden: int) -> Tensor:
+    return mlp(x, lead(m.fc1.weight, hidden, dim), m.fc1.bias[:hidden], lead(m.fc2.weight, dim, hidden),
+               m.fc2.bias[:dim])
+
+
+def _block(b: Block, x: Tensor, dim: int, heads: int, hidden: int, need_map: bool = False,
+           ) -> tuple[Tensor, Tensor | None]:
+    a = b.attn
+    y, attn = attention(_norm(x, b.norm1, dim), lead(a.qkv.weight, 3 * dim, dim), a.qkv.bias[:3 * dim],
+                        lead(a.proj.weight, dim, dim), a.proj.bias[:dim], heads, need_map)
+    x = x + y
+    return x + _mlp(_norm(x, b.norm2, dim), b.mlp, dim, hidden), attn
+
+
+def _shared_block(b: SharedBlock, x: Tensor, attn: Tensor, dim: int, hidden: int) -> Tensor:
+    a = b.attn
+    x = x + shared_attention(_norm(x, b.norm1, dim), attn, lead(a.v.weight, dim, dim), a.v.bias[:dim],
+                             lead(a.proj.weight, dim, dim), a.proj.bias[:dim])
+    return x + _mlp(_norm(x, b.norm2, dim), b.mlp, dim, hidden)
+
+
+class SuperCell(nn.Module):
+    """One cell of the supernet: a basic layer and a shared pair at the stage's largest dim."""
+
+    def __init__(self, dim: int, num_heads: int, hidden: int):
+        super().__init__()
+        self.basic = BasicCell(dim, num_heads, hidden)
+        self.shared = SharedPair(dim, num_heads, hidden)
+
+    def forward(self, x: Tensor, op: str, dim: int, heads: int, hidden: int) -> Tensor:
+        if op == "basic":
+            return _block(self.basic.layer, x, dim, heads, hidden)[0]
+        if op == "shared":
+            x, attn = _block(self.shared.first, x, dim, heads, hidden, need_map=True)
+            return _shared_block(self.shared.second, x, attn, dim, hidden)
+        return x
+
+
+class SuperStage(nn.Module):
+    def __init__(self, pool: nn.Module | None, cells: list[SuperCell]):
+        super().__init__()
+        self.pool = pool
+        self.cells = nn.ModuleList(cells)
+
+
+class Supernet(nn.Module):
+    def __init__(self, space: SearchSpace):
+        super().__init__()
+        self.space = space
+        dims = [max(s.dims) for s in space.stages]
+        hd = space.head_dim
+        self.has_cls = space.pooling == "1d"
+        self.patch_embed = PatchEmbed(space.in_chans, dims[0], space.patch_size)
+        n0 = space.stages[0].tokens[0] + (1 if self.has_cls else 0)
+        self.cls_token = nn.Parameter(torch.zeros(1, 1, dims[0])) if self.has_cls else None
+        self.pos_embed = nn.Parameter(torch.zeros(1, n0, dims[0]))
+        stages = []
+        for i, (s, d) in enumerate(zip(space.stages, dims)):
+            pool = None
+            if i > 0:  # tokens / stride are runtime choices; the largest-size module only holds weights
+                pool = Pool1d(dims[i - 1], d, max(s.tokens)) if self.has_cls else Pool2d(dims[i - 1], d, 2)
+            hidden = int(round(d * space.mlp_ratio))
+            stages.append(SuperStage(pool, [SuperCell(d, d // hd, hidden) for _ in range(s.cells)]))
+        self.stages = nn.ModuleList(stages)
+        self.norm = nn.LayerNorm(dims[-1])
+        self.head = nn.Linear(dims[-1], space.num_classes)
+        init_weights(self)
+        nn.init.trunc_normal_(self.pos_embed, std=0.02)
+        if self.cls_token is not None:
+            nn.init.trunc_normal_(self.cls_token, std=0.02)
+        self._checked: set[ArchSpec] = set()
+
+    def check(self, arch: ArchSpec) -> None:
+        """Raise ArchError naming the field if ``arch`` is not a path of this supernet (memoized)."""
+        if arch not in self._checked:
+            self.space.check(arch)
+            self._checked.add(arch)
+
+    def forward(self, x: Tensor, arch: ArchSpec) -> Tensor:
+        """Logits of the path ``arch``; x is (B, in_chans, img, img)."""
+        self.check(arch)
+        s0 = arch.stages[0]
+        d = s0.dim
+        x = F.conv2d(x, self.patch_embed.proj.weight[:d], self.patch_embed.proj.bias[:d],
+                     stride=arch.patch_size).flatten(2).transpose(1, 2)  # (B, N, d)
+        if self.cls_token is not None:
+            x = torch.cat([self.cls_token[..., :d].expand(x.shape[0], -1, -1), x], dim=1)
+        x = x + self.pos_embed[..., :d]
+        strides = arch.strides() if not self.has_cls else ()
+        for i, (stage, s) in enumerate(zip(self.stages, arch.stages)):
+            if i > 0:
+                p, pd = stage.pool, arch.stages[i - 1].dim
+                w, b = lead(p.conv.weight, s.dim, pd), p.conv.bias[:s.dim]
+                nw, nb = p.norm.weight[:s.dim], p.norm.bias[:s.dim]
+                x = pool1d(x, w, b, nw, nb, s.tokens, p.norm.eps) if self.has_cls else \
+                    pool2d(x, w, b, nw, nb, strides[i - 1], p.norm.eps)
+            hidden = arch.mlp_hidden(s.dim)
+            for cell, op in zip(stage.cells, s.cells):
+                x = cell(x, op, s.dim, s.num_heads, hidden)
+        d = arch.stages[-1].dim
+        x = _norm(x, self.norm, d)
+        x = x[:, 0] if self.has_cls else x.mean(dim=1)
+        return F.linear(x, self.head.weight[:, :d], self.head.bias)
+
+    def path_modules(self, arch: ArchSpec) -> dict[str, nn.Module]:
+        """Supernet module for every PSViT module name the path ``arch`` uses (for extraction)."""
+        out: dict[str, nn.Module] = {"patch_embed": self.patch_embed, "norm": self.norm, "head": self.head}
+        for i, (stage, s) in enumerate(zip(self.stages, arch.stages)):
+            if i > 0:
+                out[f"stages.{i}.pool"] = stage.pool
+            for j, op in enumerate(s.cells):
+                if op != "identity":
+                    out[f"stages.{i}.cells.{j}"] = getattr(stage.cells[j], op)
+        return out
+
+    @torch.no_grad()
+    def extract(self, arch: ArchSpec) -> PSViT:
+        """A stand-alone PSViT of ``arch`` holding copies of this path's (sliced) weights."""
+        self.check(arch)
+        model = PSViT(arch).to(self.pos_embed.device, self.pos_embed.dtype)
+        src_params = {"pos_embed": self.pos_embed}
+        if self.cls_token is not None:
+            src_params["cls_token"] = self.cls_token
+        for prefix, mod in self.path_modules(arch).items():
+            for name, p in mod.named_parameters():
+                src_params[f"{prefix}.{name}"] = p
+        dst_params = dict(model.named_parameters())
+        if set(dst_params) != set(src_params):  # a layout change in layers.py must fail loudly here
+            raise RuntimeError(f"supernet/PSViT layouts differ: {sorted(set(dst_params) ^ set(src_params))}")
+        for name, dst in dst_params.items():
+            dst.copy_(lead(src_params[name], *dst.shape))
+        model.train(self.training)
+        return model
