@@ -74,6 +74,8 @@ class SearchSpace:
             v = cfg[key]
             if not isinstance(v, typ) or isinstance(v, bool):
                 raise SpaceError(f"space.{key}: {v!r} has the wrong type")
+            if typ is int and v < 1:  # a zero patch_size / head_dim would divide by zero below
+                raise SpaceError(f"space.{key}: {v!r} must be a positive integer")
             return v
 
         ops = tuple(get("ops", Sequence))
@@ -87,13 +89,16 @@ class SearchSpace:
             p = f"space.stages[{i}]"
             if not isinstance(s, Mapping) or set(s) != {"cells", "tokens", "dims"}:
                 raise SpaceError(f"{p}: expected a mapping with keys cells, tokens, dims")
+            for k in ("tokens", "dims"):
+                if not isinstance(s[k], Sequence) or isinstance(s[k], str):
+                    raise SpaceError(f"{p}.{k}: {s[k]!r} must be a list of positive integers")
             tok, dims = tuple(s["tokens"]), tuple(s["dims"])
             for k, vals in (("tokens", tok), ("dims", dims)):
                 if not vals or any(not isinstance(v, int) or isinstance(v, bool) or v < 1 for v in vals):
                     raise SpaceError(f"{p}.{k}: {list(vals)} must be a non-empty list of positive integers")
                 if len(set(vals)) != len(vals):
                     raise SpaceError(f"{p}.{k}: {list(vals)} has repeated choices")
-            if not isinstance(s["cells"], int) or s["cells"] < 1:
+            if not isinstance(s["cells"], int) or isinstance(s["cells"], bool) or s["cells"] < 1:
                 raise SpaceError(f"{p}.cells: {s['cells']!r} must be a positive integer")
             stages.append(StageChoices(s["cells"], tuple(sorted(tok, reverse=True)), tuple(sorted(dims))))
         pooling = get("pooling", str)

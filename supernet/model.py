@@ -1,7 +1,7 @@
 """PSViT: the stand-alone vision transformer of one ArchSpec (what users retrain).
 
 Built from the architecture alone, no supernet code on its forward path. With the DeiT-Ti / DeiT-S specs
-(conf/arch/deit_*.json) it is DeiT's layer layout, parameter for parameter.
+(conf/baselines/deit_*.json) it is DeiT's layer layout, parameter for parameter.
 """
 
 from __future__ import annotations

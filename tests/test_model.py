@@ -41,7 +41,7 @@ def measured_macs(arch: ArchSpec) -> float:
 
 @pytest.mark.parametrize("name,n,g", [("deit_tiny", 5_717_416, 1.3), ("deit_small", 22_050_664, 4.6)])
 def test_deit_specs_match_published_models(name, n, g):
-    arch = ArchSpec.load(CONF / "arch" / f"{name}.json")
+    arch = ArchSpec.load(CONF / "baselines" / f"{name}.json")
     with torch.device("meta"):
         model = PSViT(arch)
     assert n_params(model) == params(arch) == n

@@ -1,0 +1,9 @@
+"""`python -m bench [quick]`: run every benchmark and print side-by-side ratios."""
+
+import sys
+
+from bench import model_speed
+
+if __name__ == "__main__":
+    quick = "quick" in sys.argv[1:]
+    model_speed.main(quick=quick)

@@ -1,0 +1,21 @@
+"""Interleaved timing: candidates run in alternation so machine noise hits them alike."""
+
+from __future__ import annotations
+
+import statistics
+import time
+from collections.abc import Callable, Sequence
+
+
+def interleaved(fns: Sequence[Callable[[], object]], reps: int = 5, warmup: int = 1) -> list[float]:
+    """Median seconds per call of each fn, measured round-robin ``reps`` times after ``warmup`` calls."""
+    for fn in fns:
+        for _ in range(warmup):
+            fn()
+    times: list[list[float]] = [[] for _ in fns]
+    for _ in range(reps):
+        for i, fn in enumerate(fns):
+            t = time.perf_counter()
+            fn()
+            times[i].append(time.perf_counter() - t)
+    return [statistics.median(t) for t in times]
