@@ -223,7 +223,7 @@ def test_info_cli_bad_arch_is_one_error_line(tmp_path: Path, content: str | None
 
 
 def test_info_cli_deit_tiny_writes_nothing(tmp_path: Path) -> None:
-    r = _run_info(tmp_path, f"arch={REPO / 'conf' / 'arch' / 'deit_tiny.json'}")
+    r = _run_info(tmp_path, f"arch={REPO / 'conf' / 'baselines' / 'deit_tiny.json'}")
     assert r.returncode == 0, r.stderr
     assert "5,717,416" in r.stdout and "1.25 G" in r.stdout and "FLOPs (MACs)" in r.stdout
     assert "in space fmnist_2d: no (pooling:" in r.stdout
