@@ -1,0 +1,1 @@
+"""Torch side of PSViT-NAS: layers, the PSViT model, the weight-sharing supernet, data and training."""

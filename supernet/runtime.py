@@ -1,0 +1,175 @@
+"""Process plumbing shared by training, search and retraining: distributed set-up, gradient all-reduce
+for paths that change every step, atomic checkpoints, graceful stop on SIGTERM/SIGINT, user errors.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import signal
+import sys
+from collections.abc import Callable, Iterable
+from contextlib import nullcontext
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.distributed as dist
+from torch import nn
+
+
+class UserError(Exception):
+    """A mistake the user can fix; the apps print it as one line on stderr and exit with status 2."""
+
+
+@dataclass(frozen=True)
+class DistEnv:
+    rank: int
+    world_size: int
+    local_rank: int
+    device: torch.device
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+    @property
+    def distributed(self) -> bool:
+        return self.world_size > 1
+
+
+def setup_distributed(device: str = "auto") -> DistEnv:
+    """Read torchrun's RANK / WORLD_SIZE / LOCAL_RANK; NCCL on CUDA, gloo on CPU.
+
+    Args:
+        device: "auto" (CUDA when available), "cpu" or "cuda".
+    """
+    rank = int(os.environ.get("RANK", 0))
+    world = int(os.environ.get("WORLD_SIZE", 1))
+    local = int(os.environ.get("LOCAL_RANK", 0))
+    use_cuda = torch.cuda.is_available() if device == "auto" else device == "cuda"
+    if use_cuda and not torch.cuda.is_available():
+        raise UserError("device: 'cuda' requested but no CUDA device is visible (use device=cpu or device=auto)")
+    if device not in ("auto", "cpu", "cuda"):
+        raise UserError(f"device: {device!r} (allowed: auto, cpu, cuda)")
+    dev = torch.device("cuda", local) if use_cuda else torch.device("cpu")
+    if use_cuda:
+        torch.cuda.set_device(dev)
+    if world > 1 and not dist.is_initialized():
+        dist.init_process_group("nccl" if use_cuda else "gloo", rank=rank, world_size=world,
+                                device_id=dev if use_cuda else None)
+    return DistEnv(rank, world, local, dev)
+
+
+def cleanup_distributed() -> None:
+    if dist.is_initialized():
+        dist.destroy_process_group()
+
+
+def broadcast_parameters(module: nn.Module, env: DistEnv) -> None:
+    """Start every rank from rank 0's weights."""
+    if env.distributed:
+        for t in list(module.parameters()) + list(module.buffers()):
+            dist.broadcast(t.data, src=0)
+
+
+def allreduce_gradients(params: Iterable[nn.Parameter], env: DistEnv, bucket_bytes: int = 32 << 20) -> None:
+    """Average the gradients that exist, in coalesced buckets.
+
+    This replaces DDP's reducer for the supernet: every rank samples the same path from (seed, step), so
+    the set of parameters with a gradient is the same on all ranks and exactly these are reduced.
+    Parameters off the path keep ``grad is None`` (DDP with ``find_unused_parameters=True`` would traverse
+    the autograd graph every step and reduce zero gradients for them, which AdamW would then apply).
+    """
+    if not env.distributed:
+        return
+    grads = [p.grad for p in params if p.grad is not None]
+    bucket: list[torch.Tensor] = []
+    size = 0
+    for g in grads + [None]:
+        if g is not None:
+            bucket.append(g)
+            size += g.numel() * g.element_size()
+        if bucket and (g is None or size >= bucket_bytes):
+            flat = torch.cat([b.reshape(-1) for b in bucket])
+            dist.all_reduce(flat)
+            flat /= env.world_size
+            offset = 0
+            for b in bucket:
+                b.copy_(flat[offset:offset + b.numel()].view_as(b))
+                offset += b.numel()
+            bucket, size = [], 0
+
+
+def allreduce_sum(values: list[float], env: DistEnv) -> list[float]:
+    """Sum a few scalars over ranks (one collective)."""
+    if not env.distributed:
+        return values
+    t = torch.tensor(values, dtype=torch.float64, device=env.device if env.device.type == "cuda" else "cpu")
+    dist.all_reduce(t)
+    return t.tolist()
+
+
+def autocast(device: torch.device, enabled: bool = True) -> Any:
+    """bf16 autocast on CUDA (no loss scaling needed), nothing on CPU."""
+    if enabled and device.type == "cuda":
+        return torch.autocast("cuda", dtype=torch.bfloat16)
+    return nullcontext()
+
+
+def atomic_save(obj: Any, path: Path) -> None:
+    """torch.save to a temp file in the same directory, then os.replace: a crash never leaves half a file."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
+    torch.save(obj, tmp)
+    os.replace(tmp, path)
+
+
+def load_checkpoint(path: Path) -> dict[str, Any]:
+    """Load a checkpoint safely (weights_only); a corrupt file is a one-line UserError."""
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except FileNotFoundError:
+        raise UserError(f"checkpoint: {path} does not exist") from None
+    except Exception as e:  # noqa: BLE001 - any unpickling failure means the file is unusable
+        raise UserError(f"checkpoint: {path} is not a readable checkpoint ({type(e).__name__}: "
+                        f"{str(e).splitlines()[0][:120] if str(e) else ''})") from None
+
+
+def config_hash(cfg: dict[str, Any]) -> str:
+    """Stable short hash of a JSON-able config (e.g. the search space)."""
+    return hashlib.sha256(json.dumps(cfg, sort_keys=True).encode()).hexdigest()[:16]
+
+
+class StopFlag:
+    """Turns SIGTERM / SIGINT into a flag checked between steps (finish the step, checkpoint, exit 0)."""
+
+    def __init__(self) -> None:
+        self.requested = False
+        self._old: dict[int, Any] = {}
+
+    def __enter__(self) -> StopFlag:
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            self._old[sig] = signal.signal(sig, self._handle)
+        return self
+
+    def _handle(self, signum: int, frame: Any) -> None:
+        self.requested = True
+
+    def __exit__(self, *exc: Any) -> None:
+        for sig, old in self._old.items():
+            signal.signal(sig, old)
+
+
+def run_app(fn: Callable[[], Any], user_errors: tuple[type[BaseException], ...]) -> Any:
+    """Run an app body; a user error becomes one ``error: ...`` line on stderr and exit status 2."""
+    try:
+        return fn()
+    except user_errors as e:
+        print("error: " + " ".join(str(e).splitlines()), file=sys.stderr)
+        sys.exit(2)
+    finally:
+        cleanup_distributed()
