@@ -22,6 +22,7 @@ BatchNorm), so inherited-weight evaluation needs no BN recalibration.
 
 from __future__ import annotations
 
+import hashlib
 import math
 import sys
 import time
@@ -114,6 +115,9 @@ class TrainResult:
     val: dict[str, float]
     run_dir: Path
     stopped: bool  # by SIGTERM/SIGINT before the end
+    losses: list[float]  # mean loss over ranks of every step this call ran
+    paths_digest: str  # running SHA-256 of every path trained since step 0 (resume-invariant)
+    model: Supernet
 
 
 def train(cfg: DictConfig) -> TrainResult:
@@ -142,6 +146,7 @@ def train(cfg: DictConfig) -> TrainResult:
     sampler = make_sampler(cfg.sampler, space, cfg.seed, cfg.flops_bins)
 
     step = 0
+    digest = ""  # hash chain of the sampled paths: equal digests = identical path sequences
     ckpt_path = run_dir / CKPT
     if cfg.resume == "auto" and ckpt_path.exists():
         ck = load_checkpoint(ckpt_path)
@@ -153,6 +158,7 @@ def train(cfg: DictConfig) -> TrainResult:
         opt.load_state_dict(ck["optimizer"])
         sched.load_state_dict(ck["scheduler"])
         step = int(ck["step"])
+        digest = ck["paths_digest"]
         torch.set_rng_state(ck["rng_cpu"])
         if env.is_main:
             print(f"resumed from {ckpt_path} at step {step}/{total}")
@@ -164,6 +170,7 @@ def train(cfg: DictConfig) -> TrainResult:
         if env.is_main:
             atomic_save({"model": net.state_dict(), "optimizer": opt.state_dict(), "scheduler": sched.state_dict(),
                          "step": step, "total_steps": total, "rng_cpu": torch.get_rng_state(),
+                         "paths_digest": digest,
                          "space": space_cfg, "space_hash": space_hash,
                          "config": OmegaConf.to_container(cfg, resolve=True)}, ckpt_path)
 
@@ -190,6 +197,7 @@ def train(cfg: DictConfig) -> TrainResult:
 
     net.train()
     loss_val: float | None = None
+    losses: list[float] = []
     val: dict[str, float] = {}
     bar = tqdm(total=total, initial=step, disable=not env.is_main or not cfg.progress, desc="supernet",
                dynamic_ncols=True)
@@ -207,6 +215,7 @@ def train(cfg: DictConfig) -> TrainResult:
                 # one collective agrees on the mean loss and on stopping (a signal may reach ranks a step apart)
                 loss_sum, stop_votes = allreduce_sum([loss.item(), float(stop.requested)], env)
                 loss_val = loss_sum / env.world_size
+                losses.append(loss_val)
                 if not math.isfinite(loss_val):
                     raise NonFiniteLoss(f"optim: non-finite loss {loss_val} at step {step} on path {arch.short()}; "
                                         f"the last good checkpoint {ckpt_path} is kept; lower optim.lr or "
@@ -216,6 +225,7 @@ def train(cfg: DictConfig) -> TrainResult:
                     torch.nn.utils.clip_grad_norm_([p for p in net.parameters() if p.grad is not None], o.grad_clip)
                 opt.step()
                 sched.step()
+                digest = hashlib.sha256((digest + arch.to_json()).encode()).hexdigest()
                 step += 1
                 seen += x.shape[0] * env.world_size
                 bar.update(1)
@@ -242,7 +252,7 @@ def train(cfg: DictConfig) -> TrainResult:
         writer.close()
     if env.is_main and stopped:
         print(f"stopped by signal at step {step}/{total}; checkpoint {ckpt_path}; rerun the same command to resume")
-    return TrainResult(step, total, loss_val, val, run_dir, stopped)
+    return TrainResult(step, total, loss_val, val, run_dir, stopped, losses, digest, net)
 
 
 @hydra.main(version_base="1.3", config_path=CONF_DIR, config_name="supernet")

@@ -1,0 +1,1 @@
+"""Architecture search over a SearchSpace: the pure evolutionary loop, its app and the evaluation glue."""
