@@ -237,7 +237,7 @@ def plot_pareto(path: Path, history: list[Record], constraints: list[Constraint]
     ax.set_xlabel("FLOPs (M MACs)")
     ax.set_ylabel("inherited-weight val top-1")
     ax.grid(alpha=0.3)
-    ax.legend(loc="lower right")
+    ax.legend(loc="best", fontsize=8)
     fig.tight_layout()
     tmp = path.with_name(f".{path.name}.tmp.png")
     fig.savefig(tmp)
