@@ -74,8 +74,8 @@ bench: ## benchmarks printing side-by-side ratios
 	$(PY) -m bench $(ARGS)
 
 demo: ## end to end on Fashion-MNIST: supernet, search, retrain
-	$(call require,scripts/demo.sh,issue #6: end-to-end demo)
-	bash scripts/demo.sh $(ARGS)
+	$(call require,scripts/demo.py,issue #6: end-to-end demo)
+	$(PY) scripts/demo.py $(ARGS)
 
 clean: ## remove build and test artefacts (keeps .venv and experiment outputs)
 	rm -rf build dist *.egg-info .pytest_cache .hypothesis

@@ -50,7 +50,7 @@ def check_data_fits(what: str, obj: object, data: DataBundle) -> None:
     for k in ("img_size", "in_chans", "num_classes"):
         if getattr(obj, k) != getattr(data, k):
             raise UserError(f"{what}.{k}: {getattr(obj, k)} but dataset {data.name} has {getattr(data, k)} "
-                            f"(use a {what} made for {data.name}, e.g. space=fmnist_2d for fashion_mnist)")
+                            f"(use a {what} built for {data.name} input and classes, or another data=)")
 
 
 def eval_archs(space: SearchSpace, seed: int, n_random: int) -> dict[str, ArchSpec]:
