@@ -1,0 +1,110 @@
+"""Retraining an exported architecture: result.json on the official test split, inherited init equals the
+supernet path, DeiT-like baselines, and one-line errors for bad input."""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from hydra import compose, initialize_config_dir
+
+from space.baselines import deit_like
+from space.cost import macs, params
+
+REPO = Path(__file__).resolve().parents[1]
+FMNIST = Path("/usr/share/datasets/fashion-mnist/train-images-idx3-ubyte.gz")
+pytestmark = pytest.mark.skipif(not FMNIST.exists(), reason="needs Debian's dataset-fashion-mnist")
+QUICK = ["data.batch_size=64", "data.val_size=512", "progress=false", "log_every=5"]
+
+
+def make_cfg(name: str, *overrides: str):
+    with initialize_config_dir(config_dir=str(REPO / "conf"), version_base="1.3"):
+        return compose(name, overrides=[*QUICK, *overrides])
+
+
+@pytest.fixture(scope="module")
+def supernet_ckpt(tmp_path_factory) -> Path:
+    from supernet.train import train
+
+    run = tmp_path_factory.mktemp("supernet")
+    train(make_cfg("supernet", f"run_dir={run}", "max_steps=15", "eval.every=0"))
+    return run / "last.ckpt"
+
+
+def test_retrain_writes_test_accuracy(tmp_path):
+    from supernet.retrain import retrain
+
+    from space.space import SearchSpace
+    from omegaconf import OmegaConf
+
+    space = SearchSpace.from_config(OmegaConf.load(REPO / "conf" / "space" / "fmnist_2d.yaml"))
+    arch = space.sample(random.Random(0))
+    arch.save(tmp_path / "arch.json")
+    res = retrain(make_cfg("retrain", f"arch={tmp_path / 'arch.json'}", "max_steps=25", "eval.every=25",
+                           "optim.lr=8e-3", "optim.warmup_epochs=0.01"))
+    out = json.loads((tmp_path / "retrain_arch" / "result.json").read_text())
+    assert out == json.loads(json.dumps(res))
+    assert out["test_images"] == 10_000 and out["dataset"] == "fashion_mnist"
+    assert out["params"] == params(arch) and out["flops_macs"] == macs(arch)
+    assert out["test_top1"] > 0.3  # 25 steps already beat chance (0.1) by far
+    assert (tmp_path / "retrain_arch" / "last.ckpt").exists()
+
+
+def test_inherit_starts_from_the_supernet_path(tmp_path, supernet_ckpt):
+    """With zero steps, the retrained model *is* the extracted path: same test accuracy as the supernet."""
+    from search.evaluate import load_supernet
+    from supernet.data import build_data
+    from supernet.loop import evaluate
+    from supernet.retrain import retrain
+    from supernet.runtime import setup_distributed
+
+    net, ck = load_supernet(supernet_ckpt, torch.device("cpu"))
+    arch = net.space.sample(random.Random(5))
+    arch.save(tmp_path / "a.json")
+    res = retrain(make_cfg("retrain", f"arch={tmp_path / 'a.json'}", "init=inherit", f"supernet={supernet_ckpt}",
+                           "max_steps=0", "eval.every=0"))
+    data = build_data(ck["config"]["data"])
+    expected = evaluate(lambda x: net(x, arch), data.test, setup_distributed("cpu"))
+    assert res["test_top1"] == expected
+
+
+def test_deit_like_baseline_matches_budget():
+    arch = deit_like(6e6, 28, 4, 1, 10, 2.0, 8, dims=[32, 48, 64])
+    assert arch.pooling == "1d" and len(arch.stages) == 1 and set(arch.stages[0].cells) == {"basic"}
+    others = [deit_like(6e6, 28, 4, 1, 10, 2.0, 8, dims=[d], depths=[k]) for d in (32, 48, 64) for k in range(4, 17)]
+    assert abs(macs(arch) - 6e6) == min(abs(macs(o) - 6e6) for o in others)
+    shipped = json.loads((REPO / "conf" / "baselines" / "deit_fmnist.json").read_text())
+    assert shipped["stages"][0]["cells"] == ["basic"] * len(shipped["stages"][0]["cells"])
+
+
+def _cli(tmp_path: Path, *args: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "supernet.retrain", *args, "max_steps=1"], cwd=tmp_path,
+                          env={**os.environ, "PYTHONPATH": str(REPO)}, capture_output=True, text=True, timeout=120)
+
+
+@pytest.mark.parametrize("case,fragment", [
+    ("malformed", "malformed JSON"),
+    ("deit_tiny", "arch.img_size: 224 but dataset fashion_mnist has 28"),
+    ("missing", "cannot read architecture file"),
+    ("no_arch", "arch: required"),
+    ("inherit_no_supernet", "supernet: init=inherit needs supernet="),
+])
+def test_bad_input_is_one_line_exit_2(tmp_path, case, fragment):
+    (tmp_path / "bad.json").write_text('{"format": "psvit-arch/1", ')
+    args = {"malformed": [f"arch={tmp_path / 'bad.json'}"],
+            "deit_tiny": [f"arch={REPO / 'conf' / 'baselines' / 'deit_tiny.json'}"],
+            "missing": [f"arch={tmp_path / 'nope.json'}"],
+            "no_arch": [],
+            "inherit_no_supernet": [f"arch={REPO / 'conf' / 'baselines' / 'deit_fmnist.json'}", "init=inherit"]}[case]
+    before = sorted(p.name for p in tmp_path.iterdir())
+    r = _cli(tmp_path, *args)
+    assert r.returncode == 2, r.stderr
+    lines = r.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: ") and fragment in lines[0], r.stderr
+    assert sorted(p.name for p in tmp_path.iterdir()) == before  # nothing written
