@@ -1,0 +1,220 @@
+"""Training speed, measured side by side on this machine's CPU with real Fashion-MNIST:
+
+1. a supernet training step (loop.py's step plus train.py's per-step path work, AdamW over the whole
+   supernet) vs the same step on the extracted stand-alone PSViT, median ratio over the paths of steps 0..K-1;
+2. `python -m supernet.train` on 2 gloo ranks vs 1 process at the same global batch, both on all cores;
+3. the wall time of one fmnist_2d supernet epoch with the default config;
+4. the Fashion-MNIST TensorLoader (with augmentation) alone, and its share of a supernet step.
+
+Run it on an otherwise idle machine: a process with 2 OpenMP threads slows down several-fold whenever
+anything else holds one of 2 cores, which swamps every ratio here.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import itertools
+import math
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from hydra import compose, initialize_config_dir
+from omegaconf import DictConfig
+from torch import Tensor, nn
+
+from bench.timing import interleaved
+from space.cost import macs
+from space.samplers import UniformSampler
+from space.space import SearchSpace
+from supernet.data import TensorLoader, build_data
+from supernet.loop import lr_lambda, param_groups
+from supernet.runtime import DistEnv, allreduce_gradients, allreduce_sum
+from supernet.supernet import Supernet
+
+REPO = Path(__file__).resolve().parents[1]
+CONF = REPO / "conf"
+
+
+def _compose(*overrides: str) -> DictConfig:
+    with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
+        return compose("supernet", overrides=list(overrides))
+
+
+def _trainer(model: nn.Module, cfg: DictConfig, total: int
+             ) -> tuple[torch.optim.Optimizer, torch.optim.lr_scheduler.LRScheduler]:
+    """AdamW with the training loop's param groups and lr schedule (supernet/loop.py)."""
+    o = cfg.optim
+    opt = torch.optim.AdamW(param_groups(model, o.weight_decay), lr=o.lr, betas=tuple(o.betas))
+    return opt, torch.optim.lr_scheduler.LambdaLR(opt, lr_lambda(total, total // 20, o.min_lr / o.lr))
+
+
+def supernet_vs_standalone(preset: str, loader: TensorLoader, n_archs: int, reps: int) -> float:
+    """Prints the overhead of a supernet step over the stand-alone step; returns the mean supernet step (s)."""
+    cfg = _compose(f"space={preset}")
+    space = SearchSpace.from_config(cfg.space)
+    env = DistEnv(0, 1, 0, torch.device("cpu"))
+    ls, clip = cfg.optim.label_smoothing, cfg.optim.grad_clip
+    batches = list(itertools.islice(loader.epoch(0), 4))  # the same real batches feed both sides, in turn
+    torch.manual_seed(cfg.seed)
+    net = Supernet(space).train()
+    opt, sched = _trainer(net, cfg, 10_000)
+    sampler = UniformSampler(space, cfg.seed)
+
+    def train_step(model: nn.Module, forward: Callable[[Tensor], Tensor], model_opt: torch.optim.Optimizer,
+                   model_sched: torch.optim.lr_scheduler.LRScheduler, data: Iterator[tuple[Tensor, Tensor]]) -> None:
+        # supernet/loop.py's step, on one process (where its collectives return at once)
+        x, y = next(data)
+        loss = F.cross_entropy(forward(x), y, label_smoothing=ls)
+        model_opt.zero_grad(set_to_none=True)
+        loss.backward()
+        if not math.isfinite(allreduce_sum([loss.item(), 0.0], env)[0]):
+            raise RuntimeError(f"non-finite loss while timing {preset}")
+        allreduce_gradients(model.parameters(), env)
+        torch.nn.utils.clip_grad_norm_([p for p in model.parameters() if p.grad is not None], clip)
+        model_opt.step()  # supernet: its whole list, where off-path params have grad None and are skipped
+        model_sched.step()
+
+    state = {"digest": ""}
+
+    def super_forward(x: Tensor, step: int) -> Tensor:
+        arch = sampler(step)  # what train.py's Task adds per step: sampling, path MACs, path digest
+        macs(arch)
+        state["digest"] = hashlib.sha256((state["digest"] + arch.to_json()).encode()).hexdigest()
+        return net(x, arch)
+
+    ratios, t_supers, t_subs, path_macs = [], [], [], []
+    for step in range(n_archs):
+        arch = sampler(step)
+        path_macs.append(macs(arch))
+        sub = net.extract(arch).train()
+        sub_opt, sub_sched = _trainer(sub, cfg, 10_000)
+        d_super, d_sub = itertools.cycle(batches), itertools.cycle(batches)
+        t_super, t_sub = interleaved([lambda: train_step(net, lambda x: super_forward(x, step), opt, sched, d_super),
+                                      lambda: train_step(sub, sub, sub_opt, sub_sched, d_sub)], reps=reps)
+        ratios.append(t_super / t_sub)
+        t_supers.append(t_super)
+        t_subs.append(t_sub)
+    B = loader.batch_size
+    print(f"  {preset:10s} batch {B}, train step (fwd+bwd+clip+AdamW), {n_archs} paths of "
+          f"{statistics.mean(path_macs) / 1e6:.1f} M MACs/img on average:")
+    print(f"    supernet {B / statistics.median(t_supers):7.0f} img/s   stand-alone "
+          f"{B / statistics.median(t_subs):7.0f} img/s   overhead supernet / stand-alone per step: median "
+          f"{statistics.median(ratios):.3f}"
+          f" (min {min(ratios):.3f}, max {max(ratios):.3f})   target <= 1.05")
+    return statistics.mean(t_supers)
+
+
+@dataclass(frozen=True)
+class RunTiming:
+    step_s: float  # median wall seconds per step after the first logged interval
+    loop_s: float  # wall seconds of the whole training loop (set-up and final checkpoint excluded)
+    steps: int
+    process_s: float  # the whole command, start-up included
+
+
+def train_run(run_dir: Path, nproc: int, threads: int, steps: int | None, log_every: int,
+              *overrides: str) -> RunTiming:
+    """Runs `python -m supernet.train` (through torch.distributed.run when nproc > 1) and times its loop.
+
+    Timing comes from the ``train/img_per_s`` scalars rank 0 writes every ``log_every`` steps: each is the
+    global images over the wall time since the previous point, the first measured from just before the
+    loop. So start-up (interpreter, imports, dataset decompression, rendezvous) never counts, which a
+    stopwatch around the command could only remove by differencing two runs, doubling their noise. The
+    first interval also holds one-off costs (AdamW state creation, first collectives, allocator warm-up),
+    so the per-step time is the median over the later intervals; their sum plus the first gives the loop.
+    """
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    cmd = [sys.executable, "-m", "supernet.train"]
+    if nproc > 1:
+        cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}",
+               "-m", "supernet.train"]
+    args = [f"run_dir={run_dir}", "resume=never", "eval.every=0", "progress=false", f"log_every={log_every}",
+            "ckpt_every=1000000000", *([] if steps is None else [f"max_steps={steps}"]), *overrides]
+    t0 = time.perf_counter()
+    r = subprocess.run(cmd + args, cwd=REPO, env={**os.environ, "OMP_NUM_THREADS": str(threads)},
+                       capture_output=True, text=True)
+    process_s = time.perf_counter() - t0
+    if r.returncode != 0:
+        raise RuntimeError(f"{' '.join(cmd + args)} exited {r.returncode}:\n{r.stderr[-2000:]}")
+    acc = EventAccumulator(str(run_dir / "tb"))
+    acc.Reload()
+    points = acc.Scalars("train/img_per_s")
+    global_batch = _compose(*args).data.batch_size * nproc
+    prev, per_step, loop = 0, [], 0.0
+    for p in points:
+        s = global_batch / p.value  # seconds per step in this interval
+        loop += s * (p.step - prev)
+        per_step.append(s)
+        prev = p.step
+    return RunTiming(statistics.median(per_step[1:] or per_step), loop, prev, process_s)
+
+
+def ranks_vs_one(tmp: Path, global_batch: int, steps: int, log_every: int) -> RunTiming:
+    """2 gloo ranks vs 1 process at the same global batch, each side using all cores; returns the 1-process run."""
+    cores = os.cpu_count() or 2
+    two = train_run(tmp / "r2", 2, max(1, cores // 2), steps, log_every, f"data.batch_size={global_batch // 2}")
+    one = train_run(tmp / "r1", 1, cores, steps, log_every, f"data.batch_size={global_batch}")
+    print(f"  fmnist_2d, global batch {global_batch}, {steps} steps, eval off: 2 gloo ranks x {global_batch // 2} "
+          f"({max(1, cores // 2)} thread each) {global_batch / two.step_s:.0f} img/s vs 1 process x {global_batch} "
+          f"({cores} threads) {global_batch / one.step_s:.0f} img/s")
+    print(f"    wall time per step 2 ranks / 1 rank: {two.step_s / one.step_s:.3f}   (1.0 = DDP costs nothing; "
+          f"median over log intervals after the first, start-up excluded)")
+    return one
+
+
+def epoch_time(tmp: Path, steps: int, quick_run: RunTiming | None) -> None:
+    """One fmnist_2d supernet epoch of ``steps`` steps; with ``quick_run``, extrapolated from its steps instead."""
+    cores = os.cpu_count() or 2
+    if quick_run is not None:
+        sec = quick_run.step_s * steps
+        print(f"  fmnist_2d epoch, default config, batch 256, {cores} threads: ~{sec:.0f} s, ~{steps * 256 / sec:.0f}"
+              f" img/s   EXTRAPOLATED from the {quick_run.steps}-step 1-process run above (x {steps} steps/epoch), "
+              f"not measured; the full bench runs the epoch")
+        return
+    t = train_run(tmp / "epoch", 1, cores, None, 20, "optim.epochs=1")
+    print(f"  fmnist_2d epoch ({t.steps} steps x 256 images), default config, eval off, {cores} threads: "
+          f"training loop {t.loop_s:.1f} s, {t.steps * 256 / t.loop_s:.0f} img/s   (whole command with start-up "
+          f"{t.process_s:.1f} s; conf/supernet.yaml says ~90 s)")
+
+
+def loader_throughput(loader: TensorLoader, t_step: float, reps: int) -> None:
+    epochs = itertools.count(1)  # a fresh shuffle and augmentation draw each time
+
+    def one_epoch() -> None:
+        for _ in loader.epoch(next(epochs)):
+            pass
+
+    (t_epoch,) = interleaved([one_epoch], reps=reps, warmup=0)
+    n = len(loader) * loader.batch_size
+    t_batch = t_epoch / len(loader)
+    print(f"  Fashion-MNIST TensorLoader, batch {loader.batch_size}, crop_pad {loader.crop_pad} + hflip "
+          f"{loader.hflip}: one epoch ({n} images) {t_epoch:.2f} s, {n / t_epoch:.0f} img/s; {t_batch * 1e3:.1f} ms"
+          f"/batch = {t_batch / (t_batch + t_step):.1%} of a supernet step with loading "
+          f"(fmnist_2d step from section 1: {t_step * 1e3:.0f} ms)")
+
+
+def main(quick: bool = False) -> None:
+    torch.set_num_threads(torch.get_num_threads())
+    n, reps, steps, log_every = (3, 3, 30, 5) if quick else (8, 5, 60, 10)
+    print(f"== training speed (CPU, {torch.get_num_threads()} threads, real Fashion-MNIST; FLOPs are MACs)")
+    data = build_data(_compose().data)
+    t_step = supernet_vs_standalone("fmnist_2d", data.train, n, reps)
+    supernet_vs_standalone("fmnist_1d", data.train, n, reps)
+    with tempfile.TemporaryDirectory(prefix="train_speed_") as tmp:
+        one = ranks_vs_one(Path(tmp), 256, steps, log_every)  # its 1-process run is the default config
+        epoch_time(Path(tmp), len(data.train), one if quick else None)
+    loader_throughput(data.train, t_step, 1 if quick else 3)
+
+
+if __name__ == "__main__":
+    main()
