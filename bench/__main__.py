@@ -2,8 +2,10 @@
 
 import sys
 
-from bench import model_speed
+from bench import model_speed, search_speed, train_speed
 
 if __name__ == "__main__":
     quick = "quick" in sys.argv[1:]
     model_speed.main(quick=quick)
+    train_speed.main(quick=quick)
+    search_speed.main(quick=quick)

@@ -123,6 +123,9 @@ def evolve(cfg: DictConfig) -> dict[str, Any]:
         state = json.loads(state_path.read_text())
         if state.get("checkpoint_sha256") != ckpt_hash:
             raise UserError(f"resume: {state_path} belongs to another checkpoint; use another run_dir= or resume=never")
+        if state.get("eval_images", evaluator.images) != evaluator.images:  # cached scores would not compare
+            raise UserError(f"resume: {state_path} scored candidates on {state['eval_images']} validation images, "
+                            f"this command on {evaluator.images} (eval_images=); use another run_dir= or resume=never")
         if len(state.get("searches", [])) != len(searches):
             raise UserError(f"resume: {state_path} has {len(state.get('searches', []))} budgets, this command "
                             f"{len(searches)}; use another run_dir= or resume=never")
@@ -148,7 +151,7 @@ def evolve(cfg: DictConfig) -> dict[str, Any]:
 
     def save_state() -> None:
         if env.is_main:
-            _atomic_write(state_path, json.dumps({"checkpoint_sha256": ckpt_hash,
+            _atomic_write(state_path, json.dumps({"checkpoint_sha256": ckpt_hash, "eval_images": evaluator.images,
                                                   "searches": [s.state_dict() for s in searches]}))
 
     total = len(searches) * ecfg.generations

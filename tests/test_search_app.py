@@ -1,0 +1,333 @@
+"""The `python -m search.evolve` app over a tiny real Fashion-MNIST supernet: outputs, no arch scored twice
+(resume included), SIGKILL resume == uninterrupted run, 2 gloo ranks == 1 process, random search, FLOPs bands
+sharing one cache, and one-line exit-2 errors that write nothing."""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+import torch
+from hydra import compose, initialize_config_dir
+
+from space.arch import ArchSpec
+from space.cost import arch_cost
+
+REPO = Path(__file__).resolve().parents[1]
+FMNIST = Path("/usr/share/datasets/fashion-mnist/train-images-idx3-ubyte.gz")
+pytestmark = pytest.mark.skipif(not FMNIST.exists(), reason="needs Debian's dataset-fashion-mnist")
+
+FLOPS_MAX = 8_000_000  # MACs; about the 75th percentile of fmnist_2d's uniform samples
+GENERATIONS, POPULATION, IMAGES = 5, 6, 100
+# Tiny search: 5 generations of 6 candidates (2 mutations, 2 crossovers, 2 random) scored on 100 held-out images.
+SEARCH = [f"evolution.population={POPULATION}", "evolution.topk=2", "evolution.mutations=2",
+          "evolution.crossovers=2", f"evolution.generations={GENERATIONS}", f"eval_images={IMAGES}",
+          "progress=false", "show_top=3", "seed=0", "device=cpu"]
+
+
+@dataclass
+class Run:
+    run_dir: Path
+    calls: list[str]  # canonical JSON of every architecture the evaluator scored, in order
+    out: str  # stdout
+
+    def history(self) -> list[dict]:
+        return [json.loads(line) for line in (self.run_dir / "history.jsonl").read_text().splitlines()]
+
+
+def search_cfg(ckpt: Path, run_dir: Path, *overrides: str):
+    with initialize_config_dir(config_dir=str(REPO / "conf"), version_base="1.3"):
+        return compose("evolve", overrides=[f"checkpoint={ckpt}", f"run_dir={run_dir}", *SEARCH, *overrides])
+
+
+def cli(ckpt: Path, run_dir: Path, *overrides: str) -> subprocess.Popen:
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    return subprocess.Popen([sys.executable, "-m", "search.evolve", f"checkpoint={ckpt}", f"run_dir={run_dir}",
+                             *SEARCH, *overrides], cwd=REPO, env=env, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True)
+
+
+@contextmanager
+def counting() -> Iterator[list[str]]:
+    """Record every ``SupernetEvaluator.accuracy`` call (the one place a candidate is scored)."""
+    from search.evaluate import SupernetEvaluator
+
+    calls: list[str] = []
+    real = SupernetEvaluator.accuracy
+
+    def accuracy(self, arch: ArchSpec) -> float:
+        calls.append(arch.to_json())
+        return real(self, arch)
+
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(SupernetEvaluator, "accuracy", accuracy)
+        yield calls
+
+
+def run_search(ckpt: Path, run_dir: Path, capsys: pytest.CaptureFixture | None, *overrides: str) -> Run:
+    from search.evolve import evolve
+
+    with counting() as calls:
+        evolve(search_cfg(ckpt, run_dir, *overrides))
+    return Run(run_dir, calls, capsys.readouterr().out if capsys is not None else "")
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_thread() -> Iterator[None]:
+    """One intra-op thread, like the CLI runs (OMP_NUM_THREADS=1) and the gloo ranks: scores are then
+    bit-comparable across processes, and a shared 2-core machine is not oversubscribed."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+@pytest.fixture(scope="module")
+def ckpt(tmp_path_factory: pytest.TempPathFactory, one_thread: None) -> Path:
+    """A tiny fmnist_2d supernet (20 SPOS steps) with a 1000-image held-out validation split."""
+    from supernet.train import train
+
+    run_dir = tmp_path_factory.mktemp("supernet")
+    with initialize_config_dir(config_dir=str(REPO / "conf"), version_base="1.3"):
+        cfg = compose("supernet", overrides=[f"run_dir={run_dir}", "max_steps=20", "data.batch_size=32",
+                                             "data.val_size=1000", "eval.every=0", "progress=false", "device=cpu"])
+    assert train(cfg).step == 20
+    return run_dir / "last.ckpt"
+
+
+@pytest.fixture(scope="module")
+def reference(ckpt: Path, tmp_path_factory: pytest.TempPathFactory) -> Run:
+    """The uninterrupted single-process search every other run is compared with."""
+    return run_search(ckpt, tmp_path_factory.mktemp("reference"), None, f"flops_max={FLOPS_MAX}")
+
+
+def _space(ckpt: Path):
+    from search.evaluate import load_supernet
+
+    return load_supernet(ckpt, torch.device("cpu"))[0].space
+
+
+# ----------------------------------------------------------------------------- outputs
+def test_outputs(ckpt: Path, reference: Run):
+    from search.evolve import file_sha256
+
+    d = reference.run_dir
+    best = ArchSpec.load(d / "best_arch.json")
+    assert _space(ckpt).contains(best)
+    cost = arch_cost(best)
+    assert cost.macs <= FLOPS_MAX
+    meta = json.loads((d / "best_arch.json").read_text())["meta"]
+    assert meta["flops_macs"] == cost.macs and meta["params"] == cost.params
+    assert meta["checkpoint_sha256"] == file_sha256(ckpt)
+    assert meta["val_images"] == IMAGES
+    assert meta["search"]["evolution"]["population"] == POPULATION and meta["search"]["flops_max"] == FLOPS_MAX
+
+    hist = reference.history()
+    assert len(hist) == GENERATIONS * POPULATION
+    assert [h["generation"] for h in hist] == [g for g in range(GENERATIONS) for _ in range(POPULATION)]
+    for h in hist:
+        arch = ArchSpec.from_dict(h["arch"])
+        c = arch_cost(arch)
+        assert (h["flops_macs"], h["params"]) == (c.macs, c.params) and c.macs <= FLOPS_MAX
+        assert 0.0 <= h["val_acc"] <= 1.0 and round(h["val_acc"] * IMAGES) / IMAGES == h["val_acc"]
+    # The best is the top of the history (score, then fewer FLOPs) and carries its own score.
+    top = max(hist, key=lambda h: (h["val_acc"], -h["flops_macs"]))
+    assert meta["val_acc"] == top["val_acc"] and meta["flops_macs"] == top["flops_macs"]
+    assert (d / "pareto.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    state = json.loads((d / "state.json").read_text())
+    assert state["searches"][0]["generation"] == GENERATIONS
+    assert list((d / "tb").glob("events.out.tfevents.*"))
+
+
+# ----------------------------------------------------------------------------- evaluation count, resume
+def test_no_arch_evaluated_twice(reference: Run):
+    archs = [json.dumps(h["arch"]) for h in reference.history()]
+    assert len(reference.calls) == len(set(reference.calls)) == len(set(archs)) == len(archs)
+
+
+class _Crash(Exception):
+    pass
+
+
+def test_resume_after_a_crash_scores_only_the_rest(ckpt: Path, reference: Run, tmp_path: Path, capsys):
+    from search.evaluate import SupernetEvaluator
+    from search.evolve import evolve
+    from supernet.runtime import UserError
+
+    real, batches = SupernetEvaluator.__call__, [0]
+
+    def crash_at_generation_2(self, archs):  # one batch per generation: die before scoring the third
+        batches[0] += 1
+        if batches[0] == 3:
+            raise _Crash
+        return real(self, archs)
+
+    with counting() as first, pytest.MonkeyPatch.context() as mp:
+        mp.setattr(SupernetEvaluator, "__call__", crash_at_generation_2)
+        with pytest.raises(_Crash):
+            evolve(search_cfg(ckpt, tmp_path, f"flops_max={FLOPS_MAX}"))
+    capsys.readouterr()
+    state = json.loads((tmp_path / "state.json").read_text())
+    assert state["searches"][0]["generation"] == 2 and len(first) == 2 * POPULATION
+    assert not (tmp_path / "history.jsonl").exists()
+    # Scores on another validation subset would not compare with the cached ones: refused, state untouched.
+    saved = (tmp_path / "state.json").read_bytes()
+    with pytest.raises(UserError, match=f"scored candidates on {IMAGES} validation images, this command on 50"):
+        evolve(search_cfg(ckpt, tmp_path, f"flops_max={FLOPS_MAX}", "eval_images=50"))
+    assert (tmp_path / "state.json").read_bytes() == saved
+
+    again = run_search(ckpt, tmp_path, capsys, f"flops_max={FLOPS_MAX}")
+    assert f"resumed {tmp_path / 'state.json'} at generation 2/{GENERATIONS}" in again.out
+    assert not set(again.calls) & set(first)  # nothing scored before the crash is scored again
+    assert len(first) + len(again.calls) == len({json.dumps(h["arch"]) for h in again.history()})
+    assert again.history() == reference.history()
+
+
+def test_sigkill_then_rerun_equals_uninterrupted_run(ckpt: Path, reference: Run, tmp_path: Path):
+    p = cli(ckpt, tmp_path, f"flops_max={FLOPS_MAX}")
+    state, at = tmp_path / "state.json", 0
+    deadline = time.time() + 120
+    while time.time() < deadline and p.poll() is None:
+        try:
+            at = json.loads(state.read_text())["searches"][0]["generation"]
+        except (FileNotFoundError, json.JSONDecodeError):
+            pass
+        if at >= 1:
+            break
+        time.sleep(0.02)
+    p.send_signal(signal.SIGKILL)
+    p.communicate()
+    at = json.loads(state.read_text())["searches"][0]["generation"]
+    assert 1 <= at < GENERATIONS and not (tmp_path / "history.jsonl").exists()
+
+    rerun = cli(ckpt, tmp_path, f"flops_max={FLOPS_MAX}")
+    out, err = rerun.communicate(timeout=300)
+    assert rerun.returncode == 0, err
+    assert f"resumed {state} at generation {at}/{GENERATIONS}" in out
+    assert Run(tmp_path, [], out).history() == reference.history()
+    ours, ref = (json.loads((d / "best_arch.json").read_text()) for d in (tmp_path, reference.run_dir))
+    ours.pop("meta"), ref.pop("meta")
+    assert ours == ref
+
+
+# ----------------------------------------------------------------------------- 2 gloo ranks
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _ddp_worker(rank: int, world: int, port: int, ckpt: str, run_dir: str, out_dir: str) -> None:
+    os.environ.update(RANK=str(rank), WORLD_SIZE=str(world), LOCAL_RANK=str(rank), MASTER_ADDR="127.0.0.1",
+                      MASTER_PORT=str(port))
+    torch.set_num_threads(1)
+    from search.evolve import evolve
+    from supernet.runtime import cleanup_distributed
+
+    with counting() as calls:
+        summary = evolve(search_cfg(Path(ckpt), Path(run_dir), f"flops_max={FLOPS_MAX}"))
+    Path(out_dir, f"rank{rank}.json").write_text(json.dumps({"calls": calls, "evaluations": summary["evaluations"]}))
+    cleanup_distributed()
+
+
+def test_two_gloo_ranks_score_exactly_like_one_process(ckpt: Path, reference: Run, tmp_path: Path):
+    torch.multiprocessing.spawn(_ddp_worker, args=(2, _free_port(), str(ckpt), str(tmp_path / "run"), str(tmp_path)),
+                                nprocs=2, join=True)
+    r0, r1 = (json.loads((tmp_path / f"rank{r}.json").read_text()) for r in (0, 1))
+    assert Run(tmp_path / "run", [], "").history() == reference.history()
+    # Each candidate scored once, on one rank, and the ranks shared the work.
+    assert sorted(r0["calls"] + r1["calls"]) == sorted(reference.calls)
+    assert abs(len(r0["calls"]) - len(r1["calls"])) <= GENERATIONS
+    assert r0["evaluations"] == r1["evaluations"] == len(reference.calls)
+
+
+# ----------------------------------------------------------------------------- strategies and budgets
+def test_random_search_same_budget(ckpt: Path, reference: Run, tmp_path: Path, capsys):
+    run = run_search(ckpt, tmp_path, capsys, f"flops_max={FLOPS_MAX}", "strategy=random")
+    hist = run.history()
+    assert len(hist) == len(reference.history())
+    assert [h["generation"] for h in hist] == [h["generation"] for h in reference.history()]
+    assert all(h["flops_macs"] <= FLOPS_MAX for h in hist)
+    assert len(run.calls) == len(set(run.calls)) == len(hist)
+    assert arch_cost(ArchSpec.load(tmp_path / "best_arch.json")).macs <= FLOPS_MAX
+    assert "search: random" in run.out
+
+
+def test_two_flops_bands_share_one_cache(ckpt: Path, tmp_path: Path, capsys):
+    bands = [(2_000_000, 5_000_000), (4_000_000, 9_000_000)]  # overlapping: either search may propose the other's
+    run = run_search(ckpt, tmp_path, capsys, f"flops_budgets={[list(b) for b in bands]}".replace(" ", ""),
+                     "evolution.generations=3")
+    hist = run.history()
+    proposals = len(hist)
+    assert proposals == 2 * 3 * POPULATION and {h["budget"] for h in hist} == {0, 1}
+    assert not (tmp_path / "best_arch.json").exists()
+    for i, (lo, hi) in enumerate(bands):
+        assert all(lo <= h["flops_macs"] <= hi for h in hist if h["budget"] == i)
+        arch = ArchSpec.load(tmp_path / f"best_arch_{i}.json")
+        assert lo <= arch_cost(arch).macs <= hi
+        meta = json.loads((tmp_path / f"best_arch_{i}.json").read_text())["meta"]
+        assert meta["val_acc"] == max(h["val_acc"] for h in hist if lo <= h["flops_macs"] <= hi)
+    distinct = {json.dumps(h["arch"]) for h in hist}
+    assert len(run.calls) == len(set(run.calls)) == len(distinct) <= proposals
+
+
+# ----------------------------------------------------------------------------- bad input
+def _snapshot(d: Path) -> dict[str, bytes] | None:
+    return {str(p.relative_to(d)): p.read_bytes() for p in sorted(d.rglob("*")) if p.is_file()} if d.exists() else None
+
+
+def test_bad_input_is_one_line_exit_2_and_writes_nothing(ckpt: Path, reference: Run, tmp_path: Path, capsys):
+    from search.evolve import USER_ERRORS, evolve
+    from supernet.runtime import run_app
+
+    corrupt = tmp_path / "corrupt.ckpt"
+    corrupt.write_bytes(random.Random(0).randbytes(4096))
+    lo, hi = _space(ckpt).flops_range()
+    cases = {  # name: (checkpoint, overrides, expected text in the message)
+        "missing": (tmp_path / "nope.ckpt", [], "does not exist"),
+        "corrupt": (corrupt, [], "is not a readable checkpoint"),
+        "other_space": (ckpt, ["space=fmnist_1d"], "differs from the checkpoint's space 'fmnist_2d'"),
+        "empty_band": (ckpt, ["flops_min=5e6", "flops_max=4e6"], "flops_min 5000000 > flops_max 4000000"),
+        "out_of_range": (ckpt, [f"flops_max={lo - 1}"], f"exact range [{lo}, {hi}] MACs"),
+        "strategy": (ckpt, ["strategy=annealing"], "strategy: 'annealing' (allowed: evolution, random)"),
+    }
+    # Half of the runs point at a fresh run_dir (must stay absent), half at a finished search (must stay intact).
+    dirs = {}
+    for k, name in enumerate(cases):
+        dirs[name] = tmp_path / f"run_{name}"
+        if k % 2:
+            shutil.copytree(reference.run_dir, dirs[name])
+    before = {name: _snapshot(d) for name, d in dirs.items()}
+    ckpt_dir = _snapshot(ckpt.parent)
+
+    def check(name: str, code: object, err: str) -> None:
+        assert code == 2, (name, err)
+        lines = err.strip().splitlines()
+        assert len(lines) == 1 and lines[0].startswith("error: ") and "Traceback" not in err, (name, err)
+        assert cases[name][2] in lines[0], (name, lines[0])
+        assert _snapshot(dirs[name]) == before[name], name
+
+    # Two through the real CLI (its startup dominates, so they run in the background) ...
+    procs = {name: cli(cases[name][0], dirs[name] / "cli", *cases[name][1]) for name in ("corrupt", "out_of_range")}
+    # ... and every case through the app body `main` runs.
+    for name, (c, overrides, _) in cases.items():
+        capsys.readouterr()
+        with pytest.raises(SystemExit) as exit_:
+            run_app(lambda: evolve(search_cfg(c, dirs[name], *overrides)), USER_ERRORS)
+        check(name, exit_.value.code, capsys.readouterr().err)
+    for name, p in procs.items():
+        _, err = p.communicate(timeout=120)
+        check(name, p.returncode, err)
+    assert _snapshot(ckpt.parent) == ckpt_dir
