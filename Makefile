@@ -28,7 +28,7 @@ define require
 endef
 
 .DEFAULT_GOAL := help
-.PHONY: help install data test info supernet search retrain bench demo clean distclean
+.PHONY: help install data test lint info supernet search retrain bench demo clean distclean
 
 help: ## list the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | sed -E 's/^([a-z-]+):.*## /  \1\t/' | expand -t 14
@@ -51,6 +51,9 @@ data: ## make sure Fashion-MNIST is in /usr/share/datasets (Debian package); nev
 
 test: install ## run the test suite (PYTEST_ARGS / ARGS go to pytest)
 	$(PY) -m pytest $(PYTEST_ARGS) $(ARGS)
+
+lint: install ## ruff over the code and tests
+	$(PY) -m ruff check space supernet search bench scripts tests
 
 info: ## print a search-space summary: size, params/MACs range (make info ARGS="space=fmnist_2d")
 	$(call require,space/info.py,search-space summary: space/info.py in progress)

@@ -26,7 +26,7 @@ from hydra import compose, initialize_config_dir  # noqa: E402
 
 from search.evaluate import SupernetEvaluator, load_supernet, validation_batches  # noqa: E402
 from search.evolution import Constraint, Evolution, EvolutionConfig, RandomSearch  # noqa: E402
-from space.arch import ArchSpec, StageSpec  # noqa: E402
+from space.arch import ArchSpec  # noqa: E402
 from space.baselines import deit_like  # noqa: E402
 from space.cost import fmt_macs, fmt_params, macs, params  # noqa: E402
 from supernet.retrain import retrain  # noqa: E402
@@ -167,18 +167,21 @@ def main() -> None:
     grid = best_2d.stages[0].tokens
     unpooled = replace(best_2d, stages=tuple(replace(s, tokens=grid) for s in best_2d.stages))
     e4 = {"found (seed 0, from E3)": (best_2d, e3["PSViT-2D (searched)"][0]),
-          "shared pairs -> 2 basic layers": (unshared, retrain_acc(unshared, "ablate_unshared", 0, RETRAIN_EPOCHS)["test_top1"]),
-          "no token pooling (all stages 7x7)": (unpooled, retrain_acc(unpooled, "ablate_unpooled", 0, RETRAIN_EPOCHS)["test_top1"])}
+          "shared pairs -> 2 basic layers":
+              (unshared, retrain_acc(unshared, "ablate_unshared", 0, RETRAIN_EPOCHS)["test_top1"]),
+          "no token pooling (all stages 7x7)":
+              (unpooled, retrain_acc(unpooled, "ablate_unpooled", 0, RETRAIN_EPOCHS)["test_top1"])}
     timed("E4", t)
 
     # the page -------------------------------------------------------------------------------------------
-    cpu = next((l.split(":", 1)[1].strip() for l in Path("/proc/cpuinfo").read_text().splitlines()
-                if l.startswith("model name")), platform.processor())
+    cpu = next((line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
+                if line.startswith("model name")), platform.processor())
     total = (time.perf_counter() - t_all) / 60
     w = lines.append
     w("# Results: PSViT at small scale (Fashion-MNIST)\n")
-    w(f"Measured by `.venv/bin/python scripts/experiments.py` in one run of {total:.0f} min on {torch.get_num_threads()} "
-      f"CPU threads ({cpu}), torch {torch.__version__}. FLOPs are multiply-accumulates (MACs). Outputs: "
+    w(f"Measured by `.venv/bin/python scripts/experiments.py` in one run of {total:.0f} min on "
+      f"{torch.get_num_threads()} CPU threads ({cpu}), torch {torch.__version__}. FLOPs are multiply-accumulates "
+      "(MACs). Outputs: "
       f"`runs/experiments/`. Supernets: `fmnist_2d` and `fmnist_1d`, SPOS uniform sampling, {SUPERNET_EPOCHS} epochs "
       f"on the 50,000-image training split (`optim.epochs={SUPERNET_EPOCHS}`; "
       f"{minutes['supernet fmnist_2d']:.1f} and {minutes['supernet fmnist_1d']:.1f} min). Inherited-weight scores "

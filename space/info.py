@@ -57,8 +57,8 @@ def describe_space(space: SearchSpace, samples: int = 1, seed: int = 0) -> str:
     ]
     for i, s in enumerate(space.stages):
         heads = [d // space.head_dim for d in s.dims]
-        lines.append(f"  stage {i}: {s.cells} cells, tokens [{', '.join(_tokens(space.pooling, t) for t in s.tokens)}], "
-                     f"dims {list(s.dims)}, heads {heads}")
+        tokens = ", ".join(_tokens(space.pooling, t) for t in s.tokens)
+        lines.append(f"  stage {i}: {s.cells} cells, tokens [{tokens}], dims {list(s.dims)}, heads {heads}")
     lines += [
         f"size: {size:,} architectures ({size:.3e}) = {len(space.chains):,} valid token/dim chains "
         f"x {len(space.ops)}^{cells} cell ops",
@@ -82,7 +82,7 @@ def describe_arch(arch: ArchSpec, space: SearchSpace, source: str = "") -> str:
              f"  {'part':<10} {'params':>14} {'FLOPs (MACs)':>16}"]
     parts = cost.breakdown(arch)
     groups: dict[str, cost.Cost] = {"embed": parts["embed"]}
-    for i, s in enumerate(arch.stages):
+    for i in range(len(arch.stages)):
         total = cost.ZERO
         for k, c in parts.items():
             if k == f"pool[{i}]" or k.startswith(f"stages[{i}]."):

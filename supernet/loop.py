@@ -22,14 +22,10 @@ from torch import Tensor, nn
 from tqdm import tqdm
 
 from supernet.data import DataBundle
-from supernet.runtime import (DistEnv, StopFlag, UserError, allreduce_gradients, allreduce_sum, atomic_save,
-                              autocast, broadcast_parameters, load_checkpoint)
+from supernet.runtime import (DistEnv, NonFiniteLoss, StopFlag, UserError, allreduce_gradients, allreduce_sum,
+                              atomic_save, autocast, broadcast_parameters, load_checkpoint)
 
 CKPT = "last.ckpt"
-
-
-class NonFiniteLoss(RuntimeError):
-    """Training diverged; the last good checkpoint is kept."""
 
 
 @dataclass

@@ -2,7 +2,8 @@
 
     python -m supernet.retrain arch=runs/supernet_fmnist_2d/search/best_arch.json optim.epochs=30
     python -m supernet.retrain arch=... init=inherit supernet=runs/supernet_fmnist_2d/last.ckpt
-    torchrun --standalone --nproc_per_node=8 -m supernet.retrain arch=conf/baselines/deit_tiny.json data=imagenet_folder ...
+    torchrun --standalone --nproc_per_node=8 -m supernet.retrain arch=conf/baselines/deit_tiny.json \
+        data=imagenet_folder data.root=...
 
 The model is ``PSViT.from_json(arch)``: no supernet code. Training uses the supernet's loop
 (supernet/loop.py: AdamW, warmup + cosine, AMP on CUDA, DDP, atomic checkpoints, resume, tqdm,
@@ -14,20 +15,19 @@ from __future__ import annotations
 
 import json
 import os
-import sys
 import time
 from pathlib import Path
 from typing import Any
 
 import hydra
 import torch
-from omegaconf import DictConfig, OmegaConf, open_dict
+from omegaconf import DictConfig, open_dict
 
 from space.arch import ArchError, ArchSpec
 from space.cost import macs, params
 from space.space import SpaceError
 from supernet.data import DataError, build_data
-from supernet.loop import NonFiniteLoss, Task, evaluate, fit
+from supernet.loop import Task, evaluate, fit
 from supernet.model import PSViT
 from supernet.runtime import UserError, allreduce_sum, run_app, setup_distributed
 from supernet.train import check_data_fits
@@ -100,13 +100,7 @@ def retrain(cfg: DictConfig) -> dict[str, Any]:
 
 @hydra.main(version_base="1.3", config_path=CONF_DIR, config_name="retrain")
 def main(cfg: DictConfig) -> None:
-    def body() -> None:
-        try:
-            retrain(cfg)
-        except NonFiniteLoss as e:
-            print(f"error: {e}", file=sys.stderr, flush=True)
-            raise SystemExit(1) from None
-    run_app(body, USER_ERRORS)
+    run_app(lambda: retrain(cfg), USER_ERRORS)
 
 
 if __name__ == "__main__":

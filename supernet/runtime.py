@@ -24,6 +24,10 @@ class UserError(Exception):
     """A mistake the user can fix; the apps print it as one line on stderr and exit with status 2."""
 
 
+class NonFiniteLoss(RuntimeError):
+    """Training diverged; the last good checkpoint is kept. The apps exit with status 1."""
+
+
 @dataclass(frozen=True)
 class DistEnv:
     rank: int
@@ -165,11 +169,15 @@ class StopFlag:
 
 
 def run_app(fn: Callable[[], Any], user_errors: tuple[type[BaseException], ...]) -> Any:
-    """Run an app body; a user error becomes one ``error: ...`` line on stderr and exit status 2."""
+    """Run an app body; a user error becomes one ``error: ...`` line on stderr and exit status 2, a diverged
+    training one such line and status 1."""
     try:
         return fn()
     except user_errors as e:
         print("error: " + " ".join(str(e).splitlines()), file=sys.stderr)
         sys.exit(2)
+    except NonFiniteLoss as e:
+        print(f"error: {e}", file=sys.stderr, flush=True)
+        sys.exit(1)
     finally:
         cleanup_distributed()

@@ -24,7 +24,6 @@ from __future__ import annotations
 
 import hashlib
 import random
-import sys
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -37,7 +36,7 @@ from space.cost import macs
 from space.samplers import make_sampler
 from space.space import SearchSpace, SpaceError
 from supernet.data import DataBundle, DataError, build_data
-from supernet.loop import FitResult, NonFiniteLoss, Task, evaluate, fit
+from supernet.loop import FitResult, Task, evaluate, fit
 from supernet.runtime import UserError, config_hash, run_app, setup_distributed
 from supernet.supernet import Supernet
 
@@ -105,13 +104,7 @@ def train(cfg: DictConfig) -> TrainResult:
 
 @hydra.main(version_base="1.3", config_path=CONF_DIR, config_name="supernet")
 def main(cfg: DictConfig) -> None:
-    def body() -> None:
-        try:
-            train(cfg)
-        except NonFiniteLoss as e:
-            print(f"error: {e}", file=sys.stderr, flush=True)
-            raise SystemExit(1) from None
-    run_app(body, USER_ERRORS)
+    run_app(lambda: train(cfg), USER_ERRORS)
 
 
 if __name__ == "__main__":

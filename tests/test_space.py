@@ -227,7 +227,8 @@ def _with_stage(arch: ArchSpec, i: int, **kw: Any) -> ArchSpec:
     (lambda a: _with_stage(a, 0, num_heads=a.stages[0].dim // 4 if a.stages[0].dim % 4 == 0 else 1),
      "stages[0].num_heads"),
     (lambda a: ArchSpec(**{**a.__dict__, "img_size": 32, "stages": (
-        StageSpec(64, 16, 2, ("basic",) * 6), StageSpec(16, 32, 4, ("basic",) * 6), StageSpec(4, 48, 6, ("basic",) * 6))}),
+        StageSpec(64, 16, 2, ("basic",) * 6), StageSpec(16, 32, 4, ("basic",) * 6),
+        StageSpec(4, 48, 6, ("basic",) * 6))}),
      "img_size: 32 differs from the space's 28"),
     (lambda a: ArchSpec(**{**a.__dict__, "stages": a.stages[:2]}), "stages: 2 stages, the space has 3"),
     (lambda a: ArchSpec(**{**a.__dict__, "num_classes": 100}), "num_classes: 100 differs"),
