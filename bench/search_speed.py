@@ -1,7 +1,7 @@
 """Search speed, measured on this machine's CPU with real Fashion-MNIST:
 
 1. candidate evaluations per minute of the default `python -m search.evolve` search (SPOS: population 50,
-   20 generations; 5 in quick mode) scored on the default 2000 held-out validation images, over a small
+   20 generations; 2 in quick mode) scored on the default 2000 held-out validation images, over a small
    fmnist_2d and fmnist_1d supernet (a few training steps: speed does not depend on how well it is trained);
 2. proposals, evaluations and cache hits (proposals that needed no evaluation) of that search, of a rerun of the
    finished command (resume) and of a 3-band ``flops_budgets`` search whose bands share one cache.
@@ -123,7 +123,7 @@ def bands(ckpt: Path) -> list[tuple[int, int]]:
 
 
 def main(quick: bool = False) -> None:
-    generations = 5 if quick else 20
+    generations = 2 if quick else 20
     print(f"== search speed (CPU, {torch.get_num_threads()} threads, real Fashion-MNIST; FLOPs are MACs)")
     with tempfile.TemporaryDirectory(prefix="search_speed_") as tmp:
         for preset in ("fmnist_2d", "fmnist_1d"):
