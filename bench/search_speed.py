@@ -1,8 +1,8 @@
 """Search speed, measured on this machine's CPU with real Fashion-MNIST:
 
 1. candidate evaluations per minute of the default `python -m search.evolve` search (SPOS: population 50,
-   20 generations; 2 in quick mode) scored on the default 2000 held-out validation images, over a small
-   fmnist_2d and fmnist_1d supernet (a few training steps: speed does not depend on how well it is trained);
+   20 generations; 2 in quick mode) scored on the default eval_images (1000) held-out validation images, over a
+   small fmnist_2d and fmnist_1d supernet (a few training steps: speed does not depend on how well it is trained);
 2. proposals, evaluations and cache hits (proposals that needed no evaluation) of that search, of a rerun of the
    finished command (resume) and of a 3-band ``flops_budgets`` search whose bands share one cache.
 
