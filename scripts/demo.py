@@ -30,7 +30,7 @@ from space.cost import fmt_macs, fmt_params, macs, params  # noqa: E402
 SUPERNET = ["optim.epochs=3", "eval.every=400", "eval.max_batches=2", "eval.n_random=2"]
 SEARCH = ["flops_max=4e6", "evolution.population=20", "evolution.topk=5", "evolution.generations=6",
           "evolution.mutations=8", "evolution.crossovers=8", "eval_images=1000"]
-RETRAIN = ["optim.epochs=4", "eval.every=0"]
+RETRAIN = ["optim.epochs=3", "eval.every=0"]
 
 
 def cfg(name: str, overrides: list[str]):
