@@ -37,6 +37,7 @@ def cli(run_dir: Path, *overrides: str, **kw) -> subprocess.Popen:
                             cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, **kw)
 
 
+@pytest.mark.slow
 def test_loss_goes_down_and_checkpoint_resumes(tmp_path):
     from supernet.train import train
 
@@ -95,6 +96,7 @@ def _final(run_dir: Path) -> dict:
     return torch.load(run_dir / "last.ckpt", weights_only=True)
 
 
+@pytest.mark.slow
 def test_sigkill_then_rerun_equals_uninterrupted_run(tmp_path):
     args = ["max_steps=40", "ckpt_every=5", "eval.every=0"]
     ref = cli(tmp_path / "ref", *args)
@@ -156,6 +158,7 @@ def _ddp_worker(rank: int, world: int, port: int, run_dir: str, out_dir: str) ->
     cleanup_distributed()
 
 
+@pytest.mark.slow
 def test_ddp_two_gloo_ranks_end_bit_identical(tmp_path):
     torch.multiprocessing.spawn(_ddp_worker, args=(2, _free_port(), str(tmp_path / "run"), str(tmp_path)),
                                 nprocs=2, join=True)
