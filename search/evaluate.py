@@ -8,30 +8,15 @@ scores are summed across ranks, so a distributed search gets exactly the scores 
 from __future__ import annotations
 
 from collections.abc import Sequence
-from pathlib import Path
 from typing import Any
 
 import torch
 import torch.distributed as dist
 
 from space.arch import ArchSpec
-from space.space import SearchSpace
 from supernet.data import build_data
-from supernet.runtime import DistEnv, UserError, autocast, load_checkpoint
-from supernet.supernet import Supernet
-
-
-def load_supernet(path: Path, device: torch.device) -> tuple[Supernet, dict[str, Any]]:
-    """The trained supernet of a training checkpoint (``last.ckpt``), in eval mode, and the checkpoint."""
-    ck = load_checkpoint(path)
-    if not isinstance(ck, dict) or not {"model", "space", "space_hash", "config"} <= set(ck):
-        raise UserError(f"checkpoint: {path} is not a supernet training checkpoint (from `make supernet`)")
-    net = Supernet(SearchSpace.from_config(ck["space"]))
-    try:
-        net.load_state_dict(ck["model"])
-    except RuntimeError as e:
-        raise UserError(f"checkpoint: {path} does not match its own space config ({str(e).splitlines()[0]})") from None
-    return net.to(device).eval(), ck
+from supernet.runtime import DistEnv, UserError, autocast
+from supernet.supernet import Supernet, load_supernet  # noqa: F401 (re-exported for search callers)
 
 
 def validation_batches(data_cfg: dict[str, Any], images: int, batch_size: int, device: torch.device,

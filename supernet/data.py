@@ -209,6 +209,22 @@ def crop_flip(x: torch.Tensor, pad: int, dy: torch.Tensor, dx: torch.Tensor, fli
     return x.reshape(B, C, Hp * Wp).gather(2, index).view(B, C, H, W)
 
 
+def shard_plan(n: int, batch_size: int, rank: int, world_size: int, train: bool) -> tuple[int, int, int, int]:
+    """Batches and examples per epoch on ``rank``, and its eval block ``[lo, hi)``.
+
+    Training: equal batch counts on every rank, remainder dropped. Evaluation: one contiguous block per
+    rank, every example exactly once, the last batch possibly short.
+    """
+    if train:
+        batches = n // world_size // batch_size
+        if batches == 0:
+            raise DataError(f"data.batch_size: {batch_size} on {world_size} rank(s) exceeds the {n}-image "
+                            f"training split (allowed: at most {n // world_size})")
+        return batches, batches * batch_size, 0, 0
+    lo, hi = rank * n // world_size, (rank + 1) * n // world_size
+    return math.ceil((hi - lo) / batch_size), hi - lo, lo, hi
+
+
 class TensorLoader:
     """One split of an in-memory uint8 dataset as normalized float batches on ``device``, sharded over ranks.
 
@@ -242,17 +258,8 @@ class TensorLoader:
         self.images = data.images.to(self.device)  # (N, C, H, W) uint8
         self.labels = data.labels.to(self.device)  # (N,) int64
         self._scale, self._shift = normalizer(mean, std, self.device)
-        n = len(data)
-        if train:
-            self._batches = n // world_size // batch_size
-            if self._batches == 0:
-                raise DataError(f"data.batch_size: {batch_size} on {world_size} rank(s) exceeds the {n}-image "
-                                f"training split (allowed: at most {n // world_size})")
-            self.num_examples = self._batches * batch_size
-        else:
-            self._lo, self._hi = rank * n // world_size, (rank + 1) * n // world_size
-            self._batches = math.ceil((self._hi - self._lo) / batch_size)
-            self.num_examples = self._hi - self._lo  # examples this rank sees per epoch
+        self._batches, self.num_examples, self._lo, self._hi = shard_plan(len(data), batch_size, rank, world_size,
+                                                                         train)
 
     def __len__(self) -> int:
         return self._batches

@@ -18,7 +18,8 @@ from typing import Any
 import torch
 from torch.utils.data import DataLoader, DistributedSampler, Subset
 
-from supernet.data import DATASETS, DataBundle, DataConfig, DataError, mix_seed, normalizer, split_train_val
+from supernet.data import (DATASETS, DataBundle, DataConfig, DataError, mix_seed, normalizer, shard_plan,
+                           split_train_val)
 
 INSTALL_HINT = "install it with pip install -e '.[imagenet]'"
 
@@ -76,19 +77,12 @@ class FolderLoader:
         self.subset = Subset(dataset, indices if indices is not None else range(len(dataset)))
         self.batch_size, self.train, self.device = batch_size, train, torch.device(device)
         self._scale, self._shift = normalizer(mean, std, self.device)
-        n = len(self.subset)
+        # DistributedSampler(drop_last=True) gives each rank n // world_size indices: the same plan as TensorLoader.
+        self._batches, self.num_examples, self._lo, self._hi = shard_plan(len(self.subset), batch_size, rank,
+                                                                         world_size, train)
         if train:
             self.sampler = DistributedSampler(self.subset, num_replicas=world_size, rank=rank, shuffle=True,
                                               seed=seed, drop_last=True)
-            self._batches = len(self.sampler) // batch_size
-            if self._batches == 0:
-                raise DataError(f"data.batch_size: {batch_size} on {world_size} rank(s) exceeds the {n}-image "
-                                f"training split (allowed: at most {n // world_size})")
-            self.num_examples = self._batches * batch_size
-        else:
-            self._lo, self._hi = rank * n // world_size, (rank + 1) * n // world_size
-            self._batches = -(-(self._hi - self._lo) // batch_size)
-            self.num_examples = self._hi - self._lo  # examples this rank sees per epoch
         self._plan = _Plan()
         self._loader = DataLoader(self.subset, batch_sampler=self._plan, num_workers=num_workers,
                                   pin_memory=self.device.type == "cuda", persistent_workers=num_workers > 0,

@@ -30,6 +30,7 @@ from supernet.data import DataError, build_data
 from supernet.loop import Task, evaluate, fit
 from supernet.model import PSViT
 from supernet.runtime import UserError, allreduce_sum, run_app, setup_distributed
+from supernet.supernet import load_supernet
 from supernet.train import check_data_fits
 
 CONF_DIR = str(Path(__file__).resolve().parents[1] / "conf")
@@ -60,8 +61,6 @@ def retrain(cfg: DictConfig) -> dict[str, Any]:
 
     torch.manual_seed(cfg.seed)
     if cfg.init == "inherit":
-        from search.evaluate import load_supernet
-
         supernet, _ = load_supernet(Path(cfg.supernet), torch.device("cpu"))
         model = supernet.extract(arch)  # raises ArchError naming the field if arch is not a path of it
         del supernet

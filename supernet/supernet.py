@@ -13,6 +13,9 @@ so extraction is one rule: copy ``src[:n0, :n1, ...]`` into every parameter of t
 
 from __future__ import annotations
 
+from pathlib import Path
+from typing import Any
+
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
@@ -22,6 +25,7 @@ from space.space import SearchSpace
 from supernet.layers import (Block, PatchEmbed, Pool1d, Pool2d, SharedBlock, SharedPair, BasicCell, attention,
                              init_weights, mlp, pool1d, pool2d, shared_attention)
 from supernet.model import PSViT
+from supernet.runtime import UserError, load_checkpoint
 
 
 def lead(t: Tensor, *sizes: int) -> Tensor:
@@ -166,3 +170,16 @@ class Supernet(nn.Module):
             dst.copy_(lead(src_params[name], *dst.shape))
         model.train(self.training)
         return model
+
+
+def load_supernet(path: Path, device: torch.device) -> tuple[Supernet, dict[str, Any]]:
+    """The trained supernet of a training checkpoint (``last.ckpt``), in eval mode, and the checkpoint."""
+    ck = load_checkpoint(path)
+    if not isinstance(ck, dict) or not {"model", "space", "space_hash", "config"} <= set(ck):
+        raise UserError(f"checkpoint: {path} is not a supernet training checkpoint (from `make supernet`)")
+    net = Supernet(SearchSpace.from_config(ck["space"]))
+    try:
+        net.load_state_dict(ck["model"])
+    except RuntimeError as e:
+        raise UserError(f"checkpoint: {path} does not match its own space config ({str(e).splitlines()[0]})") from None
+    return net.to(device).eval(), ck

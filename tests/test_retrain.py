@@ -58,7 +58,7 @@ def test_retrain_writes_test_accuracy(tmp_path):
 
 def test_inherit_starts_from_the_supernet_path(tmp_path, supernet_ckpt):
     """With zero steps, the retrained model *is* the extracted path: same test accuracy as the supernet."""
-    from search.evaluate import load_supernet
+    from supernet.supernet import load_supernet
     from supernet.data import build_data
     from supernet.loop import evaluate
     from supernet.retrain import retrain
