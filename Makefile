@@ -19,7 +19,7 @@ NPROC ?= $(shell \
 
 FMNIST := /usr/share/datasets/fashion-mnist/train-images-idx3-ubyte.gz
 # A new package directory must reach the editable install's import map, so it re-triggers the install.
-PKG_INITS := $(wildcard space/__init__.py supernet/__init__.py search/__init__.py)
+PKG_INITS := $(wildcard space/__init__.py supernet/__init__.py supernet/*/__init__.py search/__init__.py)
 
 # $(call require,FILE,WHY): one line on stderr and exit 1 while a stage is not written yet; else bring the venv up to date.
 define require

@@ -20,9 +20,9 @@ from bench.timing import interleaved
 from space.arch import ArchSpec
 from space.cost import cell_cost
 from space.space import SearchSpace
-from supernet.layers import BasicCell, SharedPair
-from supernet.model import PSViT
-from supernet.supernet import Supernet
+from supernet.model.layers import BasicCell, SharedPair
+from supernet.model.psvit import PSViT
+from supernet.model.supernet import Supernet
 
 CONF = Path(__file__).resolve().parents[1] / "conf"
 

@@ -35,7 +35,8 @@ TARGET = 50  # evaluations per minute on 2 CPU cores
 
 def supernet(preset: str) -> Path:
     """A briefly trained supernet of ``preset`` with the default 10k-image validation split (reused if present)."""
-    from supernet.runtime import UserError, load_checkpoint
+    from space.errors import UserError
+    from supernet.engine.checkpoint import load_checkpoint
     from supernet.train import train
 
     run_dir = CACHE / preset
@@ -77,7 +78,7 @@ class SearchRun:
 
 def search(ckpt: Path, run_dir: Path, *overrides: str) -> SearchRun:
     """Run `python -m search.evolve checkpoint=ckpt run_dir=run_dir ...` in-process, counting and timing."""
-    from search.evaluate import SupernetEvaluator
+    from search.inherited import SupernetEvaluator
     from search.evolve import evolve
 
     calls, eval_s = [0], [0.0]
@@ -113,9 +114,9 @@ def search(ckpt: Path, run_dir: Path, *overrides: str) -> SearchRun:
 
 def bands(ckpt: Path) -> list[tuple[int, int]]:
     """Three FLOPs bands (MACs) over the bulk of the space's uniform samples, each overlapping the next by ~10%."""
-    from search.evaluate import load_supernet
+    from supernet.engine.checkpoint import load_supernet
 
-    space = load_supernet(ckpt, torch.device("cpu"))[0].space
+    space = load_supernet(ckpt, torch.device("cpu")).net.space
     rng = random.Random(0)
     macs = sorted(arch_cost(space.sample(rng)).macs for _ in range(2000))
     q = [macs[int(f * (len(macs) - 1))] for f in (0.05, 0.35, 0.65, 0.95)]

@@ -36,9 +36,9 @@ from space.cost import macs
 from space.samplers import UniformSampler
 from space.space import SearchSpace
 from supernet.data import TensorLoader, build_data
-from supernet.loop import lr_lambda, param_groups
-from supernet.runtime import DistEnv, allreduce_gradients, allreduce_sum
-from supernet.supernet import Supernet
+from supernet.engine.optim import lr_lambda, param_groups
+from supernet.engine.distributed import DistEnv, allreduce_gradients, allreduce_sum
+from supernet.model.supernet import Supernet
 
 REPO = Path(__file__).resolve().parents[1]
 CONF = REPO / "conf"

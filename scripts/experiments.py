@@ -24,13 +24,14 @@ sys.path.insert(0, str(REPO))
 import torch  # noqa: E402
 from hydra import compose, initialize_config_dir  # noqa: E402
 
-from search.evaluate import SupernetEvaluator, load_supernet, validation_batches  # noqa: E402
+from search.inherited import SupernetEvaluator, validation_batches  # noqa: E402
+from supernet.engine.checkpoint import load_supernet  # noqa: E402
 from search.evolution import Constraint, Evolution, EvolutionConfig, RandomSearch  # noqa: E402
 from space.arch import ArchSpec  # noqa: E402
 from space.baselines import deit_like  # noqa: E402
 from space.cost import fmt_macs, fmt_params, macs, params  # noqa: E402
 from supernet.retrain import retrain  # noqa: E402
-from supernet.runtime import setup_distributed  # noqa: E402
+from supernet.engine.distributed import setup_distributed  # noqa: E402
 from supernet.train import train  # noqa: E402
 
 OUT = REPO / "runs" / "experiments"
@@ -107,9 +108,9 @@ def main() -> None:
 
     nets, evaluators = {}, {}
     for space, ck in ckpts.items():
-        net, ckd = load_supernet(ck, env.device)
-        nets[space] = net
-        evaluators[space] = SupernetEvaluator(net, validation_batches(ckd["config"]["data"], EVAL_IMAGES, 1000,
+        sck = load_supernet(ck, env.device)
+        net = nets[space] = sck.net
+        evaluators[space] = SupernetEvaluator(net, validation_batches(sck.data, EVAL_IMAGES, 1000,
                                                                       env.device), env)
 
     # E1: ranking fidelity -----------------------------------------------------------------------------

@@ -15,6 +15,7 @@ from typing import Any
 
 from space.arch import ArchSpec
 from space.cost import Cost, arch_cost, fmt_macs, fmt_params
+from space.errors import UserError
 from space.space import SearchSpace
 
 FORMAT = "psvit-search/1"
@@ -22,7 +23,7 @@ Evaluate = Callable[[list[ArchSpec]], Sequence[float]]
 Band = tuple[int | None, int | None]
 
 
-class InfeasibleError(ValueError):
+class InfeasibleError(UserError, ValueError):
     """No architecture of the space satisfies the constraint; the message is one line."""
 
 

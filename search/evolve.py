@@ -13,9 +13,7 @@ state.json (rerunning the same command resumes from it) and TensorBoard scalars.
 
 from __future__ import annotations
 
-import hashlib
 import json
-import os
 import random
 from pathlib import Path
 from typing import Any
@@ -24,16 +22,14 @@ import hydra
 from omegaconf import DictConfig, OmegaConf
 from tqdm import tqdm
 
-from search.evolution import (Constraint, Evolution, EvolutionConfig, InfeasibleError, RandomSearch, Record,
+from search.evolution import (Constraint, Evolution, EvolutionConfig, RandomSearch, Record,
                               best_per_budget, check_feasible, pareto_front)
-from space.arch import ArchError
+from space.app import CONF_DIR, atomic_write, run_app
 from space.cost import fmt_macs, fmt_params
-from space.space import SearchSpace, SpaceError
-from supernet.data import DataError
-from supernet.runtime import UserError, run_app, setup_distributed
+from space.errors import UserError
+from space.space import SearchSpace
+from supernet.engine.distributed import distributed
 
-CONF_DIR = str(Path(__file__).resolve().parents[1] / "conf")
-USER_ERRORS = (UserError, DataError, SpaceError, ArchError, InfeasibleError)
 STRATEGIES = {"evolution": Evolution, "random": RandomSearch}
 
 
@@ -59,20 +55,6 @@ def constraints_of(cfg: DictConfig) -> list[Constraint]:
     return [Constraint(_num(cfg.flops_min, "flops_min"), _num(cfg.flops_max, "flops_max"), pmax)]
 
 
-def file_sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
-
-
-def _atomic_write(path: Path, text: str) -> None:
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    tmp.write_text(text)
-    os.replace(tmp, path)
-
-
 def evolve(cfg: DictConfig) -> dict[str, Any]:
     """Run (or resume) the search described by ``cfg`` (conf/evolve.yaml); returns the summary it writes."""
     if not cfg.checkpoint:
@@ -91,10 +73,17 @@ def evolve(cfg: DictConfig) -> dict[str, Any]:
     if not isinstance(cfg.eval_images, int) or cfg.eval_images < 1:
         raise UserError(f"eval_images: {cfg.eval_images!r} (allowed: a positive integer)")
 
-    env = setup_distributed(cfg.device)
-    from search.evaluate import SupernetEvaluator, load_supernet, validation_batches
+    with distributed(cfg.device) as env:
+        return _search(cfg, ckpt, ecfg, constraints, env)
 
-    net, ck = load_supernet(ckpt, env.device)
+
+def _search(cfg: DictConfig, ckpt: Path, ecfg: EvolutionConfig, constraints: list[Constraint], env: Any,
+            ) -> dict[str, Any]:
+    from search.inherited import SupernetEvaluator, validation_batches
+    from supernet.engine.checkpoint import load_supernet
+
+    sck = load_supernet(ckpt, env.device)
+    net = sck.net
     space = net.space
     if cfg.get("space") is not None:
         given = SearchSpace.from_config(cfg.space)
@@ -104,7 +93,7 @@ def evolve(cfg: DictConfig) -> dict[str, Any]:
     for c in constraints:  # fail before any evaluation, with the space's exact range
         check_feasible(space, c, random.Random(0), ecfg.max_tries)
 
-    data_cfg = dict(ck["config"]["data"])
+    data_cfg = sck.data
     if cfg.data_root is not None:
         data_cfg["root"] = str(cfg.data_root)
     batches = validation_batches(data_cfg, cfg.eval_images, cfg.eval_batch_size, env.device)
@@ -112,7 +101,7 @@ def evolve(cfg: DictConfig) -> dict[str, Any]:
 
     run_dir = Path(cfg.run_dir) if cfg.run_dir else ckpt.parent / "search"
     state_path = run_dir / "state.json"
-    ckpt_hash = file_sha256(ckpt)
+    ckpt_hash = sck.sha256
     searches = [STRATEGIES[cfg.strategy](space, evaluator, random.Random(f"psvit-search:{cfg.seed}:{i}"), c, ecfg)
                 for i, c in enumerate(constraints)]
     cache: dict[str, float] = {}
@@ -145,12 +134,12 @@ def evolve(cfg: DictConfig) -> dict[str, Any]:
 
         run_dir.mkdir(parents=True, exist_ok=True)
         writer = SummaryWriter(str(run_dir / "tb"))
-        if ck.get("step", 0) < ck.get("total_steps", 0):
-            print(f"note: {ckpt} is a supernet at step {ck['step']}/{ck['total_steps']} (training not finished)")
+        if sck.step < sck.total_steps:
+            print(f"note: {ckpt} is a supernet at step {sck.step}/{sck.total_steps} (training not finished)")
 
     def save_state() -> None:
         if env.is_main:
-            _atomic_write(state_path, json.dumps({"checkpoint_sha256": ckpt_hash, "eval_images": evaluator.images,
+            atomic_write(state_path, json.dumps({"checkpoint_sha256": ckpt_hash, "eval_images": evaluator.images,
                                                   "searches": [s.state_dict() for s in searches]}))
 
     total = len(searches) * ecfg.generations
@@ -196,12 +185,10 @@ def write_outputs(run_dir: Path, searches: list[RandomSearch], constraints: list
                 "checkpoint_sha256": ckpt_hash, "search": search_cfg}
         best.spec().save(run_dir / name, meta=meta)
         paths.append(run_dir / name)
-    with open(run_dir / ".history.jsonl.tmp", "w") as f:
-        for b, s in enumerate(searches):
-            for r in s.history:
-                f.write(json.dumps({"budget": b, "generation": r.generation, "flops_macs": r.flops,
-                                    "params": r.params, "val_acc": r.score, "arch": json.loads(r.arch)}) + "\n")
-    os.replace(run_dir / ".history.jsonl.tmp", run_dir / "history.jsonl")
+    atomic_write(run_dir / "history.jsonl", "".join(
+        json.dumps({"budget": b, "generation": r.generation, "flops_macs": r.flops, "params": r.params,
+                    "val_acc": r.score, "arch": json.loads(r.arch)}) + "\n"
+        for b, s in enumerate(searches) for r in s.history))
     plot_pareto(run_dir / "pareto.png", history, constraints, [b for b in bests if b is not None])
 
     top = sorted({r.arch: r for r in history}.values(), key=lambda r: (-r.score, r.flops, r.arch))[:cfg.show_top]
@@ -241,15 +228,13 @@ def plot_pareto(path: Path, history: list[Record], constraints: list[Constraint]
     ax.grid(alpha=0.3)
     ax.legend(loc="best", fontsize=8)
     fig.tight_layout()
-    tmp = path.with_name(f".{path.name}.tmp.png")
-    fig.savefig(tmp)
+    atomic_write(path, lambda tmp: fig.savefig(tmp, format="png"))
     plt.close(fig)
-    os.replace(tmp, path)
 
 
 @hydra.main(version_base="1.3", config_path=CONF_DIR, config_name="evolve")
 def main(cfg: DictConfig) -> None:
-    run_app(lambda: evolve(cfg), USER_ERRORS)
+    run_app(lambda: evolve(cfg))
 
 
 if __name__ == "__main__":

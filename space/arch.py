@@ -23,6 +23,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from space.app import atomic_write
+from space.errors import UserError
+
 FORMAT = "psvit-arch/1"
 OPS = ("basic", "shared", "identity")
 POOLINGS = ("1d", "2d")
@@ -30,7 +33,7 @@ POOLINGS = ("1d", "2d")
 OP_LAYERS = {"basic": 1, "shared": 2, "identity": 0}
 
 
-class ArchError(ValueError):
+class ArchError(UserError, ValueError):
     """An invalid architecture; the message is one line: ``<field path>: <problem> (<what is allowed>)``."""
 
 
@@ -187,22 +190,14 @@ class ArchSpec:
             raise ArchError(f"{path}: {e}") from None
 
     def save(self, path: str | Path, meta: dict[str, Any] | None = None) -> None:
-        """Write the canonical JSON atomically (temp file + rename)."""
-        path = Path(path)
-        tmp = path.with_name(path.name + ".tmp")
-        tmp.write_text(self.to_json(meta))
-        tmp.replace(path)
+        """Write the canonical JSON atomically (see :func:`space.app.atomic_write`)."""
+        atomic_write(path, self.to_json(meta))
 
     def short(self) -> str:
         """Compact one-line summary, e.g. ``2d 49x64[BSI...] 16x96[...]`` (B basic, S shared, I identity)."""
         sym = {"basic": "B", "shared": "S", "identity": "I"}
         return " ".join(f"{s.tokens}x{s.dim}[{''.join(sym.get(c, '?') for c in s.cells)}]"
                         for s in self.stages)
-
-
-def load_arch(path: str | Path) -> ArchSpec:
-    """One call to read an architecture JSON file."""
-    return ArchSpec.load(path)
 
 
 # --------------------------------------------------------------------- validation

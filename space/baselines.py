@@ -7,11 +7,14 @@ so a searched PSViT can be compared with a plain ViT of about the same cost.
 from __future__ import annotations
 
 import argparse
-import sys
+import math
 from collections.abc import Sequence
+from pathlib import Path
 
+from space.app import run_app
 from space.arch import ArchSpec, StageSpec
 from space.cost import fmt_macs, fmt_params, macs, params
+from space.errors import UserError
 
 
 def deit_like(target_macs: float, img_size: int, patch_size: int, in_chans: int, num_classes: int,
@@ -33,28 +36,43 @@ def deit_like(target_macs: float, img_size: int, patch_size: int, in_chans: int,
     return best[2]
 
 
-def main(argv: Sequence[str] | None = None) -> int:
+def baseline_for(target_macs: float, space_file: str, dims: str) -> ArchSpec:
+    """:func:`deit_like` for the input, classes, MLP ratio and head dim of the space preset ``space_file``."""
     from omegaconf import OmegaConf
 
-    from space.space import SearchSpace, SpaceError
+    from space.space import SearchSpace
 
+    if not math.isfinite(target_macs) or target_macs <= 0:
+        raise UserError(f"--macs: {target_macs} (allowed: a positive number of MACs, e.g. 4e6)")
+    try:
+        widths = [int(d) for d in dims.split(",")]
+    except ValueError:
+        raise UserError(f"--dims: {dims!r} (allowed: comma-separated integers, e.g. 32,48,64)") from None
+    try:
+        sp = SearchSpace.from_config(OmegaConf.load(space_file))
+    except OSError as e:
+        raise UserError(f"--space: cannot read {space_file} ({e.strerror or e})") from None
+    return deit_like(target_macs, sp.img_size, sp.patch_size, sp.in_chans, sp.num_classes, sp.mlp_ratio,
+                     sp.head_dim, widths)
+
+
+def main(argv: Sequence[str] | None = None) -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--macs", type=float, required=True, help="FLOPs budget in multiply-accumulates")
     p.add_argument("--space", required=True, help="space preset YAML giving input, classes, mlp_ratio, head_dim")
     p.add_argument("--dims", default="32,48,64,96", help="candidate widths (multiples of the space's head_dim)")
-    p.add_argument("--out", required=True)
+    p.add_argument("--out", required=True, help="the architecture JSON to write")
     a = p.parse_args(argv)
-    try:
-        sp = SearchSpace.from_config(OmegaConf.load(a.space))
-        arch = deit_like(a.macs, sp.img_size, sp.patch_size, sp.in_chans, sp.num_classes, sp.mlp_ratio,
-                         sp.head_dim, [int(d) for d in a.dims.split(",")])
-    except (OSError, SpaceError, ValueError) as e:
-        print(f"error: {' '.join(str(e).splitlines())}", file=sys.stderr)
-        return 2
-    arch.save(a.out)
-    print(f"{arch.short()}: {fmt_macs(macs(arch))} MACs, {fmt_params(params(arch))} params -> {a.out}")
-    return 0
+
+    def run() -> None:
+        if Path(a.out).is_dir():
+            raise UserError(f"--out: {a.out} is a directory (give a file name, e.g. {Path(a.out) / 'deit.json'})")
+        arch = baseline_for(a.macs, a.space, a.dims)
+        arch.save(a.out)
+        print(f"{arch.short()}: {fmt_macs(macs(arch))} MACs, {fmt_params(params(arch))} params -> {a.out}")
+
+    run_app(run)
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    main()

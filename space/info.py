@@ -11,19 +11,15 @@ disk (see conf/info.yaml). User errors print one ``error: ...`` line on stderr a
 from __future__ import annotations
 
 import random
-import sys
 from collections.abc import Mapping
-from pathlib import Path
 from typing import Any
 
 import hydra
 
 from space import cost
-from space.arch import ArchError, ArchSpec
+from space.app import CONF_DIR, run_app
+from space.arch import ArchSpec
 from space.space import SearchSpace, SpaceError
-
-CONF_DIR = str(Path(__file__).resolve().parent.parent / "conf")
-_SYM = {"basic": "B", "shared": "S", "identity": "I"}
 
 
 def _range(lo: int, hi: int, fmt: Any) -> str:
@@ -118,12 +114,7 @@ def info(cfg: Mapping[str, Any]) -> str:
 
 @hydra.main(version_base="1.3", config_path=CONF_DIR, config_name="info")
 def main(cfg: Any) -> None:
-    try:
-        text = info(cfg)
-    except (ArchError, SpaceError) as e:
-        print("error: " + " ".join(str(e).splitlines()), file=sys.stderr)
-        sys.exit(2)  # SystemExit is not an Exception, so Hydra lets it through
-    print(text, end="")
+    print(run_app(lambda: info(cfg)), end="")
 
 
 if __name__ == "__main__":

@@ -11,6 +11,7 @@ from dataclasses import dataclass, field
 
 from space.arch import ArchSpec
 from space.cost import macs
+from space.errors import UserError
 from space.space import SearchSpace
 
 SAMPLERS = ("uniform", "flops_bins")
@@ -50,7 +51,6 @@ class FlopsBinsSampler:
     tries: int = 200
     edges: list[float] = field(init=False)
     pool: dict[int, list[ArchSpec]] = field(init=False)
-    empty_bins: list[int] = field(init=False)
 
     def __post_init__(self) -> None:
         lo, hi = self.space.flops_range()
@@ -60,7 +60,6 @@ class FlopsBinsSampler:
         for _ in range(self.probe):
             a = self.space.sample(rng)
             self.pool.setdefault(self.bin_of(a), []).append(a)
-        self.empty_bins = [b for b in range(self.bins) if b not in self.pool]
         self._bins = sorted(self.pool)
 
     def bin_of(self, arch: ArchSpec) -> int:
@@ -81,4 +80,4 @@ def make_sampler(name: str, space: SearchSpace, seed: int, bins: int = 10) -> Un
         return UniformSampler(space, seed)
     if name == "flops_bins":
         return FlopsBinsSampler(space, seed, bins)
-    raise ValueError(f"sampler: unknown sampler {name!r} (allowed: {', '.join(SAMPLERS)})")
+    raise UserError(f"sampler: unknown sampler {name!r} (allowed: {', '.join(SAMPLERS)})")

@@ -22,12 +22,13 @@ from functools import cached_property
 from typing import Any
 
 from space.arch import OPS, POOLINGS, ArchError, ArchSpec, StageSpec
+from space.errors import UserError
 from space.cost import Cost, cell_cost, embed_cost, head_cost, pool_cost
 
 _MAX_CHAINS = 1_000_000
 
 
-class SpaceError(ValueError):
+class SpaceError(UserError, ValueError):
     """An invalid search-space config; the message is one line naming the ``space.`` field."""
 
 

@@ -1,1 +1,2 @@
-"""Torch side of PSViT-NAS: layers, the PSViT model, the weight-sharing supernet, data and training."""
+"""Everything that needs torch: the model (model/), data (data/), the training engine (engine/) and the two
+training apps, `python -m supernet.train` (SPOS supernet) and `python -m supernet.retrain` (one architecture)."""

@@ -5,16 +5,16 @@
     torchrun --standalone --nproc_per_node=8 -m supernet.retrain arch=conf/baselines/deit_tiny.json \
         data=imagenet_folder data.root=...
 
-The model is ``PSViT.from_json(arch)``: no supernet code. Training uses the supernet's loop
-(supernet/loop.py: AdamW, warmup + cosine, AMP on CUDA, DDP, atomic checkpoints, resume, tqdm,
-TensorBoard). At the end the model is evaluated once on the dataset's official test split, which neither
-supernet training nor search ever read, and ``result.json`` is written next to the checkpoint.
+The model is ``PSViT.from_json(arch)``: no supernet code (``init=inherit`` alone loads the supernet, to
+extract the path's weights). Training uses the shared engine (supernet/engine/: AdamW, warmup + cosine,
+AMP on CUDA, DDP, atomic checkpoints, resume, tqdm, TensorBoard). At the end the model is evaluated once
+on the dataset's official test split, which neither supernet training nor search ever read, and
+``result.json`` is written next to the checkpoint.
 """
 
 from __future__ import annotations
 
 import json
-import os
 import time
 from pathlib import Path
 from typing import Any
@@ -22,84 +22,102 @@ from typing import Any
 import hydra
 import torch
 from omegaconf import DictConfig, open_dict
+from torch import nn
 
-from space.arch import ArchError, ArchSpec
+from space.app import CONF_DIR, atomic_write, check_fits, run_app
+from space.arch import ArchSpec
 from space.cost import macs, params
-from space.space import SpaceError
-from supernet.data import DataError, build_data
-from supernet.loop import Task, evaluate, fit
-from supernet.model import PSViT
-from supernet.runtime import UserError, allreduce_sum, run_app, setup_distributed
-from supernet.supernet import load_supernet
-from supernet.train import check_data_fits
-
-CONF_DIR = str(Path(__file__).resolve().parents[1] / "conf")
-USER_ERRORS = (UserError, DataError, SpaceError, ArchError)
+from space.errors import UserError
+from supernet.data import DataBundle, build_data
+from supernet.engine.distributed import DistEnv, allreduce_sum, distributed
+from supernet.engine.loop import FitResult, Task, Trainer, top1
+from supernet.model.psvit import PSViT
 
 
 def default_run_dir(arch_path: Path) -> Path:
     return arch_path.parent / f"retrain_{arch_path.stem}"
 
 
-def retrain(cfg: DictConfig) -> dict[str, Any]:
-    """Train ``cfg.arch`` as configured by conf/retrain.yaml; returns the result written to result.json
-    (empty when stopped by a signal before the end)."""
+class RetrainTask(Task):
+    """One fixed architecture; validated on the held-out training images."""
+
+    def __init__(self, model: nn.Module, arch: ArchSpec, name: str, cfg: DictConfig, data: DataBundle,
+                 env: DistEnv) -> None:
+        self.net, self.name, self.cfg, self.data, self.env = model, f"retrain {name}", cfg, data, env
+        self.identity = {"arch": arch.to_dict(), "init": cfg.init}
+        self.identity_hint = "architecture or init"
+
+    def forward(self, x: torch.Tensor, step: int) -> torch.Tensor:
+        return self.net(x)
+
+    def validate(self) -> dict[str, float]:
+        if self.data.val is None:
+            return {}
+        return {"model": top1(self.net, self.data.val, self.env, self.cfg.eval.max_batches, self.cfg.amp)}
+
+
+def initial_model(arch: ArchSpec, cfg: DictConfig) -> nn.Module:
+    """A fresh ``PSViT(arch)``, or with ``init=inherit`` the path ``arch`` extracted from the supernet."""
+    torch.manual_seed(cfg.seed)
+    if cfg.init == "scratch":
+        return PSViT(arch)
+    from supernet.engine.checkpoint import load_supernet  # the supernet is imported for init=inherit only
+
+    supernet = load_supernet(Path(cfg.supernet), torch.device("cpu")).net
+    return supernet.extract(arch)  # raises ArchError naming the field if arch is not a path of it
+
+
+def check_args(cfg: DictConfig) -> ArchSpec:
+    """The architecture to retrain, once ``arch``, ``init`` and ``supernet`` are consistent."""
     if not cfg.arch:
         raise UserError("arch: required, an architecture JSON (e.g. arch=runs/.../best_arch.json or "
                         "arch=conf/baselines/deit_fmnist.json)")
-    arch_path = Path(cfg.arch)
-    arch = ArchSpec.load(arch_path)
+    arch = ArchSpec.load(Path(cfg.arch))
     if cfg.init not in ("scratch", "inherit"):
         raise UserError(f"init: {cfg.init!r} (allowed: scratch, inherit)")
     if cfg.init == "inherit" and not cfg.supernet:
         raise UserError("supernet: init=inherit needs supernet=path/to/last.ckpt")
+    return arch
+
+
+def retrain(cfg: DictConfig) -> dict[str, Any]:
+    """Train ``cfg.arch`` as configured by conf/retrain.yaml; returns the result written to result.json
+    (empty when stopped by a signal before the end)."""
+    arch = check_args(cfg)
+    arch_path = Path(cfg.arch)
     with open_dict(cfg):
         cfg.run_dir = str(cfg.run_dir or default_run_dir(arch_path))
-    env = setup_distributed(cfg.device)
-    data = build_data(cfg.data, env.rank, env.world_size, env.device)
-    check_data_fits("arch", arch, data)
-
-    torch.manual_seed(cfg.seed)
-    if cfg.init == "inherit":
-        supernet, _ = load_supernet(Path(cfg.supernet), torch.device("cpu"))
-        model = supernet.extract(arch)  # raises ArchError naming the field if arch is not a path of it
-        del supernet
-    else:
-        model = PSViT(arch)
-    model = model.to(env.device)
-
-    def validate() -> dict[str, float]:
-        if data.val is None:
+    with distributed(cfg.device) as env:
+        data = build_data(cfg.data, env.rank, env.world_size, env.device)
+        check_fits("arch", arch, data)
+        model = initial_model(arch, cfg).to(env.device)
+        t0 = time.perf_counter()
+        res = Trainer(RetrainTask(model, arch, arch_path.stem, cfg, data, env), data, cfg, env).fit()
+        if res.stopped:
             return {}
-        return {"model": evaluate(model, data.val, env, cfg.eval.max_batches, cfg.amp)}
-
-    task = Task(name=f"retrain {arch_path.stem}", net=model, forward=lambda x, step: model(x), validate=validate,
-                identity={"arch": arch.to_dict(), "init": cfg.init}, identity_hint="architecture or init")
-    t0 = time.perf_counter()
-    res = fit(task, data, cfg, env)
-    if res.stopped:
-        return {}
-    model.eval()
-    test_acc = evaluate(model, data.test, env, None, cfg.amp)
-    result = {"arch": str(arch_path), "arch_short": arch.short(), "init": cfg.init, "test_top1": test_acc,
-              "val_top1": res.val.get("model"), "params": params(arch), "flops_macs": macs(arch),
-              "steps": res.step, "epochs": cfg.optim.epochs if cfg.max_steps is None else None,
-              "dataset": data.name, "test_images": int(allreduce_sum([data.test.num_examples], env)[0]),
-              "world_size": env.world_size, "train_seconds_this_run": round(time.perf_counter() - t0, 1),
-              "seed": cfg.seed}
+        model.eval()
+        test_acc = top1(model, data.test, env, None, cfg.amp)
+        result = result_record(arch, arch_path, cfg, res, data, env, test_acc, time.perf_counter() - t0)
     if env.is_main:
-        out = Path(cfg.run_dir) / "result.json"
-        tmp = out.with_name(f".result.json.tmp{os.getpid()}")
-        tmp.write_text(json.dumps(result, indent=2) + "\n")
-        os.replace(tmp, out)
+        out = atomic_write(Path(cfg.run_dir) / "result.json", json.dumps(result, indent=2) + "\n")
         print(f"{arch.short()}: test top-1 {test_acc:.4f} ({data.name} official test split), "
               f"{macs(arch) / 1e6:.2f} M MACs, {params(arch) / 1e3:.1f} K params -> {out}")
     return result
 
 
+def result_record(arch: ArchSpec, arch_path: Path, cfg: DictConfig, res: FitResult, data: DataBundle,
+                  env: DistEnv, test_acc: float, seconds: float) -> dict[str, Any]:
+    """What result.json holds."""
+    return {"arch": str(arch_path), "arch_short": arch.short(), "init": cfg.init, "test_top1": test_acc,
+            "val_top1": res.val.get("model"), "params": params(arch), "flops_macs": macs(arch),
+            "steps": res.step, "epochs": cfg.optim.epochs if cfg.max_steps is None else None,
+            "dataset": data.name, "test_images": int(allreduce_sum([data.test.num_examples], env)[0]),
+            "world_size": env.world_size, "train_seconds_this_run": round(seconds, 1), "seed": cfg.seed}
+
+
 @hydra.main(version_base="1.3", config_path=CONF_DIR, config_name="retrain")
 def main(cfg: DictConfig) -> None:
-    run_app(lambda: retrain(cfg), USER_ERRORS)
+    run_app(lambda: retrain(cfg))
 
 
 if __name__ == "__main__":

@@ -15,7 +15,8 @@ DDP with a path that changes every step: parameters off the path must neither bl
 reduction nor be updated. DDP's reducer needs ``find_unused_parameters=True`` for that, which walks the
 autograd graph every step and still reduces (and hands AdamW) zero gradients for off-path weights. Since
 all ranks run the same path, the set of parameters that have a gradient is identical on every rank, so
-we all-reduce exactly those gradients, coalesced in buckets, after backward (runtime.allreduce_gradients).
+we all-reduce exactly those gradients, coalesced in buckets, after backward
+(engine/distributed.py, allreduce_gradients).
 Off-path weights keep ``grad is None`` and AdamW skips them. The supernet has LayerNorm only (no
 BatchNorm), so inherited-weight evaluation needs no BN recalibration.
 """
@@ -25,40 +26,68 @@ from __future__ import annotations
 import hashlib
 import random
 from dataclasses import dataclass
-from pathlib import Path
+from typing import Any
 
 import hydra
 import torch
 from omegaconf import DictConfig
 
-from space.arch import ArchError, ArchSpec
+from space.app import CONF_DIR, check_fits, run_app
+from space.arch import ArchSpec
 from space.cost import macs
 from space.samplers import make_sampler
-from space.space import SearchSpace, SpaceError
-from supernet.data import DataBundle, DataError, build_data
-from supernet.loop import FitResult, Task, evaluate, fit
-from supernet.runtime import UserError, config_hash, run_app, setup_distributed
-from supernet.supernet import Supernet
-
-CONF_DIR = str(Path(__file__).resolve().parents[1] / "conf")
-USER_ERRORS = (UserError, DataError, SpaceError, ArchError)
+from space.space import SearchSpace
+from supernet.data import DataBundle, build_data
+from supernet.engine.checkpoint import config_hash
+from supernet.engine.distributed import DistEnv, distributed
+from supernet.engine.loop import FitResult, Task, Trainer, top1
+from supernet.model.supernet import Supernet
 
 
-def check_data_fits(what: str, obj: object, data: DataBundle) -> None:
-    """The space (or arch) must take the dataset's images and predict its classes."""
-    for k in ("img_size", "in_chans", "num_classes"):
-        if getattr(obj, k) != getattr(data, k):
-            raise UserError(f"{what}.{k}: {getattr(obj, k)} but dataset {data.name} has {getattr(data, k)} "
-                            f"(use a {what} built for {data.name} input and classes, or another data=)")
-
-
-def eval_archs(space: SearchSpace, seed: int, n_random: int) -> dict[str, ArchSpec]:
-    """Fixed archs tracked during training: smallest, largest, and a fixed random set."""
+def tracked_archs(space: SearchSpace, seed: int, n_random: int) -> dict[str, ArchSpec]:
+    """Fixed archs validated during training: smallest, largest, and a fixed random set."""
     rng = random.Random(f"psvit-eval:{seed}")
     out = {"min": space.extreme("min"), "max": space.extreme("max")}
     for k in range(n_random):
         out[f"rand{k}"] = space.sample(rng)
     return out
+
+
+class SupernetTask(Task):
+    """SPOS: step ``t`` trains the path ``sampler(t)``; validation runs the tracked paths."""
+
+    name = "supernet"
+
+    def __init__(self, net: Supernet, cfg: DictConfig, data: DataBundle, env: DistEnv) -> None:
+        space = net.space
+        self.net, self.data, self.env, self.cfg = net, data, env, cfg
+        self.sampler = make_sampler(cfg.sampler, space, cfg.seed, cfg.flops_bins)
+        self.tracked = tracked_archs(space, cfg.seed, cfg.eval.n_random)
+        space_cfg = space.to_config()
+        self.identity = {"space": space_cfg, "space_hash": config_hash(space_cfg)}
+        self.identity_hint = f"search space (this config: {space.name!r}, hash {config_hash(space_cfg)})"
+        self.path: ArchSpec | None = None  # the path of the step in flight
+        self.paths_digest = ""  # hash chain of the trained paths: equal digests = identical path sequences
+
+    def forward(self, x: torch.Tensor, step: int) -> torch.Tensor:
+        self.path = self.sampler(step)
+        return self.net(x, self.path)
+
+    def after_step(self, step: int) -> dict[str, float]:
+        self.paths_digest = hashlib.sha256((self.paths_digest + self.path.to_json()).encode()).hexdigest()
+        return {"path_macs": macs(self.path)}
+
+    def validate(self) -> dict[str, float]:
+        if self.data.val is None:
+            return {}
+        return {name: top1(lambda x, a=a: self.net(x, a), self.data.val, self.env, self.cfg.eval.max_batches,
+                           self.cfg.amp) for name, a in self.tracked.items()}
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"paths_digest": self.paths_digest}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.paths_digest = state["paths_digest"]
 
 
 @dataclass
@@ -69,42 +98,19 @@ class TrainResult(FitResult):
 
 def train(cfg: DictConfig) -> TrainResult:
     """Train the supernet described by ``cfg`` (conf/supernet.yaml); resumable, DDP-aware."""
-    env = setup_distributed(cfg.device)
-    space = SearchSpace.from_config(cfg.space)
-    data = build_data(cfg.data, env.rank, env.world_size, env.device)
-    check_data_fits("space", space, data)
-    torch.manual_seed(cfg.seed)
-    net = Supernet(space).to(env.device)
-    sampler = make_sampler(cfg.sampler, space, cfg.seed, cfg.flops_bins)
-    tracked = eval_archs(space, cfg.seed, cfg.eval.n_random)
-    state = {"paths_digest": ""}  # hash chain of the sampled paths: equal digests = identical path sequences
-    current: dict[str, ArchSpec] = {}  # the path of the step in flight
-
-    def forward(x: torch.Tensor, step: int) -> torch.Tensor:
-        current["arch"] = sampler(step)
-        return net(x, current["arch"])
-
-    def on_step(step: int) -> None:
-        state["paths_digest"] = hashlib.sha256((state["paths_digest"] + current["arch"].to_json()).encode()).hexdigest()
-
-    def validate() -> dict[str, float]:
-        if data.val is None:
-            return {}
-        return {name: evaluate(lambda x, a=a: net(x, a), data.val, env, cfg.eval.max_batches, cfg.amp)
-                for name, a in tracked.items()}
-
-    space_cfg = space.to_config()
-    task = Task(name="supernet", net=net, forward=forward, validate=validate,
-                identity={"space": space_cfg, "space_hash": config_hash(space_cfg)},
-                identity_hint=f"search space (this config: {space.name!r}, hash {config_hash(space_cfg)})",
-                step_info=lambda step: {"path_macs": macs(current["arch"])}, state=state, on_step=on_step)
-    res = fit(task, data, cfg, env)
-    return TrainResult(**vars(res), paths_digest=state["paths_digest"], model=net)
+    with distributed(cfg.device) as env:
+        space = SearchSpace.from_config(cfg.space)
+        data = build_data(cfg.data, env.rank, env.world_size, env.device)
+        check_fits("space", space, data)
+        torch.manual_seed(cfg.seed)
+        task = SupernetTask(Supernet(space).to(env.device), cfg, data, env)
+        res = Trainer(task, data, cfg, env).fit()
+        return TrainResult(**vars(res), paths_digest=task.paths_digest, model=task.net)
 
 
 @hydra.main(version_base="1.3", config_path=CONF_DIR, config_name="supernet")
 def main(cfg: DictConfig) -> None:
-    run_app(lambda: train(cfg), USER_ERRORS)
+    run_app(lambda: train(cfg))
 
 
 if __name__ == "__main__":

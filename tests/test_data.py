@@ -1,4 +1,4 @@
-"""Tests of supernet/data.py: readers, splits, the in-memory loader's sharding/determinism/resume, errors."""
+"""Tests of supernet/data/: readers, splits, the in-memory loader's sharding/determinism/resume, errors."""
 
 from __future__ import annotations
 
@@ -16,7 +16,6 @@ from omegaconf import OmegaConf
 
 from supernet.data import (
     DATASETS,
-    FMNIST_FILES,
     ArrayDataset,
     DataConfig,
     DataError,
@@ -27,6 +26,7 @@ from supernet.data import (
     load_fashion_mnist,
     split_train_val,
 )
+from supernet.data.readers import FMNIST_FILES
 
 FMNIST_ROOT = Path(DATASETS["fashion_mnist"].root)
 HAVE_FMNIST = all((FMNIST_ROOT / f"{name}.gz").is_file() for name in FMNIST_FILES)

@@ -14,7 +14,7 @@ from torch.utils.flop_counter import FlopCounterMode
 from space.arch import ArchError, ArchSpec
 from space.cost import macs, params
 from space.space import SearchSpace
-from supernet.model import PSViT
+from supernet.model.psvit import PSViT
 
 CONF = Path(__file__).resolve().parents[1] / "conf"
 PRESETS = ["fmnist_2d", "fmnist_1d", "imagenet_tiny_2d", "imagenet_tiny_1d", "imagenet_small_2d"]
@@ -88,7 +88,7 @@ def test_shared_layer_owns_no_query_or_key():
 
 def test_shared_pair_reuses_the_first_attention_map():
     """Changing the second layer's input changes only V's contribution: its map is the first layer's."""
-    from supernet.layers import SharedPair
+    from supernet.model.layers import SharedPair
 
     torch.manual_seed(0)
     pair = SharedPair(16, 2, 32)

@@ -58,19 +58,20 @@ def test_retrain_writes_test_accuracy(tmp_path):
 
 def test_inherit_starts_from_the_supernet_path(tmp_path, supernet_ckpt):
     """With zero steps, the retrained model *is* the extracted path: same test accuracy as the supernet."""
-    from supernet.supernet import load_supernet
+    from supernet.engine.checkpoint import load_supernet
     from supernet.data import build_data
-    from supernet.loop import evaluate
+    from supernet.engine.loop import top1
     from supernet.retrain import retrain
-    from supernet.runtime import setup_distributed
+    from supernet.engine.distributed import setup_distributed
 
-    net, ck = load_supernet(supernet_ckpt, torch.device("cpu"))
+    sck = load_supernet(supernet_ckpt, torch.device("cpu"))
+    net = sck.net
     arch = net.space.sample(random.Random(5))
     arch.save(tmp_path / "a.json")
     res = retrain(make_cfg("retrain", f"arch={tmp_path / 'a.json'}", "init=inherit", f"supernet={supernet_ckpt}",
                            "max_steps=0", "eval.every=0"))
-    data = build_data(ck["config"]["data"])
-    expected = evaluate(lambda x: net(x, arch), data.test, setup_distributed("cpu"))
+    data = build_data(sck.data)
+    expected = top1(lambda x: net(x, arch), data.test, setup_distributed("cpu"))
     assert res["test_top1"] == expected
 
 

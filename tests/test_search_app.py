@@ -62,7 +62,7 @@ def cli(ckpt: Path, run_dir: Path, *overrides: str) -> subprocess.Popen:
 @contextmanager
 def counting() -> Iterator[list[str]]:
     """Record every ``SupernetEvaluator.accuracy`` call (the one place a candidate is scored)."""
-    from search.evaluate import SupernetEvaluator
+    from search.inherited import SupernetEvaluator
 
     calls: list[str] = []
     real = SupernetEvaluator.accuracy
@@ -114,14 +114,14 @@ def reference(ckpt: Path, tmp_path_factory: pytest.TempPathFactory) -> Run:
 
 
 def _space(ckpt: Path):
-    from search.evaluate import load_supernet
+    from supernet.engine.checkpoint import load_supernet
 
-    return load_supernet(ckpt, torch.device("cpu"))[0].space
+    return load_supernet(ckpt, torch.device("cpu")).net.space
 
 
 # ----------------------------------------------------------------------------- outputs
 def test_outputs(ckpt: Path, reference: Run):
-    from search.evolve import file_sha256
+    import hashlib
 
     d = reference.run_dir
     best = ArchSpec.load(d / "best_arch.json")
@@ -130,7 +130,7 @@ def test_outputs(ckpt: Path, reference: Run):
     assert cost.macs <= FLOPS_MAX
     meta = json.loads((d / "best_arch.json").read_text())["meta"]
     assert meta["flops_macs"] == cost.macs and meta["params"] == cost.params
-    assert meta["checkpoint_sha256"] == file_sha256(ckpt)
+    assert meta["checkpoint_sha256"] == hashlib.sha256(ckpt.read_bytes()).hexdigest()
     assert meta["val_images"] == IMAGES
     assert meta["search"]["evolution"]["population"] == POPULATION and meta["search"]["flops_max"] == FLOPS_MAX
 
@@ -162,9 +162,9 @@ class _Crash(Exception):
 
 
 def test_resume_after_a_crash_scores_only_the_rest(ckpt: Path, reference: Run, tmp_path: Path, capsys):
-    from search.evaluate import SupernetEvaluator
+    from search.inherited import SupernetEvaluator
     from search.evolve import evolve
-    from supernet.runtime import UserError
+    from space.errors import UserError
 
     real, batches = SupernetEvaluator.__call__, [0]
 
@@ -234,7 +234,7 @@ def _ddp_worker(rank: int, world: int, port: int, ckpt: str, run_dir: str, out_d
                       MASTER_PORT=str(port))
     torch.set_num_threads(1)
     from search.evolve import evolve
-    from supernet.runtime import cleanup_distributed
+    from supernet.engine.distributed import cleanup_distributed
 
     with counting() as calls:
         summary = evolve(search_cfg(Path(ckpt), Path(run_dir), f"flops_max={FLOPS_MAX}"))
@@ -289,8 +289,8 @@ def _snapshot(d: Path) -> dict[str, bytes] | None:
 
 
 def test_bad_input_is_one_line_exit_2_and_writes_nothing(ckpt: Path, reference: Run, tmp_path: Path, capsys):
-    from search.evolve import USER_ERRORS, evolve
-    from supernet.runtime import run_app
+    from search.evolve import evolve
+    from space.app import run_app
 
     corrupt = tmp_path / "corrupt.ckpt"
     corrupt.write_bytes(random.Random(0).randbytes(4096))
@@ -325,7 +325,7 @@ def test_bad_input_is_one_line_exit_2_and_writes_nothing(ckpt: Path, reference: 
     for name, (c, overrides, _) in cases.items():
         capsys.readouterr()
         with pytest.raises(SystemExit) as exit_:
-            run_app(lambda: evolve(search_cfg(c, dirs[name], *overrides)), USER_ERRORS)
+            run_app(lambda: evolve(search_cfg(c, dirs[name], *overrides)))
         check(name, exit_.value.code, capsys.readouterr().err)
     for name, p in procs.items():
         _, err = p.communicate(timeout=120)

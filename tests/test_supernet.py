@@ -11,7 +11,7 @@ from omegaconf import OmegaConf
 
 from space.arch import ArchError, ArchSpec
 from space.space import SearchSpace
-from supernet.supernet import Supernet
+from supernet.model.supernet import Supernet
 
 PRESETS = ["fmnist_2d", "fmnist_1d"]
 
@@ -120,7 +120,7 @@ def test_slices_are_views_not_copies(setup):
             return fn(x, w, *a, **k)
         return wrapped
 
-    import supernet.layers as L
+    import supernet.model.layers as L
 
     orig = L.F.linear
     L.F.linear = spy(orig)

@@ -15,7 +15,7 @@ import pytest
 import torch
 from hydra import compose, initialize_config_dir
 
-from supernet.runtime import UserError
+from space.errors import Diverged, UserError
 
 REPO = Path(__file__).resolve().parents[1]
 FMNIST = Path("/usr/share/datasets/fashion-mnist/train-images-idx3-ubyte.gz")
@@ -66,7 +66,7 @@ def test_resume_with_another_space_is_refused(tmp_path):
 
 
 def test_nan_loss_stops_and_keeps_the_last_good_checkpoint(tmp_path, monkeypatch):
-    import supernet.loop as L
+    import supernet.engine.loop as L
     import supernet.train as T
 
     real = L.F.cross_entropy
@@ -78,7 +78,7 @@ def test_nan_loss_stops_and_keeps_the_last_good_checkpoint(tmp_path, monkeypatch
         return out * float("nan") if calls["n"] == 7 else out
 
     monkeypatch.setattr(L.F, "cross_entropy", flaky)
-    with pytest.raises(L.NonFiniteLoss, match="non-finite loss nan at step 6; the last good checkpoint"):
+    with pytest.raises(Diverged, match="non-finite loss nan at step 6; the last good checkpoint"):
         T.train(make_cfg(tmp_path, "max_steps=20", "ckpt_every=4", "eval.every=0"))
     assert torch.load(tmp_path / "last.ckpt", weights_only=True)["step"] == 4
 
@@ -148,7 +148,7 @@ def _ddp_worker(rank: int, world: int, port: int, run_dir: str, out_dir: str) ->
     os.environ.update(RANK=str(rank), WORLD_SIZE=str(world), LOCAL_RANK=str(rank), MASTER_ADDR="127.0.0.1",
                       MASTER_PORT=str(port))
     torch.set_num_threads(1)
-    from supernet.runtime import cleanup_distributed
+    from supernet.engine.distributed import cleanup_distributed
     from supernet.train import train
 
     res = train(make_cfg(Path(run_dir), "max_steps=40", "eval.every=40", "ckpt_every=40", "optim.lr=1.6e-2",

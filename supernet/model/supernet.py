@@ -13,8 +13,6 @@ so extraction is one rule: copy ``src[:n0, :n1, ...]`` into every parameter of t
 
 from __future__ import annotations
 
-from pathlib import Path
-from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -22,10 +20,9 @@ from torch import Tensor, nn
 
 from space.arch import ArchSpec
 from space.space import SearchSpace
-from supernet.layers import (Block, PatchEmbed, Pool1d, Pool2d, SharedBlock, SharedPair, BasicCell, attention,
-                             init_weights, mlp, pool1d, pool2d, shared_attention)
-from supernet.model import PSViT
-from supernet.runtime import UserError, load_checkpoint
+from supernet.model.layers import (BasicCell, Block, PatchEmbed, Pool1d, Pool2d, SharedBlock, SharedPair, attention,
+                                   init_weights, mlp, pool1d, pool2d, shared_attention)
+from supernet.model.psvit import PSViT
 
 
 def lead(t: Tensor, *sizes: int) -> Tensor:
@@ -109,6 +106,10 @@ class Supernet(nn.Module):
             nn.init.trunc_normal_(self.cls_token, std=0.02)
         self._checked: set[ArchSpec] = set()
 
+    def no_weight_decay(self) -> set[str]:
+        """Parameters trained without weight decay besides biases and norms (timm's convention)."""
+        return {"pos_embed", "cls_token"}
+
     def check(self, arch: ArchSpec) -> None:
         """Raise ArchError naming the field if ``arch`` is not a path of this supernet (memoized)."""
         if arch not in self._checked:
@@ -171,15 +172,3 @@ class Supernet(nn.Module):
         model.train(self.training)
         return model
 
-
-def load_supernet(path: Path, device: torch.device) -> tuple[Supernet, dict[str, Any]]:
-    """The trained supernet of a training checkpoint (``last.ckpt``), in eval mode, and the checkpoint."""
-    ck = load_checkpoint(path)
-    if not isinstance(ck, dict) or not {"model", "space", "space_hash", "config"} <= set(ck):
-        raise UserError(f"checkpoint: {path} is not a supernet training checkpoint (from `make supernet`)")
-    net = Supernet(SearchSpace.from_config(ck["space"]))
-    try:
-        net.load_state_dict(ck["model"])
-    except RuntimeError as e:
-        raise UserError(f"checkpoint: {path} does not match its own space config ({str(e).splitlines()[0]})") from None
-    return net.to(device).eval(), ck

@@ -18,8 +18,8 @@ from typing import Any
 import torch
 from torch.utils.data import DataLoader, DistributedSampler, Subset
 
-from supernet.data import (DATASETS, DataBundle, DataConfig, DataError, mix_seed, normalizer, shard_plan,
-                           split_train_val)
+from supernet.data.config import (DATASETS, DataBundle, DataConfig, DataError, mix_seed, normalizer, shard_plan,
+                                  split_train_val)
 
 INSTALL_HINT = "install it with pip install -e '.[imagenet]'"
 
@@ -51,7 +51,7 @@ class _Plan:
 class FolderLoader:
     """A split of an image folder as normalized float batches on ``device``, sharded over ranks.
 
-    Same contract and sharding as :class:`supernet.data.TensorLoader`: training draws a
+    Same contract and sharding as :class:`supernet.data.memory.TensorLoader`: training draws a
     ``DistributedSampler`` permutation seeded from ``(seed, epoch)`` (same on all ranks, remainder dropped,
     equal batch counts), evaluation gives each rank a contiguous block without padding. One persistent
     DataLoader per split is reused across epochs, so repeated evaluations do not respawn workers; iterate
@@ -148,4 +148,4 @@ def build_imagenet_folder(c: DataConfig, rank: int, world_size: int, device: tor
     train = FolderLoader(train_set, train_idx.tolist(), c.batch_size, train=True, **common)
     val = FolderLoader(val_set, val_idx.tolist(), c.eval_batch_size, train=False, **common) if c.val_size else None
     test = FolderLoader(test_set, None, c.eval_batch_size, train=False, **common)
-    return DataBundle(c.name, train, val, test, size, 3, len(train_set.classes), info.mean, info.std)
+    return DataBundle(c.name, train, val, test, size, 3, len(train_set.classes))

@@ -1,31 +1,21 @@
-"""Process plumbing shared by training, search and retraining: distributed set-up, gradient all-reduce
-for paths that change every step, atomic checkpoints, graceful stop on SIGTERM/SIGINT, user errors.
+"""Process plumbing shared by training, search and retraining: distributed set-up and tear-down, gradient
+all-reduce for paths that change every step, scalar all-reduce, autocast, graceful stop on SIGTERM/SIGINT.
 """
 
 from __future__ import annotations
 
-import hashlib
-import json
 import os
 import signal
-import sys
-from collections.abc import Callable, Iterable
-from contextlib import nullcontext
+from collections.abc import Iterable, Iterator
+from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 import torch
 import torch.distributed as dist
 from torch import nn
 
-
-class UserError(Exception):
-    """A mistake the user can fix; the apps print it as one line on stderr and exit with status 2."""
-
-
-class NonFiniteLoss(RuntimeError):
-    """Training diverged; the last good checkpoint is kept. The apps exit with status 1."""
+from space.errors import UserError
 
 
 @dataclass(frozen=True)
@@ -70,6 +60,15 @@ def setup_distributed(device: str = "auto") -> DistEnv:
 def cleanup_distributed() -> None:
     if dist.is_initialized():
         dist.destroy_process_group()
+
+
+@contextmanager
+def distributed(device: str = "auto") -> Iterator[DistEnv]:
+    """``setup_distributed`` for the length of an app run; the process group is destroyed however it ends."""
+    try:
+        yield setup_distributed(device)
+    finally:
+        cleanup_distributed()
 
 
 def broadcast_parameters(module: nn.Module, env: DistEnv) -> None:
@@ -123,31 +122,6 @@ def autocast(device: torch.device, enabled: bool = True) -> Any:
     return nullcontext()
 
 
-def atomic_save(obj: Any, path: Path) -> None:
-    """torch.save to a temp file in the same directory, then os.replace: a crash never leaves half a file."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    torch.save(obj, tmp)
-    os.replace(tmp, path)
-
-
-def load_checkpoint(path: Path) -> dict[str, Any]:
-    """Load a checkpoint safely (weights_only); a corrupt file is a one-line UserError."""
-    try:
-        return torch.load(path, map_location="cpu", weights_only=True)
-    except FileNotFoundError:
-        raise UserError(f"checkpoint: {path} does not exist") from None
-    except Exception as e:  # noqa: BLE001 - any unpickling failure means the file is unusable
-        raise UserError(f"checkpoint: {path} is not a readable checkpoint ({type(e).__name__}: "
-                        f"{str(e).splitlines()[0][:120] if str(e) else ''})") from None
-
-
-def config_hash(cfg: dict[str, Any]) -> str:
-    """Stable short hash of a JSON-able config (e.g. the search space)."""
-    return hashlib.sha256(json.dumps(cfg, sort_keys=True).encode()).hexdigest()[:16]
-
-
 class StopFlag:
     """Turns SIGTERM / SIGINT into a flag checked between steps (finish the step, checkpoint, exit 0)."""
 
@@ -167,17 +141,3 @@ class StopFlag:
         for sig, old in self._old.items():
             signal.signal(sig, old)
 
-
-def run_app(fn: Callable[[], Any], user_errors: tuple[type[BaseException], ...]) -> Any:
-    """Run an app body; a user error becomes one ``error: ...`` line on stderr and exit status 2, a diverged
-    training one such line and status 1."""
-    try:
-        return fn()
-    except user_errors as e:
-        print("error: " + " ".join(str(e).splitlines()), file=sys.stderr)
-        sys.exit(2)
-    except NonFiniteLoss as e:
-        print(f"error: {e}", file=sys.stderr, flush=True)
-        sys.exit(1)
-    finally:
-        cleanup_distributed()

@@ -14,9 +14,10 @@ import torch
 import torch.distributed as dist
 
 from space.arch import ArchSpec
+from space.errors import UserError
 from supernet.data import build_data
-from supernet.runtime import DistEnv, UserError, autocast
-from supernet.supernet import Supernet, load_supernet  # noqa: F401 (re-exported for search callers)
+from supernet.engine.distributed import DistEnv, autocast
+from supernet.model.supernet import Supernet
 
 
 def validation_batches(data_cfg: dict[str, Any], images: int, batch_size: int, device: torch.device,

@@ -12,7 +12,7 @@ import torch
 from torch import Tensor, nn
 
 from space.arch import ArchSpec
-from supernet.layers import BasicCell, PatchEmbed, Pool1d, Pool2d, SharedPair, init_weights
+from supernet.model.layers import BasicCell, PatchEmbed, Pool1d, Pool2d, SharedPair, init_weights
 
 
 def make_cell(op: str, dim: int, num_heads: int, hidden: int) -> nn.Module:
@@ -63,6 +63,10 @@ class PSViT(nn.Module):
         nn.init.trunc_normal_(self.pos_embed, std=0.02)
         if self.cls_token is not None:
             nn.init.trunc_normal_(self.cls_token, std=0.02)
+
+    def no_weight_decay(self) -> set[str]:
+        """Parameters trained without weight decay besides biases and norms (timm's convention)."""
+        return {"pos_embed", "cls_token"}
 
     @classmethod
     def from_json(cls, path: str | Path) -> PSViT:

@@ -1,0 +1,161 @@
+"""The data config and the contract every loader keeps: dataset table, ``DataConfig``, ``DataBundle``,
+the ``Loader`` protocol, and the sharding / splitting / normalization arithmetic both loaders share.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterator, Mapping
+from dataclasses import dataclass, fields, replace
+from typing import Any, Protocol
+
+import numpy as np
+import torch
+from omegaconf import DictConfig, OmegaConf
+
+from space.errors import UserError
+
+
+class DataError(UserError):
+    """A missing, corrupt or misconfigured dataset; the message is one line saying what to do."""
+
+
+@dataclass(frozen=True)
+class DatasetInfo:
+    """What the rest of the framework needs to know about a dataset, and its defaults."""
+
+    in_chans: int
+    img_size: int  # native side; imagenet_folder: the default crop
+    num_classes: int  # 0 = read from the class folders
+    mean: tuple[float, ...]  # per channel, on the [0, 1] pixel scale
+    std: tuple[float, ...]
+    val_size: int  # the defaults of the DataConfig fields of the same names
+    crop_pad: int
+    hflip: bool
+    root: str | None  # None: the user must give data.root
+
+
+# Normalization constants: per-channel pixel mean/std over the full official training set (all its
+# pixels, /255). Fashion-MNIST measured from the Debian IDX files (0.28604, 0.35302); CIFAR values are the
+# usual ones (torchvision references, kuangliu/pytorch-cifar); ImageNet's are torchvision's.
+DATASETS: dict[str, DatasetInfo] = {
+    "fashion_mnist": DatasetInfo(1, 28, 10, (0.2860,), (0.3530,), 10_000, 2, True,
+                                 "/usr/share/datasets/fashion-mnist"),
+    "cifar10": DatasetInfo(3, 32, 10, (0.4914, 0.4822, 0.4465), (0.2470, 0.2435, 0.2616), 5_000, 4, True, None),
+    "cifar100": DatasetInfo(3, 32, 100, (0.5071, 0.4865, 0.4409), (0.2673, 0.2564, 0.2762), 5_000, 4, True, None),
+    "imagenet_folder": DatasetInfo(3, 224, 0, (0.485, 0.456, 0.406), (0.229, 0.224, 0.225), 10_000, 0, True, None),
+}
+
+
+@dataclass(frozen=True)
+class DataConfig:
+    """The ``data`` config group (conf/data/*.yaml); ``None`` fields take the dataset's default."""
+
+    name: str  # a key of DATASETS
+    root: str | None = None  # dataset directory
+    val_size: int | None = None  # images held out of TRAIN as the validation split
+    split_seed: int = 0  # which images are held out; keep it fixed across supernet/search/retrain
+    seed: int = 0  # shuffling and augmentation; epoch e draws from (seed, e)
+    batch_size: int = 256  # per-process training batch; the global batch is batch_size * world_size
+    eval_batch_size: int = 1024  # per-process evaluation batch
+    augment: bool = True  # master switch for training augmentation
+    crop_pad: int | None = None  # random crop after zero-padding this many pixels (0 = off); small datasets
+    hflip: bool | None = None  # random horizontal flip with p = 0.5
+    img_size: int | None = None  # imagenet_folder only: training/eval crop side
+    num_workers: int = 8  # imagenet_folder only: JPEG decoding processes per rank
+
+    def __post_init__(self) -> None:
+        if self.name not in DATASETS:
+            raise DataError(f"data.name: unknown dataset {self.name!r} (allowed: {', '.join(DATASETS)})")
+        for key, low in (("val_size", 0), ("split_seed", 0), ("seed", 0), ("batch_size", 1),
+                         ("eval_batch_size", 1), ("crop_pad", 0), ("img_size", 1), ("num_workers", 0)):
+            value = getattr(self, key)
+            if value is not None and (not isinstance(value, int) or isinstance(value, bool) or value < low):
+                raise DataError(f"data.{key}: {value!r} is not allowed (an integer >= {low})")
+        native = DATASETS[self.name].img_size
+        if self.name != "imagenet_folder" and self.img_size not in (None, native):
+            raise DataError(f"data.img_size: {self.img_size} for {self.name} (allowed: null or its native {native})")
+
+    @classmethod
+    def from_cfg(cls, cfg: DataConfig | DictConfig | Mapping[str, Any]) -> DataConfig:
+        """Builds from the Hydra ``data`` group (or a plain mapping), rejecting unknown keys."""
+        if isinstance(cfg, DataConfig):
+            return cfg
+        if isinstance(cfg, DictConfig):  # a `???` (required, e.g. CIFAR's root) left unset reads as None
+            cfg = {k: None if OmegaConf.is_missing(cfg, k) else v
+                   for k, v in OmegaConf.to_container(cfg, resolve=True, throw_on_missing=False).items()}
+        if not isinstance(cfg, Mapping) or "name" not in cfg:
+            raise DataError("data: expected a mapping with at least a name (e.g. data=fashion_mnist)")
+        allowed = [f.name for f in fields(cls)]
+        for key in cfg:
+            if key not in allowed:
+                raise DataError(f"data.{key}: unknown key (allowed: {', '.join(allowed)})")
+        return cls(**cfg)
+
+    def resolved(self) -> DataConfig:
+        """A copy with every ``None`` default replaced by the dataset's value."""
+        info = DATASETS[self.name]
+        pick = lambda value, default: default if value is None else value  # noqa: E731
+        return replace(self, root=pick(self.root, info.root), val_size=pick(self.val_size, info.val_size),
+                       crop_pad=pick(self.crop_pad, info.crop_pad), hflip=pick(self.hflip, info.hflip),
+                       img_size=pick(self.img_size, info.img_size))
+
+
+class Loader(Protocol):
+    """What training, search and retraining rely on; :class:`TensorLoader` and ``FolderLoader`` provide it."""
+
+    num_examples: int  # examples this rank sees per epoch
+
+    def __len__(self) -> int: ...  # batches per epoch on this rank
+    def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]: ...  # = epoch(0)
+    def epoch(self, epoch: int, start: int = 0) -> Iterator[tuple[torch.Tensor, torch.Tensor]]: ...
+
+
+@dataclass(frozen=True)
+class DataBundle:
+    """What :func:`build_data` returns: three loaders and what a model needs to know."""
+
+    name: str
+    train: Loader  # shuffled, augmented, sharded, remainder dropped
+    val: Loader | None  # held out of TRAIN; model selection and search fitness
+    test: Loader  # official test split; only retraining's final evaluation
+    img_size: int
+    in_chans: int
+    num_classes: int
+
+
+def mix_seed(*values: int) -> int:
+    """A well-mixed 63-bit seed from non-negative integers, e.g. ``(seed, epoch)``."""
+    return int(np.random.SeedSequence(list(values)).generate_state(1, np.uint64)[0] >> np.uint64(1))
+
+
+def split_train_val(n: int, val_size: int, split_seed: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Sorted, disjoint indices ``(train, val)`` covering ``range(n)``; ``val`` has ``val_size`` of them."""
+    if not 0 <= val_size < n:
+        raise DataError(f"data.val_size: {val_size} for a {n}-image training set (allowed: 0..{n - 1})")
+    perm = torch.randperm(n, generator=torch.Generator().manual_seed(split_seed))
+    return perm[val_size:].sort().values, perm[:val_size].sort().values
+
+
+def normalizer(mean: tuple[float, ...], std: tuple[float, ...], device: torch.device) -> tuple[torch.Tensor, ...]:
+    """``(scale, shift)`` such that ``u8 * scale + shift == (u8 / 255 - mean) / std``, each (1, C, 1, 1)."""
+    m = torch.tensor(mean, dtype=torch.float32).view(1, -1, 1, 1)
+    s = torch.tensor(std, dtype=torch.float32).view(1, -1, 1, 1)
+    return (1.0 / (255.0 * s)).to(device), (-m / s).to(device)
+
+
+def shard_plan(n: int, batch_size: int, rank: int, world_size: int, train: bool) -> tuple[int, int, int, int]:
+    """Batches and examples per epoch on ``rank``, and its eval block ``[lo, hi)``.
+
+    Training: equal batch counts on every rank, remainder dropped. Evaluation: one contiguous block per
+    rank, every example exactly once, the last batch possibly short.
+    """
+    if train:
+        batches = n // world_size // batch_size
+        if batches == 0:
+            raise DataError(f"data.batch_size: {batch_size} on {world_size} rank(s) exceeds the {n}-image "
+                            f"training split (allowed: at most {n // world_size})")
+        return batches, batches * batch_size, 0, 0
+    lo, hi = rank * n // world_size, (rank + 1) * n // world_size
+    return math.ceil((hi - lo) / batch_size), hi - lo, lo, hi
+

@@ -1,0 +1,116 @@
+"""The checkpoint layout, in one place: what a training checkpoint holds, how it is written (atomically) and
+read (``weights_only``: no pickle can run code), and how a trained supernet is loaded back for search and
+inherited-weight retraining.
+
+A training checkpoint (``run_dir/last.ckpt``) is a dict:
+
+* ``model``, ``optimizer``, ``scheduler``: the state dicts; ``step`` / ``total_steps``; ``rng_cpu``;
+* ``identity``: what a resume must match exactly (e.g. the search space), also spread at the top level so a
+  supernet checkpoint carries ``space`` and ``space_hash`` where :func:`load_supernet` reads them;
+* ``task_state``: the task's own resumable state (e.g. the digest of the paths trained so far);
+* ``config``: the app's whole resolved config (search reads ``config.data`` to rebuild the validation split).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from space.app import atomic_write, sha256_bytes
+from space.errors import UserError
+
+CKPT_NAME = "last.ckpt"
+SUPERNET_KEYS = frozenset({"model", "space", "space_hash", "config"})
+
+
+def save_checkpoint(state: dict[str, Any], path: Path) -> None:
+    """``torch.save`` through a temp file and a rename: a crash never leaves half a checkpoint."""
+    atomic_write(path, lambda tmp: torch.save(state, tmp))
+
+
+def read_checkpoint(path: Path) -> tuple[dict[str, Any], str]:
+    """The checkpoint at ``path`` and the sha256 of the very bytes it was loaded from.
+
+    Raises:
+        UserError: the file is missing or is not a readable checkpoint (one line).
+    """
+    try:
+        data = Path(path).read_bytes()
+    except FileNotFoundError:
+        raise UserError(f"checkpoint: {path} does not exist") from None
+    except OSError as e:
+        raise UserError(f"checkpoint: {path} cannot be read ({e.strerror})") from None
+    try:
+        ck = torch.load(io.BytesIO(data), map_location="cpu", weights_only=True)
+    except Exception as e:  # noqa: BLE001 - any unpickling failure means the file is unusable
+        raise UserError(f"checkpoint: {path} is not a readable checkpoint ({type(e).__name__}: "
+                        f"{str(e).splitlines()[0][:120] if str(e) else ''})") from None
+    return ck, sha256_bytes(data)
+
+
+def load_checkpoint(path: Path) -> dict[str, Any]:
+    """The checkpoint at ``path`` (see :func:`read_checkpoint`)."""
+    return read_checkpoint(path)[0]
+
+
+def config_hash(cfg: dict[str, Any]) -> str:
+    """Stable short hash of a JSON-able config (e.g. the search space)."""
+    return hashlib.sha256(json.dumps(cfg, sort_keys=True).encode()).hexdigest()[:16]
+
+
+def training_state(*, model: nn.Module, optimizer: torch.optim.Optimizer,
+                   scheduler: torch.optim.lr_scheduler.LRScheduler, step: int, total_steps: int,
+                   identity: dict[str, Any], task_state: dict[str, Any], config: dict[str, Any]) -> dict[str, Any]:
+    """A training checkpoint in the layout described above."""
+    return {"model": model.state_dict(), "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
+            "step": step, "total_steps": total_steps, "rng_cpu": torch.get_rng_state(), "identity": identity,
+            "task_state": task_state, **identity, "config": config}
+
+
+def restore_training(ck: dict[str, Any], *, model: nn.Module, optimizer: torch.optim.Optimizer,
+                     scheduler: torch.optim.lr_scheduler.LRScheduler) -> int:
+    """Load a :func:`training_state` into the live objects and the CPU RNG; returns the step to continue at."""
+    model.load_state_dict(ck["model"])
+    optimizer.load_state_dict(ck["optimizer"])
+    scheduler.load_state_dict(ck["scheduler"])
+    torch.set_rng_state(ck["rng_cpu"])
+    return int(ck["step"])
+
+
+@dataclass
+class SupernetCheckpoint:
+    """A trained supernet as search and inherited-weight retraining need it."""
+
+    net: nn.Module  # the Supernet, in eval mode, on the requested device
+    data: dict[str, Any]  # the training run's data config (search rebuilds the same validation split)
+    step: int
+    total_steps: int
+    sha256: str  # of the bytes the weights were loaded from
+
+
+def load_supernet(path: Path, device: torch.device) -> SupernetCheckpoint:
+    """The supernet of a training checkpoint (``last.ckpt`` of `make supernet`).
+
+    Raises:
+        UserError: the file is not a supernet training checkpoint, or its weights do not fit its own space.
+    """
+    from space.space import SearchSpace
+    from supernet.model.supernet import Supernet  # here, so that retraining from scratch never imports it
+
+    ck, digest = read_checkpoint(path)
+    if not isinstance(ck, dict) or not SUPERNET_KEYS <= set(ck):
+        raise UserError(f"checkpoint: {path} is not a supernet training checkpoint (from `make supernet`)")
+    net = Supernet(SearchSpace.from_config(ck["space"]))
+    try:
+        net.load_state_dict(ck["model"])
+    except RuntimeError as e:
+        raise UserError(f"checkpoint: {path} does not match its own space config ({str(e).splitlines()[0]})") from None
+    return SupernetCheckpoint(net.to(device).eval(), dict(ck["config"]["data"]), int(ck.get("step", 0)),
+                              int(ck.get("total_steps", 0)), digest)
