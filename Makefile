@@ -21,12 +21,6 @@ FMNIST := /usr/share/datasets/fashion-mnist/train-images-idx3-ubyte.gz
 # A new package directory must reach the editable install's import map, so it re-triggers the install.
 PKG_INITS := $(wildcard space/__init__.py supernet/__init__.py supernet/*/__init__.py search/__init__.py)
 
-# $(call require,FILE,WHY): one line on stderr and exit 1 while a stage is not written yet; else bring the venv up to date.
-define require
-@test -f $(1) || { echo "make $@: not implemented yet ($(2))" >&2; exit 1; }
-@$(MAKE) --no-print-directory install
-endef
-
 .DEFAULT_GOAL := help
 .PHONY: help install data test lint info supernet search retrain bench demo clean distclean
 
@@ -55,29 +49,23 @@ test: install ## run the test suite (PYTEST_ARGS / ARGS go to pytest)
 lint: install ## ruff over the code and tests
 	$(PY) -m ruff check space supernet search bench scripts tests
 
-info: ## print a search-space summary: size, params/MACs range (make info ARGS="space=fmnist_2d")
-	$(call require,space/info.py,search-space summary: space/info.py in progress)
+info: install ## print a search-space summary: size, params/MACs range (make info ARGS="space=fmnist_2d")
 	$(PY) -m space.info $(ARGS)
 
-supernet: ## train the SPOS supernet with torchrun on NPROC workers
-	$(call require,supernet/train.py,issue #4: SPOS supernet training)
+supernet: install ## train the SPOS supernet with torchrun on NPROC workers
 	$(PY) -m torch.distributed.run --standalone --nproc_per_node=$(NPROC) -m supernet.train $(ARGS)
 
-search: ## evolutionary search over the trained supernet
-	$(call require,search/evolve.py,issue #5: evolutionary search)
+search: install ## evolutionary search over the trained supernet
 	$(PY) -m search.evolve $(ARGS)
 
-retrain: ## train an exported architecture from scratch (make retrain ARCH=path/to/arch.json)
-	$(call require,supernet/retrain.py,issue #6: retraining the found architecture)
+retrain: install ## train an exported architecture from scratch (make retrain ARCH=path/to/arch.json)
 	@test -n "$(ARCH)" || { echo "make retrain: set ARCH=path/to/arch.json" >&2; exit 1; }
 	$(PY) -m supernet.retrain arch=$(ARCH) $(ARGS)
 
-bench: ## benchmarks printing side-by-side ratios
-	$(call require,bench/__main__.py,issues #3/#4/#5: benchmarks)
+bench: install ## benchmarks printing side-by-side ratios
 	$(PY) -m bench $(ARGS)
 
-demo: ## end to end on Fashion-MNIST: supernet, search, retrain
-	$(call require,scripts/demo.py,issue #6: end-to-end demo)
+demo: install ## end to end on Fashion-MNIST: supernet, search, retrain
 	$(PY) scripts/demo.py $(ARGS)
 
 clean: ## remove build and test artefacts (keeps .venv and experiment outputs)

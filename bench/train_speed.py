@@ -1,7 +1,8 @@
 """Training speed, measured side by side on this machine's CPU with real Fashion-MNIST:
 
-1. a supernet training step (loop.py's step plus train.py's per-step path work, AdamW over the whole
-   supernet) vs the same step on the extracted stand-alone PSViT, median ratio over the paths of steps 0..K-1;
+1. a supernet training step (the engine's ``Trainer.train_step`` with the supernet task: path sampling, AdamW
+   over the whole supernet) vs the same step on the extracted stand-alone PSViT with the retraining task,
+   median ratio over the paths of steps 0..K-1;
 2. `python -m supernet.train` on 2 gloo ranks vs 1 process at the same global batch, both on all cores;
 3. the wall time of one fmnist_2d supernet epoch with the default config;
 4. the Fashion-MNIST TensorLoader (with augmentation) alone, and its share of a supernet step.
@@ -12,98 +13,75 @@ anything else holds one of 2 cores, which swamps every ratio here.
 
 from __future__ import annotations
 
-import hashlib
 import itertools
-import math
 import os
 import statistics
 import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
 from hydra import compose, initialize_config_dir
 from omegaconf import DictConfig
-from torch import Tensor, nn
+from torch import Tensor
 
 from bench.timing import interleaved
 from space.cost import macs
-from space.samplers import UniformSampler
 from space.space import SearchSpace
-from supernet.data import TensorLoader, build_data
-from supernet.engine.optim import lr_lambda, param_groups
-from supernet.engine.distributed import DistEnv, allreduce_gradients, allreduce_sum
+from supernet.data import DataBundle, TensorLoader, build_data
+from supernet.engine.distributed import DistEnv
+from supernet.engine.loop import Trainer
 from supernet.model.supernet import Supernet
+from supernet.retrain import RetrainTask
+from supernet.train import SupernetTask
 
 REPO = Path(__file__).resolve().parents[1]
 CONF = REPO / "conf"
 
 
-def _compose(*overrides: str) -> DictConfig:
+def _compose(*overrides: str, app: str = "supernet") -> DictConfig:
     with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
-        return compose("supernet", overrides=list(overrides))
+        return compose(app, overrides=list(overrides))
 
 
-def _trainer(model: nn.Module, cfg: DictConfig, total: int
-             ) -> tuple[torch.optim.Optimizer, torch.optim.lr_scheduler.LRScheduler]:
-    """AdamW with the training loop's param groups and lr schedule (supernet/loop.py)."""
-    o = cfg.optim
-    opt = torch.optim.AdamW(param_groups(model, o.weight_decay), lr=o.lr, betas=tuple(o.betas))
-    return opt, torch.optim.lr_scheduler.LambdaLR(opt, lr_lambda(total, total // 20, o.min_lr / o.lr))
+def supernet_vs_standalone(preset: str, data: DataBundle, n_archs: int, reps: int) -> float:
+    """Prints the overhead of a supernet step over the stand-alone step; returns the mean supernet step (s).
 
-
-def supernet_vs_standalone(preset: str, loader: TensorLoader, n_archs: int, reps: int) -> float:
-    """Prints the overhead of a supernet step over the stand-alone step; returns the mean supernet step (s)."""
-    cfg = _compose(f"space={preset}")
-    space = SearchSpace.from_config(cfg.space)
+    Both sides run the real ``Trainer.train_step`` (supernet/engine/loop.py) with their app's task: the
+    supernet's ``SupernetTask`` (path sampling, path MACs, path digest) and retraining's ``RetrainTask`` on the
+    extracted path. The supernet trainer's step counter is pinned so each pair trains the same path.
+    """
+    cfg = _compose(f"space={preset}", "max_steps=10000")
     env = DistEnv(0, 1, 0, torch.device("cpu"))
-    ls, clip = cfg.optim.label_smoothing, cfg.optim.grad_clip
-    batches = list(itertools.islice(loader.epoch(0), 4))  # the same real batches feed both sides, in turn
+    batches = list(itertools.islice(data.train.epoch(0), 4))  # the same real batches feed both sides, in turn
     torch.manual_seed(cfg.seed)
-    net = Supernet(space).train()
-    opt, sched = _trainer(net, cfg, 10_000)
-    sampler = UniformSampler(space, cfg.seed)
+    task = SupernetTask(Supernet(SearchSpace.from_config(cfg.space)), cfg, data, env)
+    trainer = Trainer(task, data, cfg, env)
+    task.net.train()
 
-    def train_step(model: nn.Module, forward: Callable[[Tensor], Tensor], model_opt: torch.optim.Optimizer,
-                   model_sched: torch.optim.lr_scheduler.LRScheduler, data: Iterator[tuple[Tensor, Tensor]]) -> None:
-        # supernet/loop.py's step, on one process (where its collectives return at once)
-        x, y = next(data)
-        loss = F.cross_entropy(forward(x), y, label_smoothing=ls)
-        model_opt.zero_grad(set_to_none=True)
-        loss.backward()
-        if not math.isfinite(allreduce_sum([loss.item(), 0.0], env)[0]):
-            raise RuntimeError(f"non-finite loss while timing {preset}")
-        allreduce_gradients(model.parameters(), env)
-        torch.nn.utils.clip_grad_norm_([p for p in model.parameters() if p.grad is not None], clip)
-        model_opt.step()  # supernet: its whole list, where off-path params have grad None and are skipped
-        model_sched.step()
-
-    state = {"digest": ""}
-
-    def super_forward(x: Tensor, step: int) -> Tensor:
-        arch = sampler(step)  # what train.py's Task adds per step: sampling, path MACs, path digest
-        macs(arch)
-        state["digest"] = hashlib.sha256((state["digest"] + arch.to_json()).encode()).hexdigest()
-        return net(x, arch)
+    def super_step(step: int, feed: Iterator[tuple[Tensor, Tensor]]) -> None:
+        trainer.step = step  # pins the path: step t trains sampler(t)
+        trainer.train_step(*next(feed), False)
 
     ratios, t_supers, t_subs, path_macs = [], [], [], []
     for step in range(n_archs):
-        arch = sampler(step)
+        arch = task.sampler(step)
         path_macs.append(macs(arch))
-        sub = net.extract(arch).train()
-        sub_opt, sub_sched = _trainer(sub, cfg, 10_000)
+        sub = task.net.extract(arch).train()
+        # train_step writes nothing: run_dir only has to be set
+        sub_cfg = _compose("arch=bench", "max_steps=10000", f"run_dir={tempfile.gettempdir()}", app="retrain")
+        sub_trainer = Trainer(RetrainTask(sub, arch, "bench", sub_cfg, data, env), data, sub_cfg, env)
         d_super, d_sub = itertools.cycle(batches), itertools.cycle(batches)
-        t_super, t_sub = interleaved([lambda: train_step(net, lambda x: super_forward(x, step), opt, sched, d_super),
-                                      lambda: train_step(sub, sub, sub_opt, sub_sched, d_sub)], reps=reps)
+        t_super, t_sub = interleaved([lambda: super_step(step, d_super),
+                                      lambda: sub_trainer.train_step(*next(d_sub), False)], reps=reps)
         ratios.append(t_super / t_sub)
         t_supers.append(t_super)
         t_subs.append(t_sub)
-    B = loader.batch_size
+    B = data.train.batch_size
     print(f"  {preset:10s} batch {B}, train step (fwd+bwd+clip+AdamW), {n_archs} paths of "
           f"{statistics.mean(path_macs) / 1e6:.1f} M MACs/img on average:")
     print(f"    supernet {B / statistics.median(t_supers):7.0f} img/s   stand-alone "
@@ -208,8 +186,8 @@ def main(quick: bool = False) -> None:
     n, reps, steps, log_every = (3, 3, 30, 5) if quick else (8, 5, 60, 10)
     print(f"== training speed (CPU, {torch.get_num_threads()} threads, real Fashion-MNIST; FLOPs are MACs)")
     data = build_data(_compose().data)
-    t_step = supernet_vs_standalone("fmnist_2d", data.train, n, reps)
-    supernet_vs_standalone("fmnist_1d", data.train, n, reps)
+    t_step = supernet_vs_standalone("fmnist_2d", data, n, reps)
+    supernet_vs_standalone("fmnist_1d", data, n, reps)
     with tempfile.TemporaryDirectory(prefix="train_speed_") as tmp:
         one = ranks_vs_one(Path(tmp), 256, steps, log_every)  # its 1-process run is the default config
         epoch_time(Path(tmp), len(data.train), one if quick else None)

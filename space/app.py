@@ -35,7 +35,7 @@ def run_app(fn: Callable[[], T]) -> T:
 def atomic_write(path: str | Path, data: str | bytes | Callable[[Path], None]) -> Path:
     """Write ``data`` to ``path`` through a hidden temp file in the same directory and ``os.replace``, so a
     reader sees the old file or the new one, never half of one. ``data`` is text, bytes, or a function
-    that writes the temp path it is given (e.g. ``lambda p: torch.save(obj, p)``). The temp file is removed
+    that writes the temp path it is given (e.g. one calling ``torch.save`` on it). The temp file is removed
     if writing fails."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
