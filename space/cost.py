@@ -4,9 +4,9 @@ FLOPs are multiply-accumulates (MACs), the convention of the DeiT / AutoFormer /
 ~1.3 G). Counted: every linear and conv (patch embedding, qkv / v, projection, MLP, pooling conv, head)
 and both attention matmuls (Q K^T and attn @ V). Not counted, as in those tables: biases, norms, softmax,
 GELU, residual adds, max-pooling and the token mean. ``torch.utils.flop_counter.FlopCounterMode`` counts
-the same ops at 2 FLOPs per MAC, which tests/test_cost_vs_model.py checks.
+the same ops at 2 FLOPs per MAC, which tests/test_model.py checks.
 
-The layout this mirrors (supernet/layers.py builds exactly this):
+The layout this mirrors (supernet/model/layers.py builds exactly this):
 
 * patch embed: Conv2d(in_chans, D0, patch, stride=patch) with bias; a CLS token (1D only); one learned
   position embedding over the stage-0 sequence.

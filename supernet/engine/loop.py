@@ -64,6 +64,7 @@ class FitResult:
     step: int
     total_steps: int
     losses: list[float]  # mean loss over ranks of every step this call ran
+    grad_norms: list[float]  # global gradient norm before clipping of every step this call ran (clipping on)
     val: dict[str, float]
     stopped: bool  # by SIGTERM/SIGINT before the end
     run_dir: Path
@@ -122,7 +123,7 @@ class Trainer:
 
     def train_step(self, x: Tensor, y: Tensor, stop_requested: bool) -> tuple[float, bool, dict[str, float]]:
         """One optimizer step on the batch; returns the mean loss over ranks, whether any rank asked to stop,
-        and the task's extra scalars."""
+        and the step's extra scalars (the task's, and ``grad_norm`` when clipping is on)."""
         net, o = self.task.net, self.cfg.optim
         with autocast(self.env.device, self.cfg.amp):
             loss = F.cross_entropy(self.task.forward(x, self.step), y, label_smoothing=o.label_smoothing)
@@ -135,11 +136,13 @@ class Trainer:
             raise Diverged(f"optim: non-finite loss {loss_val} at step {self.step}; the last good checkpoint "
                            f"{self.ckpt_path} is kept; lower optim.lr or optim.grad_clip and rerun to resume")
         allreduce_gradients(net.parameters(), self.env)
-        if o.grad_clip:
-            torch.nn.utils.clip_grad_norm_([p for p in net.parameters() if p.grad is not None], o.grad_clip)
+        info = {}
+        if o.grad_clip:  # the norm of the averaged gradient, the same on every rank
+            info["grad_norm"] = float(torch.nn.utils.clip_grad_norm_(
+                [p for p in net.parameters() if p.grad is not None], o.grad_clip))
         self.opt.step()
         self.sched.step()
-        info = self.task.after_step(self.step)
+        info.update(self.task.after_step(self.step))
         self.step += 1
         return loss_val, stop_votes > 0, info
 
@@ -174,6 +177,7 @@ class Trainer:
             self.writer = SummaryWriter(str(self.run_dir / "tb"), purge_step=self.step)
         self.task.net.train()
         losses: list[float] = []
+        grad_norms: list[float] = []
         val: dict[str, float] = {}
         bar = tqdm(total=total, initial=self.step, disable=not env.is_main or not cfg.progress, desc=self.task.name,
                    dynamic_ncols=True)
@@ -185,6 +189,8 @@ class Trainer:
                 for x, y in self.data.train.epoch(epoch, start=first):
                     loss, stopped, info = self.train_step(x, y, stop.requested)
                     losses.append(loss)
+                    if "grad_norm" in info:
+                        grad_norms.append(info["grad_norm"])
                     meter.add(x.shape[0] * env.world_size)
                     bar.update(1)
                     step = self.step
@@ -202,7 +208,7 @@ class Trainer:
         if env.is_main and stopped:
             print(f"stopped by signal at step {self.step}/{total}; checkpoint {self.ckpt_path}; rerun the same "
                   "command to resume")
-        return FitResult(self.step, total, losses, val, stopped, self.run_dir)
+        return FitResult(self.step, total, losses, grad_norms, val, stopped, self.run_dir)
 
     def _log(self, bar: tqdm, loss: float, img_per_s: float, info: dict[str, float]) -> None:
         lr = self.opt.param_groups[0]["lr"]
