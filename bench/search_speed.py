@@ -19,7 +19,6 @@ import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
 import torch
 from hydra import compose, initialize_config_dir
@@ -61,9 +60,9 @@ def supernet(preset: str) -> Path:
 @dataclass
 class SearchRun:
     wall_s: float  # the whole evolve() call: checkpoint and data loading, proposals, evaluation, outputs
-    eval_s: float  # inside the evaluator
+    eval_s: float  # inside the scorer (InheritedAccuracy)
     proposals: int  # candidates in the history (every generation of every band)
-    evaluations: int  # architectures actually scored (counted at SupernetEvaluator.accuracy)
+    evaluations: int  # architectures actually scored by this call (the scorer's count)
     images: int  # validation images per evaluation
     out: str  # the app's stdout
 
@@ -77,39 +76,20 @@ class SearchRun:
 
 
 def search(ckpt: Path, run_dir: Path, *overrides: str) -> SearchRun:
-    """Run `python -m search.evolve checkpoint=ckpt run_dir=run_dir ...` in-process, counting and timing."""
-    from search.inherited import SupernetEvaluator
+    """Run `python -m search.evolve checkpoint=ckpt run_dir=run_dir ...` in-process; the counts and the time
+    spent scoring come from the app's summary (its scorer counts them)."""
     from search.evolve import evolve
-
-    calls, eval_s = [0], [0.0]
-    real_call, real_acc = SupernetEvaluator.__call__, SupernetEvaluator.accuracy
-
-    def timed_call(self: SupernetEvaluator, archs: Any) -> list[float]:
-        t = time.perf_counter()
-        try:
-            return real_call(self, archs)
-        finally:
-            eval_s[0] += time.perf_counter() - t
-
-    def counted(self: SupernetEvaluator, arch: Any) -> float:
-        calls[0] += 1
-        return real_acc(self, arch)
 
     with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
         cfg = compose("evolve", overrides=[f"checkpoint={ckpt}", f"run_dir={run_dir}", *overrides])
     out = io.StringIO()
-    SupernetEvaluator.__call__, SupernetEvaluator.accuracy = timed_call, counted  # type: ignore[method-assign]
-    try:
-        t = time.perf_counter()
-        with contextlib.redirect_stdout(out):
-            evolve(cfg)
-        wall = time.perf_counter() - t
-    finally:
-        SupernetEvaluator.__call__, SupernetEvaluator.accuracy = real_call, real_acc  # type: ignore[method-assign]
-    proposals = (run_dir / "history.jsonl").read_text().count("\n")
+    t = time.perf_counter()
+    with contextlib.redirect_stdout(out):
+        summary = evolve(cfg)
+    wall = time.perf_counter() - t
     best = next(run_dir.glob("best_arch*.json"))
     images = json.loads(best.read_text())["meta"]["val_images"]
-    return SearchRun(wall, eval_s[0], proposals, calls[0], images, out.getvalue())
+    return SearchRun(wall, summary["scoring_s"], summary["proposals"], summary["scored"], images, out.getvalue())
 
 
 def bands(ckpt: Path) -> list[tuple[int, int]]:
@@ -135,7 +115,7 @@ def main(quick: bool = False) -> None:
             print(f"  {preset}: default search, population 50 x {generations} generations, {r.images} held-out "
                   f"validation images per candidate")
             print(f"    {rate:.1f} evaluations/min over the whole search ({r.wall_s:.0f} s; "
-                  f"{60 * r.evaluations / r.eval_s:.1f}/min inside the evaluator)   target >= {TARGET}/min")
+                  f"{60 * r.evaluations / r.eval_s:.1f}/min inside the scorer)   target >= {TARGET}/min")
             print(f"    {r.line()}")
             if preset == "fmnist_2d":
                 again = search(ckpt, run_dir, f"evolution.generations={generations}", "progress=false")

@@ -24,9 +24,10 @@ sys.path.insert(0, str(REPO))
 import torch  # noqa: E402
 from hydra import compose, initialize_config_dir  # noqa: E402
 
-from search.inherited import SupernetEvaluator, validation_batches  # noqa: E402
+from search.inherited import InheritedAccuracy, validation_batches  # noqa: E402
 from supernet.engine.checkpoint import load_supernet  # noqa: E402
-from search.evolution import Constraint, Evolution, EvolutionConfig, RandomSearch  # noqa: E402
+from search.constraint import Constraint  # noqa: E402
+from search.evolution import Evolution, EvolutionConfig, RandomSearch  # noqa: E402
 from space.arch import ArchSpec  # noqa: E402
 from space.baselines import deit_like  # noqa: E402
 from space.cost import fmt_macs, fmt_params, macs, params  # noqa: E402
@@ -106,12 +107,11 @@ def main() -> None:
         timed(f"supernet {space}", t)
         print(f"[E0] supernet {space}: {minutes[f'supernet {space}']:.1f} min", flush=True)
 
-    nets, evaluators = {}, {}
+    nets, scorers = {}, {}
     for space, ck in ckpts.items():
         sck = load_supernet(ck, env.device)
         net = nets[space] = sck.net
-        evaluators[space] = SupernetEvaluator(net, validation_batches(sck.data, EVAL_IMAGES, 1000,
-                                                                      env.device), env)
+        scorers[space] = InheritedAccuracy(net, validation_batches(sck.data, EVAL_IMAGES, 1000, env.device), env)
 
     # E1: ranking fidelity -----------------------------------------------------------------------------
     t = time.perf_counter()
@@ -119,7 +119,7 @@ def main() -> None:
     rng = random.Random(1)
     pool = sorted((sp.sample(rng) for _ in range(2000)), key=macs)
     picks = [pool[int(q * (len(pool) - 1))] for q in [0.02 + 0.96 * k / 9 for k in range(10)]]
-    inherited = evaluators["fmnist_2d"](picks)
+    inherited = scorers["fmnist_2d"](picks)
     trained = [retrain_acc(a, f"rank{k}", 0, RANK_EPOCHS)["val_top1"] for k, a in enumerate(picks)]
     tau = kendall_tau(inherited, trained)
     timed("E1", t)
@@ -127,13 +127,13 @@ def main() -> None:
 
     # E2: evolution vs random search ---------------------------------------------------------------------
     t = time.perf_counter()
-    memo: dict[str, float] = {}
+    memo: dict[ArchSpec, float] = {}
 
     def memo_eval(archs: list[ArchSpec]) -> list[float]:
-        todo = [a for a in archs if a.to_json() not in memo]
-        for a, s in zip(todo, evaluators["fmnist_2d"](todo) if todo else []):
-            memo[a.to_json()] = s
-        return [memo[a.to_json()] for a in archs]
+        todo = [a for a in archs if a not in memo]
+        for a, s in zip(todo, scorers["fmnist_2d"](todo) if todo else []):
+            memo[a] = s
+        return [memo[a] for a in archs]
 
     constraint = Constraint(flops_max=BUDGET)
     e2: dict[str, list[float]] = {"evolution": [], "random": []}
@@ -144,14 +144,14 @@ def main() -> None:
             best = s.run()
             e2[name].append(best.score)
             if name == "evolution" and seed == 0:
-                best_2d = best.spec()
+                best_2d = best.arch
     timed("E2", t)
     print(f"[E2] {e2}", flush=True)
 
     # E3: searched PSViT vs DeiT-like at about equal FLOPs ----------------------------------------------
     t = time.perf_counter()
     sp1 = nets["fmnist_1d"].space
-    best_1d = Evolution(sp1, evaluators["fmnist_1d"], random.Random("e3"), constraint, SEARCH).run().spec()
+    best_1d = Evolution(sp1, scorers["fmnist_1d"], random.Random("e3"), constraint, SEARCH).run().arch
     deit = deit_like(macs(best_2d), sp.img_size, sp.patch_size, sp.in_chans, sp.num_classes, sp.mlp_ratio,
                      sp.head_dim, dims=[16, 24, 32, 48, 64])
     models = {"PSViT-2D (searched)": best_2d, "PSViT-1D (searched)": best_1d, "DeiT-like": deit}

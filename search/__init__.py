@@ -1,1 +1,2 @@
-"""Architecture search over a SearchSpace: the pure evolutionary loop, its app and the evaluation glue."""
+"""Architecture search over a SearchSpace: constraints (constraint.py), the pure loop (evolution.py), the
+inherited-weight scorer (inherited.py, the only torch), the outputs (report.py) and the app (evolve.py)."""

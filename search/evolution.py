@@ -1,7 +1,10 @@
-"""Evolutionary architecture search under FLOPs / params constraints (SPOS, Guo et al. 2019, as in PSViT).
+"""The search loop (SPOS, Guo et al. 2019, as in PSViT) and the reading of its results.
 
-Pure Python over a batched ``evaluate(archs) -> scores``: no torch, no DDP, no logging. Every rank of a
-distributed search runs this same deterministic loop and lets ``evaluate`` split each batch across ranks.
+A :class:`Search` proposes a generation, scores the candidates it has not seen with one batched
+``evaluate(archs) -> scores`` call and records them; :class:`Evolution` and :class:`RandomSearch` differ only
+in how they propose. Pure Python: no torch, no DDP, no logging. Every rank of a distributed search runs this
+same deterministic loop and lets ``evaluate`` split each batch across ranks. Architectures are
+:class:`ArchSpec` values in memory; canonical JSON appears only in ``state_dict`` (format psvit-search/1).
 FLOPs are multiply-accumulates (MACs), see ``space.cost``.
 """
 
@@ -9,22 +12,20 @@ from __future__ import annotations
 
 import math
 import random
+from abc import ABC, abstractmethod
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import asdict, dataclass, fields
-from typing import Any
+from functools import cached_property
+from typing import Any, ClassVar
 
+from search.constraint import Constraint, check_feasible, extremes, random_arch
 from space.arch import ArchSpec
-from space.cost import Cost, arch_cost, fmt_macs, fmt_params
-from space.errors import UserError
+from space.cost import Cost, arch_cost
 from space.space import SearchSpace
 
 FORMAT = "psvit-search/1"
 Evaluate = Callable[[list[ArchSpec]], Sequence[float]]
-Band = tuple[int | None, int | None]
-
-
-class InfeasibleError(UserError, ValueError):
-    """No architecture of the space satisfies the constraint; the message is one line."""
+Candidates = dict[ArchSpec, Cost]  # one generation's proposals, in proposal order
 
 
 @dataclass(frozen=True)
@@ -55,182 +56,90 @@ class EvolutionConfig:
 
 
 @dataclass(frozen=True)
-class Constraint:
-    flops_min: int | None = None  # MACs, inclusive; None = unbounded
-    flops_max: int | None = None  # MACs, inclusive; None = unbounded
-    params_max: int | None = None  # parameters, inclusive; None = unbounded
-
-    def __post_init__(self) -> None:
-        for f in fields(self):
-            v = getattr(self, f.name)
-            if v is not None and (isinstance(v, bool) or not isinstance(v, (int, float)) or not v >= 0
-                                  or not math.isfinite(v)):
-                raise ValueError(f"constraint.{f.name}: {v!r} (allowed: a non-negative number or null)")
-
-    def admits(self, flops: int, params: int) -> bool:
-        """Whether an architecture with these MACs and parameters satisfies the constraint."""
-        return ((self.flops_min is None or flops >= self.flops_min)
-                and (self.flops_max is None or flops <= self.flops_max)
-                and (self.params_max is None or params <= self.params_max))
-
-    def __call__(self, arch: ArchSpec) -> bool:
-        c = arch_cost(arch)
-        return self.admits(c.macs, c.params)
-
-    def describe(self) -> str:
-        """One human-readable line, e.g. ``FLOPs in [1.2 G, 1.3 G] MACs, params <= 5.7 M``."""
-        parts = []
-        lo, hi = self.flops_min, self.flops_max
-        if lo is not None and hi is not None:
-            parts.append(f"FLOPs in [{fmt_macs(lo)}, {fmt_macs(hi)}] MACs")
-        elif lo is not None:
-            parts.append(f"FLOPs >= {fmt_macs(lo)} MACs")
-        elif hi is not None:
-            parts.append(f"FLOPs <= {fmt_macs(hi)} MACs")
-        if self.params_max is not None:
-            parts.append(f"params <= {fmt_params(self.params_max)}")
-        return ", ".join(parts) or "unconstrained"
-
-
-def _band(lo: float | None, hi: float | None) -> str:
-    return f"in [{'-inf' if lo is None else lo}, {'inf' if hi is None else hi}]"
-
-
-def _extremes(space: SearchSpace) -> tuple[ArchSpec, ...]:
-    """Anchors for proposals near the ends of the cost range, where uniform samples rarely land."""
-    return space.extreme("min", "macs"), space.extreme("max", "macs"), space.extreme("min", "params")
-
-
-def _random_arch(space: SearchSpace, rng: random.Random, t: int, uniform_until: int,
-                 extremes: Callable[[], tuple[ArchSpec, ...]]) -> ArchSpec:
-    """Proposal number ``t``: uniform first; after ``uniform_until`` tries, every other one is a random-size
-    mutation of an extreme architecture, so narrow bands at either end of the range are still found."""
-    if t < uniform_until or t % 2 == 0:
-        return space.sample(rng)
-    anchors = extremes()
-    return space.mutate(anchors[(t // 2) % len(anchors)], rng.random(), rng)
-
-
-def check_feasible(space: SearchSpace, constraint: Constraint, rng: random.Random,
-                   tries: int = 10_000) -> ArchSpec:
-    """Fail fast on an impossible constraint, else return one architecture that satisfies it.
-
-    The exact FLOPs and params ranges of the space are checked first, then up to ``tries`` proposals are drawn.
-
-    Raises:
-        InfeasibleError: the band is empty, outside the space's range, or no proposal satisfied it.
-    """
-    c = constraint
-    if c.flops_min is not None and c.flops_max is not None and c.flops_min > c.flops_max:
-        raise InfeasibleError(f"constraint flops {_band(c.flops_min, c.flops_max)} MACs is empty: "
-                              f"flops_min {c.flops_min} > flops_max {c.flops_max}")
-    lo, hi = space.flops_range()
-    if (c.flops_min is not None and c.flops_min > hi) or (c.flops_max is not None and c.flops_max < lo):
-        raise InfeasibleError(f"constraint flops {_band(c.flops_min, c.flops_max)} MACs is outside the space "
-                              f"{space.name!r}'s exact range [{lo}, {hi}] MACs ({fmt_macs(lo)} to {fmt_macs(hi)})")
-    plo, phi = space.params_range()
-    if c.params_max is not None and c.params_max < plo:
-        raise InfeasibleError(f"constraint params <= {c.params_max} is below the space {space.name!r}'s exact "
-                              f"range [{plo}, {phi}] params ({fmt_params(plo)} to {fmt_params(phi)})")
-    anchors: list[tuple[ArchSpec, ...]] = []
-
-    def extremes() -> tuple[ArchSpec, ...]:
-        if not anchors:
-            anchors.append(_extremes(space))
-        return anchors[0]
-
-    for t in range(tries):
-        arch = _random_arch(space, rng, t, 0, extremes)
-        if constraint(arch):
-            return arch
-    raise InfeasibleError(f"no architecture of space {space.name!r} satisfying {c.describe()} found in {tries} "
-                          f"tries (space: [{lo}, {hi}] MACs, [{plo}, {phi}] params); widen the constraint")
-
-
-@dataclass(frozen=True)
 class Record:
     generation: int  # generation that proposed it; -1 when built from a bare cache
-    arch: str  # canonical ArchSpec JSON, also the cache key
+    arch: ArchSpec
     score: float  # higher is better
-    flops: int  # MACs
+    macs: int  # FLOPs as multiply-accumulates
     params: int
 
-    def spec(self) -> ArchSpec:
-        return ArchSpec.from_json(self.arch)
+    @cached_property
+    def canonical(self) -> str:
+        """Canonical JSON of ``arch``: the last tie-break of every ranking. Any fixed total order would be
+        deterministic; this one is the order runs of format psvit-search/1 used, so their results stand."""
+        return self.arch.to_json()
 
 
 def _rank(r: Record) -> tuple[float, int, str]:
-    """Best first: score desc, then fewer FLOPs, then canonical JSON, so every order is deterministic."""
-    return -r.score, r.flops, r.arch
+    """Best first: score desc, then fewer MACs, then canonical JSON, so every order is deterministic."""
+    return -r.score, r.macs, r.canonical
 
 
-class RandomSearch:
-    """Uniform random search with the same interface and budget as Evolution (``strategy=random``).
+class Search(ABC):
+    """The loop shared by every strategy: propose a generation, evaluate its uncached candidates in one
+    batched call, record. Subclasses only say how a generation is proposed (:meth:`propose`).
 
-    Each generation evaluates ``population`` new, feasible, distinct architectures in one batched call.
+    Every candidate of a run must satisfy the constraint and be new to the run (SPOS skips visited
+    candidates), so each generation spends its whole budget on unseen architectures.
     """
 
-    strategy = "random"
+    strategy: ClassVar[str]  # the config's `strategy=` value, also saved in the state
 
     def __init__(self, space: SearchSpace, evaluate: Evaluate, rng: random.Random,
                  constraint: Constraint = Constraint(), cfg: EvolutionConfig = EvolutionConfig(),
-                 cache: dict[str, float] | None = None) -> None:
+                 cache: dict[ArchSpec, float] | None = None) -> None:
         """
         Args:
             evaluate: scores a batch of architectures (higher is better), e.g. supernet accuracy.
             rng: the only source of randomness of the search.
-            cache: canonical JSON -> score, shared and extended in place; pre-filled entries are never re-sent
+            cache: architecture -> score, shared and extended in place; pre-filled entries are never re-sent
                 to ``evaluate`` (resume, or several budgets sharing one cache).
+
+        Raises:
+            InfeasibleError: no architecture of ``space`` satisfies ``constraint``.
         """
         self.space, self.evaluate, self.rng, self.constraint, self.cfg = space, evaluate, rng, constraint, cfg
-        self.cache: dict[str, float] = cache if cache is not None else {}
+        self.cache: dict[ArchSpec, float] = cache if cache is not None else {}
         self.history: list[Record] = []  # every candidate of every generation, in proposal order
-        self.population: list[str] = []  # the last generation's candidates
+        self.population: list[ArchSpec] = []  # the last generation's candidates
         self.generation = 0  # generations completed
         self.evaluations = 0  # architectures sent to evaluate
-        self._seen: set[str] = set()
-        self._specs: dict[str, ArchSpec] = {}
+        self._seen: set[ArchSpec] = set()
         self._anchors: tuple[ArchSpec, ...] | None = None
+        self._texts: dict[ArchSpec, str] = {}  # canonical JSON already computed for state_dict (it is not cheap)
         check_feasible(space, constraint, random.Random(0), cfg.max_tries)  # own rng: the search stream is untouched
 
     # ----------------------------------------------------------------- proposals
-    def _offer(self, out: dict[str, tuple[ArchSpec, Cost]], arch: ArchSpec) -> None:
+    @abstractmethod
+    def propose(self) -> Candidates:
+        """The next generation: at most ``cfg.population`` feasible architectures new to the run."""
+
+    def _offer(self, out: Candidates, arch: ArchSpec) -> None:
         """Accept ``arch`` into this generation if it is new to the run and satisfies the constraint."""
-        key = arch.to_json()
-        if key in out or key in self._seen:
+        if arch in out or arch in self._seen:
             return
         cost = arch_cost(arch)
         if self.constraint.admits(cost.macs, cost.params):
-            out[key] = (arch, cost)
+            out[arch] = cost
 
-    def _fill(self, out: dict[str, tuple[ArchSpec, Cost]], n: int, propose: Callable[[], ArchSpec]) -> None:
+    def _fill(self, out: Candidates, n: int, propose: Callable[[], ArchSpec]) -> None:
         target = len(out) + n
         for _ in range(min(self.cfg.max_tries, 10 * n)):
             if len(out) >= target:
                 return
             self._offer(out, propose())
 
-    def _fill_random(self, out: dict[str, tuple[ArchSpec, Cost]], n: int) -> None:
+    def _fill_random(self, out: Candidates, n: int) -> None:
         target, half = len(out) + n, self.cfg.max_tries // 2
         for t in range(self.cfg.max_tries):
             if len(out) >= target:
                 return
-            self._offer(out, _random_arch(self.space, self.rng, t, half, self._extremes))
+            self._offer(out, random_arch(self.space, self.rng, t, half, self._extremes))
 
     def _extremes(self) -> tuple[ArchSpec, ...]:
         if self._anchors is None:
-            self._anchors = _extremes(self.space)
+            self._anchors = extremes(self.space)
         return self._anchors
-
-    def _spec(self, key: str) -> ArchSpec:
-        if key not in self._specs:
-            self._specs[key] = ArchSpec.from_json(key)
-        return self._specs[key]
-
-    def _propose(self) -> dict[str, tuple[ArchSpec, Cost]]:
-        out: dict[str, tuple[ArchSpec, Cost]] = {}
-        self._fill_random(out, self.cfg.population)
-        return out
 
     # ----------------------------------------------------------------- the loop
     def step(self) -> list[Record]:
@@ -239,27 +148,26 @@ class RandomSearch:
         A generation is smaller than ``population`` only if ``max_tries`` proposals found no more new feasible
         architectures (a nearly exhausted space or a very narrow band).
         """
-        cand = self._propose()
-        todo = [k for k in cand if k not in self.cache]
+        cand = self.propose()
+        todo = [a for a in cand if a not in self.cache]
         if todo:
-            scores = list(self.evaluate([cand[k][0] for k in todo]))
+            scores = list(self.evaluate(todo))
             if len(scores) != len(todo):
                 raise ValueError(f"evaluate: returned {len(scores)} scores for {len(todo)} architectures")
-            for k, s in zip(todo, scores):
+            for a, s in zip(todo, scores):
                 s = float(s)
                 if math.isnan(s):
-                    raise ValueError(f"evaluate: score is NaN for {cand[k][0].short()}")
-                self.cache[k] = s
+                    raise ValueError(f"evaluate: score is NaN for {a.short()}")
+                self.cache[a] = s
             self.evaluations += len(todo)
-        recs = [Record(self.generation, k, self.cache[k], c.macs, c.params) for k, (_, c) in cand.items()]
+        recs = [Record(self.generation, a, self.cache[a], c.macs, c.params) for a, c in cand.items()]
         self.history.extend(recs)
         self._seen.update(cand)
-        self._specs.update((k, a) for k, (a, _) in cand.items())
         self.population = list(cand)
         self.generation += 1
         return recs
 
-    def run(self, callback: Callable[[Any], None] | None = None) -> Record | None:
+    def run(self, callback: Callable[[Search], None] | None = None) -> Record | None:
         """Run the remaining generations, calling ``callback(self)`` after each (save state, log). Returns the best."""
         while self.generation < self.cfg.generations:
             self.step()
@@ -268,7 +176,7 @@ class RandomSearch:
         return self.best
 
     def topk(self, n: int) -> list[Record]:
-        """The best ``n`` candidates evaluated by this run (score desc, then FLOPs asc, then JSON)."""
+        """The best ``n`` candidates evaluated by this run (score desc, then MACs asc, then JSON)."""
         return sorted(self.history, key=_rank)[:n]
 
     @property
@@ -277,14 +185,27 @@ class RandomSearch:
         return top[0] if top else None
 
     # ----------------------------------------------------------------- resume
+    def _identity(self) -> dict[str, Any]:
+        """What a saved state must share with this search to resume it."""
+        return {"strategy": self.strategy, "space": self.space.to_config(), "constraint": asdict(self.constraint),
+                "cfg": asdict(self.cfg)}
+
+    def _text(self, arch: ArchSpec) -> str:
+        text = self._texts.get(arch)
+        if text is None:
+            text = self._texts[arch] = arch.to_json()
+        return text
+
     def state_dict(self) -> dict[str, Any]:
-        """Everything needed to resume exactly, as plain JSON-serializable values."""
+        """Everything needed to resume exactly, as plain JSON-serializable values (architectures as canonical
+        JSON, records with their MACs under ``"flops"``: the field names of format psvit-search/1)."""
         version, internal, gauss = self.rng.getstate()
-        return {"format": FORMAT, "strategy": self.strategy, "space": self.space.to_config(),
-                "constraint": asdict(self.constraint), "cfg": asdict(self.cfg), "generation": self.generation,
+        return {"format": FORMAT, **self._identity(), "generation": self.generation,
                 "evaluations": self.evaluations, "rng": [version, list(internal), gauss],
-                "population": list(self.population), "history": [asdict(r) for r in self.history],
-                "cache": dict(self.cache)}
+                "population": [self._text(a) for a in self.population],
+                "history": [{"generation": r.generation, "arch": self._text(r.arch), "score": r.score,
+                             "flops": r.macs, "params": r.params} for r in self.history],
+                "cache": {self._text(a): s for a, s in self.cache.items()}}
 
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
         """Restore a ``state_dict`` (possibly through JSON); only ``cfg.generations`` may differ (extend a run).
@@ -294,7 +215,7 @@ class RandomSearch:
         """
         if state.get("format") != FORMAT:
             raise ValueError(f"state.format: {state.get('format')!r} (supported: {FORMAT!r})")
-        mine = self.state_dict()
+        mine = self._identity()
         for key in ("strategy", "space", "constraint"):
             if _plain(state[key]) != _plain(mine[key]):
                 raise ValueError(f"state.{key}: the saved search used {state[key]!r}, this one {mine[key]!r}")
@@ -302,14 +223,22 @@ class RandomSearch:
             if k != "generations" and state["cfg"].get(k) != v:
                 raise ValueError(f"state.cfg.{k}: {state['cfg'].get(k)!r} in the saved search, {v!r} now "
                                  f"(resume with the same config)")
+        specs: dict[str, ArchSpec] = {}
+
+        def spec(text: str) -> ArchSpec:  # each saved architecture is parsed once
+            if text not in specs:
+                specs[text] = ArchSpec.from_json(text)
+            return specs[text]
+
         version, internal, gauss = state["rng"]
         self.rng.setstate((version, tuple(internal), gauss))
         self.generation, self.evaluations = int(state["generation"]), int(state["evaluations"])
-        self.population = list(state["population"])
-        self.history = [Record(**r) for r in state["history"]]
-        self.cache.update(state["cache"])
+        self.population = [spec(t) for t in state["population"]]
+        self.history = [Record(r["generation"], spec(r["arch"]), r["score"], r["flops"], r["params"])
+                        for r in state["history"]]
+        self.cache.update((spec(t), s) for t, s in state["cache"].items())
         self._seen = {r.arch for r in self.history}
-        self._specs = {}
+        self._texts = {a: t for t, a in specs.items()}
 
 
 def _plain(v: Any) -> Any:
@@ -321,18 +250,27 @@ def _plain(v: Any) -> Any:
     return v
 
 
-class Evolution(RandomSearch):
-    """SPOS evolution: generation 0 is random; later ones mutate and cross the top-k of all evaluated so far.
+class RandomSearch(Search):
+    """Uniform random search with the same interface and budget as Evolution (``strategy=random``): each
+    generation is ``population`` new, feasible, distinct random architectures."""
 
-    Every child must satisfy the constraint and be new to the run (SPOS skips visited candidates), so each
-    generation spends its whole budget on unseen architectures; random samples fill any shortfall.
-    """
+    strategy = "random"
+
+    def propose(self) -> Candidates:
+        out: Candidates = {}
+        self._fill_random(out, self.cfg.population)
+        return out
+
+
+class Evolution(Search):
+    """SPOS evolution: generation 0 is random; later ones mutate and cross the top-k of all evaluated so far,
+    and random samples fill any shortfall."""
 
     strategy = "evolution"
 
-    def _propose(self) -> dict[str, tuple[ArchSpec, Cost]]:
-        out: dict[str, tuple[ArchSpec, Cost]] = {}
-        parents = [self._spec(r.arch) for r in self.topk(self.cfg.topk)]
+    def propose(self) -> Candidates:
+        out: Candidates = {}
+        parents = [r.arch for r in self.topk(self.cfg.topk)]
         if self.generation > 0 and parents:
             cfg, rng, space = self.cfg, self.rng, self.space
 
@@ -350,43 +288,47 @@ class Evolution(RandomSearch):
 
 
 # --------------------------------------------------------------------- reading results
-def records_from_cache(cache: Mapping[str, float], space: SearchSpace) -> list[Record]:
+def ranked(records: Iterable[Record]) -> list[Record]:
+    """One record per architecture, best first (score desc, then MACs asc, then JSON)."""
+    return sorted({r.arch: r for r in records}.values(), key=_rank)
+
+
+def records_from_cache(cache: Mapping[ArchSpec, float], space: SearchSpace) -> list[Record]:
     """Records (generation -1) for every cached architecture that belongs to ``space``."""
     out = []
-    for key, score in cache.items():
-        arch = ArchSpec.from_json(key)
+    for arch, score in cache.items():
         if space.contains(arch):
             c = arch_cost(arch)
-            out.append(Record(-1, key, float(score), c.macs, c.params))
+            out.append(Record(-1, arch, float(score), c.macs, c.params))
     return out
 
 
-def best_per_budget(source: Iterable[Record] | Mapping[str, float], space: SearchSpace,
-                    budgets: Sequence[Band]) -> list[Record | None]:
-    """The best architecture within each FLOPs band, all picked from one shared set of evaluations.
+def best_per_budget(source: Iterable[Record] | Mapping[ArchSpec, float], space: SearchSpace,
+                    budgets: Sequence[Constraint]) -> list[Record | None]:
+    """The best architecture within each budget, all picked from one shared set of evaluations.
 
     Args:
-        source: search history records, or a cache (canonical JSON -> score).
-        budgets: (flops_min, flops_max) MACs per band, inclusive, None for unbounded.
+        source: search history records, or a cache (architecture -> score).
+        budgets: one constraint per band (FLOPs band in MACs and params bound, inclusive).
 
     Returns:
-        One record per band, None where no evaluated architecture falls in it.
+        One record per band, None where no evaluated architecture satisfies it.
     """
     records = records_from_cache(source, space) if isinstance(source, Mapping) else list(source)
     out: list[Record | None] = []
-    for i, (lo, hi) in enumerate(budgets):
+    for i, band in enumerate(budgets):
+        lo, hi = band.flops_min, band.flops_max
         if lo is not None and hi is not None and lo > hi:
             raise ValueError(f"budgets[{i}]: flops_min {lo} > flops_max {hi}")
-        band = Constraint(flops_min=lo, flops_max=hi)
-        inside = [r for r in records if band.admits(r.flops, r.params)]
+        inside = [r for r in records if band.admits(r.macs, r.params)]
         out.append(min(inside, key=_rank) if inside else None)
     return out
 
 
 def pareto_front(records: Iterable[Record]) -> list[Record]:
-    """Records not dominated in (max score, min FLOPs), by FLOPs ascending; one per architecture."""
+    """Records not dominated in (max score, min MACs), by MACs ascending; one per architecture."""
     front: list[Record] = []
-    for r in sorted({r.arch: r for r in records}.values(), key=lambda r: (r.flops, -r.score, r.arch)):
+    for r in sorted({r.arch: r for r in records}.values(), key=lambda r: (r.macs, -r.score, r.canonical)):
         if not front or r.score > front[-1].score:
             front.append(r)
     return front

@@ -5,34 +5,86 @@
     torchrun --standalone --nproc_per_node=8 -m search.evolve checkpoint=...   # candidates split over ranks
 
 The search space comes from the checkpoint. Candidates are scored by inherited-weight top-1 on a fixed
-subset of the held-out validation split (search/evaluate.py); the loop itself is search/evolution.py.
-FLOPs are multiply-accumulates (MACs) everywhere. Outputs go to ``run_dir`` (default: ``search/`` next to
-the checkpoint): best_arch.json (retrain it with `make retrain ARCH=...`), history.jsonl, pareto.png,
-state.json (rerunning the same command resumes from it) and TensorBoard scalars.
+subset of the held-out validation split (search/inherited.py); the loop itself is search/evolution.py and
+the outputs search/report.py. FLOPs are multiply-accumulates (MACs) everywhere. Outputs go to ``run_dir``
+(default: ``search/`` next to the checkpoint): best_arch.json (retrain it with `make retrain ARCH=...`),
+history.jsonl, pareto.png, state.json (rerunning the same command resumes from it) and TensorBoard scalars.
 """
 
 from __future__ import annotations
 
 import json
 import random
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import hydra
 from omegaconf import DictConfig, OmegaConf
 from tqdm import tqdm
 
-from search.evolution import (Constraint, Evolution, EvolutionConfig, RandomSearch, Record,
-                              best_per_budget, check_feasible, pareto_front)
+from search.constraint import Constraint
+from search.evolution import Evolution, EvolutionConfig, RandomSearch, Search
+from search.report import Provenance, write_report
 from space.app import CONF_DIR, atomic_write, run_app
-from space.cost import fmt_macs, fmt_params
+from space.arch import ArchSpec
 from space.errors import UserError
 from space.space import SearchSpace
-from supernet.engine.distributed import distributed
+from supernet.engine.distributed import DistEnv, distributed
 
-STRATEGIES = {"evolution": Evolution, "random": RandomSearch}
+if TYPE_CHECKING:
+    from torch.utils.tensorboard import SummaryWriter
+
+    from search.inherited import InheritedAccuracy
+    from supernet.engine.checkpoint import SupernetCheckpoint
+
+STRATEGIES: dict[str, type[Search]] = {"evolution": Evolution, "random": RandomSearch}
 
 
+@dataclass(frozen=True)
+class Job:
+    """The validated command: which checkpoint, which strategy and loop settings, one constraint per budget."""
+
+    checkpoint: Path
+    strategy: type[Search]
+    evolution: EvolutionConfig
+    constraints: tuple[Constraint, ...]  # one per budget
+
+
+@dataclass
+class Session:
+    """One rank's run, set up: the supernet, its scorer and one search per budget sharing one cache."""
+
+    job: Job
+    env: DistEnv
+    supernet: SupernetCheckpoint
+    scorer: InheritedAccuracy
+    searches: list[Search]
+    run_dir: Path
+
+    @property
+    def state_path(self) -> Path:
+        return self.run_dir / "state.json"
+
+    def save_state(self) -> None:
+        """state.json: what a rerun needs to resume, and what it must agree with (checkpoint, eval subset)."""
+        if self.env.is_main:
+            atomic_write(self.state_path, json.dumps({
+                "checkpoint_sha256": self.supernet.sha256, "eval_images": self.scorer.images,
+                "searches": [s.state_dict() for s in self.searches]}))
+
+
+def evolve(cfg: DictConfig) -> dict[str, Any]:
+    """Run (or resume) the search described by ``cfg`` (conf/evolve.yaml); returns the summary it writes."""
+    job = validate(cfg)
+    with distributed(cfg.device) as env:
+        session = setup(cfg, job, env)
+        resume(cfg, session)
+        run(cfg, session)
+        return finish(cfg, session)
+
+
+# ----------------------------------------------------------------------------- config
 def _num(v: Any, field: str) -> int | None:
     if v is None:
         return None
@@ -55,8 +107,12 @@ def constraints_of(cfg: DictConfig) -> list[Constraint]:
     return [Constraint(_num(cfg.flops_min, "flops_min"), _num(cfg.flops_max, "flops_max"), pmax)]
 
 
-def evolve(cfg: DictConfig) -> dict[str, Any]:
-    """Run (or resume) the search described by ``cfg`` (conf/evolve.yaml); returns the summary it writes."""
+def validate(cfg: DictConfig) -> Job:
+    """Check every config value that needs no checkpoint, before anything is loaded or written.
+
+    Raises:
+        UserError: naming the first bad field.
+    """
     if not cfg.checkpoint:
         raise UserError("checkpoint: required, the supernet checkpoint to search "
                         "(e.g. checkpoint=runs/supernet_fmnist_2d/last.ckpt)")
@@ -72,164 +128,122 @@ def evolve(cfg: DictConfig) -> dict[str, Any]:
         raise UserError(str(e)) from None
     if not isinstance(cfg.eval_images, int) or cfg.eval_images < 1:
         raise UserError(f"eval_images: {cfg.eval_images!r} (allowed: a positive integer)")
+    if cfg.resume not in ("auto", "never"):
+        raise UserError(f"resume: {cfg.resume!r} (allowed: auto, never)")
+    return Job(ckpt, STRATEGIES[cfg.strategy], ecfg, tuple(constraints))
 
-    with distributed(cfg.device) as env:
-        return _search(cfg, ckpt, ecfg, constraints, env)
 
+# ----------------------------------------------------------------------------- setup and resume
+def setup(cfg: DictConfig, job: Job, env: DistEnv) -> Session:
+    """Load the supernet and the validation subset; build one search per budget. Writes nothing.
 
-def _search(cfg: DictConfig, ckpt: Path, ecfg: EvolutionConfig, constraints: list[Constraint], env: Any,
-            ) -> dict[str, Any]:
-    from search.inherited import SupernetEvaluator, validation_batches
+    Raises:
+        UserError: the checkpoint or its data is unusable, ``space=`` disagrees with it, or a budget is
+            infeasible in its space (each search checks its own constraint once, before any evaluation).
+    """
+    from search.inherited import InheritedAccuracy, validation_batches  # torch and the model: only now
     from supernet.engine.checkpoint import load_supernet
 
-    sck = load_supernet(ckpt, env.device)
-    net = sck.net
-    space = net.space
+    sck = load_supernet(job.checkpoint, env.device)
+    space = sck.net.space
     if cfg.get("space") is not None:
         given = SearchSpace.from_config(cfg.space)
         if given.to_config() != space.to_config():
             raise UserError(f"space: {given.name!r} differs from the checkpoint's space {space.name!r}; "
                             f"drop space= (the space comes from the checkpoint)")
-    for c in constraints:  # fail before any evaluation, with the space's exact range
-        check_feasible(space, c, random.Random(0), ecfg.max_tries)
-
     data_cfg = sck.data
     if cfg.data_root is not None:
         data_cfg["root"] = str(cfg.data_root)
     batches = validation_batches(data_cfg, cfg.eval_images, cfg.eval_batch_size, env.device)
-    evaluator = SupernetEvaluator(net, batches, env, amp=cfg.amp)
+    scorer = InheritedAccuracy(sck.net, batches, env, amp=cfg.amp)
+    cache: dict[ArchSpec, float] = {}  # one shared cache: no architecture is evaluated twice, across budgets too
+    searches = [job.strategy(space, scorer, random.Random(f"psvit-search:{cfg.seed}:{i}"), c, job.evolution, cache)
+                for i, c in enumerate(job.constraints)]
+    run_dir = Path(cfg.run_dir) if cfg.run_dir else job.checkpoint.parent / "search"
+    return Session(job, env, sck, scorer, searches, run_dir)
 
-    run_dir = Path(cfg.run_dir) if cfg.run_dir else ckpt.parent / "search"
-    state_path = run_dir / "state.json"
-    ckpt_hash = sck.sha256
-    searches = [STRATEGIES[cfg.strategy](space, evaluator, random.Random(f"psvit-search:{cfg.seed}:{i}"), c, ecfg)
-                for i, c in enumerate(constraints)]
-    cache: dict[str, float] = {}
-    for s in searches:  # one shared cache: no architecture is evaluated twice, across budgets too
-        s.cache = cache
-    if state_path.exists() and cfg.resume == "auto":
-        state = json.loads(state_path.read_text())
-        if state.get("checkpoint_sha256") != ckpt_hash:
-            raise UserError(f"resume: {state_path} belongs to another checkpoint; use another run_dir= or resume=never")
-        if state.get("eval_images", evaluator.images) != evaluator.images:  # cached scores would not compare
-            raise UserError(f"resume: {state_path} scored candidates on {state['eval_images']} validation images, "
-                            f"this command on {evaluator.images} (eval_images=); use another run_dir= or resume=never")
-        if len(state.get("searches", [])) != len(searches):
-            raise UserError(f"resume: {state_path} has {len(state.get('searches', []))} budgets, this command "
-                            f"{len(searches)}; use another run_dir= or resume=never")
-        try:
-            for s, st in zip(searches, state["searches"]):
-                s.load_state_dict(st)
-        except (KeyError, ValueError) as e:
-            raise UserError(f"resume: {state_path} does not match this command ({e}); use another run_dir= "
-                            f"or resume=never") from None
-        if env.is_main:
-            print(f"resumed {state_path} at generation {searches[0].generation}/{ecfg.generations}")
-    elif cfg.resume not in ("auto", "never"):
-        raise UserError(f"resume: {cfg.resume!r} (allowed: auto, never)")
 
+def resume(cfg: DictConfig, s: Session) -> None:
+    """Continue from run_dir/state.json (``resume=auto``, the default), on every rank.
+
+    Raises:
+        UserError: the saved state would not compare with this command (another checkpoint, another
+            validation subset, other budgets, strategy, space, constraint or loop config); it is left untouched.
+    """
+    path = s.state_path
+    if cfg.resume != "auto" or not path.exists():
+        return
+    state = json.loads(path.read_text())
+    retry = "use another run_dir= or resume=never"
+    if state.get("checkpoint_sha256") != s.supernet.sha256:
+        raise UserError(f"resume: {path} belongs to another checkpoint; {retry}")
+    images = s.scorer.images
+    if state.get("eval_images", images) != images:  # cached scores would not compare
+        raise UserError(f"resume: {path} scored candidates on {state['eval_images']} validation images, "
+                        f"this command on {images} (eval_images=); {retry}")
+    saved = state.get("searches", [])
+    if len(saved) != len(s.searches):
+        raise UserError(f"resume: {path} has {len(saved)} budgets, this command {len(s.searches)}; {retry}")
+    try:
+        for search, st in zip(s.searches, saved):
+            search.load_state_dict(st)
+    except (KeyError, ValueError) as e:
+        raise UserError(f"resume: {path} does not match this command ({e}); {retry}") from None
+    if s.env.is_main:
+        print(f"resumed {path} at generation {s.searches[0].generation}/{s.job.evolution.generations}")
+
+
+# ----------------------------------------------------------------------------- the run
+def run(cfg: DictConfig, s: Session) -> None:
+    """Run every budget's remaining generations, saving state.json after each; rank 0 shows a tqdm bar and
+    logs TensorBoard scalars (run_dir/tb)."""
     writer = None
-    if env.is_main:
+    if s.env.is_main:
         from torch.utils.tensorboard import SummaryWriter
 
-        run_dir.mkdir(parents=True, exist_ok=True)
-        writer = SummaryWriter(str(run_dir / "tb"))
-        if sck.step < sck.total_steps:
-            print(f"note: {ckpt} is a supernet at step {sck.step}/{sck.total_steps} (training not finished)")
-
-    def save_state() -> None:
-        if env.is_main:
-            atomic_write(state_path, json.dumps({"checkpoint_sha256": ckpt_hash, "eval_images": evaluator.images,
-                                                  "searches": [s.state_dict() for s in searches]}))
-
-    total = len(searches) * ecfg.generations
-    done = sum(s.generation for s in searches)
-    bar = tqdm(total=total, initial=done, desc=f"search ({cfg.strategy})", disable=not env.is_main or not cfg.progress,
-               dynamic_ncols=True)
-    for b, s in enumerate(searches):
-        def after_generation(search: RandomSearch, b: int = b) -> None:
-            save_state()
+        s.run_dir.mkdir(parents=True, exist_ok=True)
+        writer = SummaryWriter(str(s.run_dir / "tb"))
+        if s.supernet.step < s.supernet.total_steps:
+            print(f"note: {s.job.checkpoint} is a supernet at step {s.supernet.step}/{s.supernet.total_steps} "
+                  f"(training not finished)")
+    generations = s.job.evolution.generations
+    bar = tqdm(total=len(s.searches) * generations, initial=sum(x.generation for x in s.searches),
+               desc=f"search ({cfg.strategy})", disable=not s.env.is_main or not cfg.progress, dynamic_ncols=True)
+    for b, search in enumerate(s.searches):
+        def after_generation(search: Search, b: int = b) -> None:
+            s.save_state()
             bar.update(1)
-            recs = [r for r in search.history if r.generation == search.generation - 1]
-            if writer is not None and recs:
-                g = b * ecfg.generations + search.generation
-                writer.add_scalar("search/best_acc", search.best.score, g)
-                writer.add_scalar("search/mean_acc", sum(r.score for r in recs) / len(recs), g)
-                writer.add_scalar("search/mean_macs", sum(r.flops for r in recs) / len(recs), g)
-                bar.set_postfix(best=f"{search.best.score:.4f}", evals=len(cache))
-        s.run(after_generation)
+            if writer is not None:
+                log_generation(writer, bar, search, b * generations + search.generation)
+        search.run(after_generation)
     bar.close()
     if writer is not None:
         writer.close()
 
-    summary = {"run_dir": str(run_dir), "evaluations": len(cache),
-               "proposals": sum(len(s.history) for s in searches), "best": []}
-    if env.is_main:
-        summary = write_outputs(run_dir, searches, constraints, cfg, ckpt, ckpt_hash, space, evaluator.images)
-    return summary
+
+def log_generation(writer: SummaryWriter, bar: tqdm, search: Search, step: int) -> None:
+    """TensorBoard scalars of the generation just run (step counts generations over all budgets)."""
+    recs = [r for r in search.history if r.generation == search.generation - 1]
+    best = search.best
+    if not recs or best is None:  # a generation that found nothing new to propose
+        return
+    writer.add_scalar("search/best_acc", best.score, step)
+    writer.add_scalar("search/mean_acc", sum(r.score for r in recs) / len(recs), step)
+    writer.add_scalar("search/mean_macs", sum(r.macs for r in recs) / len(recs), step)
+    bar.set_postfix(best=f"{best.score:.4f}", evals=len(search.cache))
 
 
-def write_outputs(run_dir: Path, searches: list[RandomSearch], constraints: list[Constraint], cfg: DictConfig,
-                  ckpt: Path, ckpt_hash: str, space: SearchSpace, eval_images: int) -> dict[str, Any]:
-    """best_arch.json (one per budget when several), history.jsonl, pareto.png and the final table."""
-    history = [r for s in searches for r in s.history]
-    bests = best_per_budget(history, space, [(c.flops_min, c.flops_max) for c in constraints])
-    search_cfg = OmegaConf.to_container(cfg, resolve=True)
-    paths = []
-    for i, (c, best) in enumerate(zip(constraints, bests)):
-        if best is None:
-            continue
-        name = "best_arch.json" if len(constraints) == 1 else f"best_arch_{i}.json"
-        meta = {"flops_macs": best.flops, "params": best.params, "val_acc": best.score,
-                "val_images": eval_images, "constraint": c.describe(), "checkpoint": str(ckpt),
-                "checkpoint_sha256": ckpt_hash, "search": search_cfg}
-        best.spec().save(run_dir / name, meta=meta)
-        paths.append(run_dir / name)
-    atomic_write(run_dir / "history.jsonl", "".join(
-        json.dumps({"budget": b, "generation": r.generation, "flops_macs": r.flops, "params": r.params,
-                    "val_acc": r.score, "arch": json.loads(r.arch)}) + "\n"
-        for b, s in enumerate(searches) for r in s.history))
-    plot_pareto(run_dir / "pareto.png", history, constraints, [b for b in bests if b is not None])
-
-    top = sorted({r.arch: r for r in history}.values(), key=lambda r: (-r.score, r.flops, r.arch))[:cfg.show_top]
-    print(f"\nsearch: {cfg.strategy}, {sum(len(s.history) for s in searches)} candidates, "
-          f"{len(searches[0].cache)} evaluated on {eval_images} held-out validation images")
-    print(f"{'rank':>4}  {'val top-1':>9}  {'FLOPs (MACs)':>12}  {'params':>9}  arch")
-    for k, r in enumerate(top):
-        print(f"{k + 1:>4}  {r.score:>9.4f}  {fmt_macs(r.flops):>12}  {fmt_params(r.params):>9}  {r.spec().short()}")
-    for c, best, p in zip(constraints, [b for b in bests if b is not None], paths):
-        print(f"best under {c.describe()}: val top-1 {best.score:.4f}, {fmt_macs(best.flops)} MACs, "
-              f"{fmt_params(best.params)} params -> {p}")
-    for name in ("history.jsonl", "pareto.png", "state.json", "tb/"):
-        print(f"  {run_dir / name}")
-    return {"run_dir": str(run_dir), "evaluations": len(searches[0].cache), "proposals": len(history),
-            "best": [str(p) for p in paths], "best_records": [b for b in bests if b is not None]}
-
-
-def plot_pareto(path: Path, history: list[Record], constraints: list[Constraint], bests: list[Record]) -> None:
-    """Accuracy vs FLOPs: all candidates, the Pareto front, the constraint bands and the chosen archs."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, ax = plt.subplots(figsize=(7, 4.5), dpi=110)
-    ax.scatter([r.flops / 1e6 for r in history], [r.score for r in history], s=8, alpha=0.35, label="candidates")
-    front = pareto_front(history)
-    ax.plot([r.flops / 1e6 for r in front], [r.score for r in front], "-o", ms=3, color="C1", label="Pareto front")
-    for c in constraints:
-        lo = (c.flops_min or 0) / 1e6
-        hi = c.flops_max / 1e6 if c.flops_max is not None else max(r.flops for r in history) / 1e6
-        ax.axvspan(lo, hi, color="C2", alpha=0.08)
-    ax.scatter([b.flops / 1e6 for b in bests], [b.score for b in bests], marker="*", s=160, color="C3",
-               zorder=5, label="chosen")
-    ax.set_xlabel("FLOPs (M MACs)")
-    ax.set_ylabel("inherited-weight val top-1")
-    ax.grid(alpha=0.3)
-    ax.legend(loc="best", fontsize=8)
-    fig.tight_layout()
-    atomic_write(path, lambda tmp: fig.savefig(tmp, format="png"))
-    plt.close(fig)
+def finish(cfg: DictConfig, s: Session) -> dict[str, Any]:
+    """Rank 0 writes the outputs and prints the table; every rank returns the summary, with what its own
+    scorer did (architectures scored, seconds spent scoring)."""
+    if s.env.is_main:
+        prov = Provenance(s.job.checkpoint, s.supernet.sha256, s.scorer.images,
+                          OmegaConf.to_container(cfg, resolve=True))
+        summary = write_report(s.run_dir, s.searches, s.job.constraints, prov, cfg.show_top)
+    else:
+        summary = {"run_dir": str(s.run_dir), "evaluations": len(s.searches[0].cache),
+                   "proposals": sum(len(x.history) for x in s.searches), "best": []}
+    return {**summary, "scored": s.scorer.evaluations, "scoring_s": s.scorer.seconds}
 
 
 @hydra.main(version_base="1.3", config_path=CONF_DIR, config_name="evolve")

@@ -1,12 +1,14 @@
-"""Inherited-weight evaluation: top-1 of a subnet using the trained supernet's weights on a fixed subset of
-the held-out validation split (never the test split). The only torch in search/.
+"""Inherited-weight accuracy, the search's score: top-1 of a subnet that uses the trained supernet's weights,
+on a fixed subset of the held-out validation split (never the test split). The only torch in search/.
 
-Under torchrun, each rank evaluates every ``world_size``-th candidate of a batch on the whole subset and the
-scores are summed across ranks, so a distributed search gets exactly the scores of a single process.
+:class:`InheritedAccuracy` is an ``evaluate(archs) -> scores`` for :class:`search.evolution.Search`. Under
+torchrun, each rank scores every ``world_size``-th candidate of a batch on the whole subset and the scores
+are summed across ranks, so a distributed search gets exactly the scores of a single process.
 """
 
 from __future__ import annotations
 
+import time
 from collections.abc import Sequence
 from typing import Any
 
@@ -19,9 +21,10 @@ from supernet.data import build_data
 from supernet.engine.distributed import DistEnv, autocast
 from supernet.model.supernet import Supernet
 
+Batches = list[tuple[torch.Tensor, torch.Tensor]]  # (images (B, C, H, W), labels (B,)) kept on the device
 
-def validation_batches(data_cfg: dict[str, Any], images: int, batch_size: int, device: torch.device,
-                       ) -> list[tuple[torch.Tensor, torch.Tensor]]:
+
+def validation_batches(data_cfg: dict[str, Any], images: int, batch_size: int, device: torch.device) -> Batches:
     """The first ``images`` images of the held-out validation split, as batches kept in memory."""
     cfg = {**data_cfg, "eval_batch_size": batch_size}
     data = build_data(cfg, rank=0, world_size=1, device=device)  # every rank holds the whole subset
@@ -37,18 +40,20 @@ def validation_batches(data_cfg: dict[str, Any], images: int, batch_size: int, d
     return out
 
 
-class SupernetEvaluator:
-    """``evaluate(archs) -> top-1 accuracies`` with inherited supernet weights."""
+class InheritedAccuracy:
+    """``evaluate(archs) -> top-1 accuracies`` with inherited supernet weights; counts what it does, so a
+    caller (the search app's summary, the benchmark) can report evaluations and time without wrapping it."""
 
-    def __init__(self, net: Supernet, batches: list[tuple[torch.Tensor, torch.Tensor]], env: DistEnv,
-                 amp: bool = True):
+    def __init__(self, net: Supernet, batches: Batches, env: DistEnv, amp: bool = True) -> None:
         self.net, self.batches, self.env, self.amp = net, batches, env, amp
         self.images = sum(len(y) for _, y in batches)
-        self.calls = 0  # architectures evaluated by this rank
+        self.evaluations = 0  # architectures scored by this rank
+        self.seconds = 0.0  # wall time inside __call__ on this rank, the all-reduce included
 
     @torch.inference_mode()
     def accuracy(self, arch: ArchSpec) -> float:
-        self.calls += 1
+        """Top-1 of ``arch`` on the whole subset (on this rank alone)."""
+        self.evaluations += 1
         correct = 0
         for x, y in self.batches:
             with autocast(self.env.device, self.amp):
@@ -56,12 +61,14 @@ class SupernetEvaluator:
         return correct / self.images
 
     def __call__(self, archs: Sequence[ArchSpec]) -> list[float]:
+        start = time.perf_counter()
         env = self.env
-        mine = range(env.rank, len(archs), env.world_size)
         scores = torch.zeros(len(archs), dtype=torch.float64)
-        for i in mine:
+        for i in range(env.rank, len(archs), env.world_size):
             scores[i] = self.accuracy(archs[i])
         if env.distributed:
             scores = scores.to(env.device)
             dist.all_reduce(scores)  # each slot is non-zero on exactly one rank: the sum is that rank's score
-        return scores.cpu().tolist()
+        out = scores.cpu().tolist()
+        self.seconds += time.perf_counter() - start
+        return out

@@ -58,7 +58,7 @@ def describe_space(space: SearchSpace, samples: int = 1, seed: int = 0) -> str:
     lines += [
         f"size: {size:,} architectures ({size:.3e}) = {len(space.chains):,} valid token/dim chains "
         f"x {len(space.ops)}^{cells} cell ops",
-        f"FLOPs (MACs): {_range(*space.flops_range(), cost.fmt_macs)}",
+        f"FLOPs (MACs): {_range(*space.macs_range(), cost.fmt_macs)}",
         f"params: {_range(*space.params_range(), cost.fmt_params)}",
     ]
     rng = random.Random(seed)

@@ -53,7 +53,7 @@ class FlopsBinsSampler:
     pool: dict[int, list[ArchSpec]] = field(init=False)
 
     def __post_init__(self) -> None:
-        lo, hi = self.space.flops_range()
+        lo, hi = self.space.macs_range()
         self.edges = [lo + (hi - lo) * k / self.bins for k in range(1, self.bins)]
         rng = random.Random(f"psvit-bins:{self.seed}")
         self.pool = {}

@@ -306,7 +306,8 @@ class SearchSpace:
         hi = max(getattr(self._chain_extreme(c, key, max)[0], key) for c in self.chains)
         return lo, hi
 
-    def flops_range(self) -> tuple[int, int]:
+    def macs_range(self) -> tuple[int, int]:
+        """Exact (min, max) FLOPs of the space, as MACs."""
         return self.cost_range("macs")
 
     def params_range(self) -> tuple[int, int]:

@@ -13,8 +13,9 @@ from pathlib import Path
 import pytest
 from omegaconf import OmegaConf
 
-from search.evolution import (Constraint, Evolution, EvolutionConfig, InfeasibleError, RandomSearch, Record,
-                              best_per_budget, check_feasible, pareto_front, records_from_cache)
+from search.constraint import Constraint, InfeasibleError, check_feasible
+from search.evolution import (Evolution, EvolutionConfig, RandomSearch, Record, best_per_budget, pareto_front,
+                              records_from_cache)
 from space import cost
 from space.arch import ArchSpec
 from space.space import SearchSpace
@@ -62,9 +63,9 @@ def synthetic(arch: ArchSpec) -> float:
 
 
 @lru_cache(maxsize=None)
-def tiny_table() -> tuple[tuple[str, float, int], ...]:
-    """(json, score, macs) of every architecture of the tiny space."""
-    return tuple((a.to_json(), synthetic(a), cost.macs(a)) for a in tiny().all_archs())
+def tiny_table() -> tuple[tuple[ArchSpec, float, int], ...]:
+    """(arch, score, macs) of every architecture of the tiny space."""
+    return tuple((a, synthetic(a), cost.macs(a)) for a in tiny().all_archs())
 
 
 def tiny_band() -> Constraint:
@@ -80,11 +81,11 @@ class Counting:
 
     def __call__(self, archs: list[ArchSpec]) -> list[float]:
         assert isinstance(archs, list) and all(isinstance(a, ArchSpec) for a in archs)
-        self.batches.append([a.to_json() for a in archs])
+        self.batches.append(list(archs))
         return [self.fn(a) for a in archs]
 
     @property
-    def keys(self) -> list[str]:
+    def keys(self) -> list[ArchSpec]:
         return [k for b in self.batches for k in b]
 
 
@@ -122,7 +123,7 @@ def test_finds_brute_force_optimum_far_more_often_than_random():
 @pytest.mark.parametrize("cls", [Evolution, RandomSearch])
 def test_constraint_dedup_batches_and_sizes(name: str, band: tuple[float, float], cls: type) -> None:
     space = preset(name)
-    lo, hi = space.flops_range()
+    lo, hi = space.macs_range()
     con = Constraint(flops_min=int(lo + band[0] * (hi - lo)), flops_max=int(lo + band[1] * (hi - lo)))
     ev = Counting(preset_score)
     search = cls(space, ev, random.Random(3), con, SMALL_CFG)
@@ -136,13 +137,14 @@ def test_constraint_dedup_batches_and_sizes(name: str, band: tuple[float, float]
     for g in range(SMALL_CFG.generations):
         assert sum(r.generation == g for r in search.history) == SMALL_CFG.population
     for r in search.history:
-        arch = ArchSpec.from_json(r.arch)
+        arch = r.arch
         assert space.contains(arch) and con(arch)
-        assert r.flops == cost.macs(arch) and r.params == cost.params(arch) and r.score == preset_score(arch)
+        assert r.macs == cost.macs(arch) and r.params == cost.params(arch) and r.score == preset_score(arch)
     assert search.population == ev.batches[-1]
     top = search.topk(SMALL_CFG.topk)
     assert top[0] == search.best and top[0].score == max(r.score for r in search.history)
-    assert [(-r.score, r.flops, r.arch) for r in top] == sorted((-r.score, r.flops, r.arch) for r in top)
+    ranks = [(-r.score, r.macs, r.arch.to_json()) for r in top]
+    assert ranks == sorted(ranks)
 
 
 def test_evolution_improves_over_its_random_first_generation():
@@ -173,7 +175,7 @@ def test_prefilled_cache_is_not_reevaluated_and_batches_skip_when_all_cached():
 @pytest.mark.parametrize("cls", [Evolution, RandomSearch])
 def test_resume_is_exact(cls: type) -> None:
     space = preset("fmnist_2d")
-    lo, hi = space.flops_range()
+    lo, hi = space.macs_range()
     con = Constraint(flops_max=(lo + hi) // 2)
     full_ev = Counting(preset_score)
     full = cls(space, full_ev, random.Random(11), con, SMALL_CFG)
@@ -215,7 +217,7 @@ def test_resume_rejects_a_different_config():
 # --------------------------------------------------------------------- feasibility
 def test_infeasible_constraints_fail_fast_with_the_space_range():
     space = preset("fmnist_2d")
-    lo, hi = space.flops_range()
+    lo, hi = space.macs_range()
     plo, _ = space.params_range()
     rng = random.Random(0)
     with pytest.raises(InfeasibleError, match="flops_min 200 > flops_max 100"):
@@ -236,7 +238,7 @@ def test_infeasible_constraints_fail_fast_with_the_space_range():
 @pytest.mark.parametrize("name", ["fmnist_2d", "imagenet_tiny_2d"])
 def test_narrow_bands_at_both_ends_are_found(name: str) -> None:
     space = preset(name)
-    lo, hi = space.flops_range()
+    lo, hi = space.macs_range()
     step = (hi - lo) // 100
     for band in (Constraint(flops_max=lo), Constraint(flops_min=hi), Constraint(flops_min=lo, flops_max=lo + step),
                  Constraint(flops_min=(lo + hi) // 2 - 2 * step, flops_max=(lo + hi) // 2)):
@@ -247,12 +249,12 @@ def test_narrow_bands_at_both_ends_are_found(name: str) -> None:
     s = RandomSearch(space, ev, random.Random(0), Constraint(flops_max=lo), EvolutionConfig(
         population=4, topk=2, generations=2, mutations=0, crossovers=0, max_tries=400))
     s.run()
-    assert [len(b) for b in ev.batches] == [1] and s.best.flops == lo
+    assert [len(b) for b in ev.batches] == [1] and s.best.macs == lo
 
 
 def test_infeasible_combination_found_by_sampling():
     space = tiny()
-    lo, hi = space.flops_range()
+    lo, hi = space.macs_range()
     plo, _ = space.params_range()
     # each bound alone is in range, together impossible: only the largest FLOPs, only the fewest params
     with pytest.raises(InfeasibleError, match="no architecture of space 'tiny' satisfying .* in 300 tries"):
@@ -286,43 +288,56 @@ def test_evaluate_must_return_one_score_per_arch():
 def test_best_per_budget_matches_brute_force_over_a_shared_cache():
     space = tiny()
     table = tiny_table()
-    sub = dict((k, s) for k, s, _ in table[::7])  # a shared cache of evaluations
-    flops = {k: m for k, _, m in table}
-    lo, hi = space.flops_range()
+    sub = dict((a, s) for a, s, _ in table[::7])  # a shared cache of evaluations
+    flops = {a: m for a, _, m in table}
+    lo, hi = space.macs_range()
     mid = (lo + hi) // 2
-    budgets = [(None, mid), (mid, None), (lo, lo), (hi + 1, None), (None, None)]
-    got = best_per_budget(sub, space, budgets)
-    for (blo, bhi), rec in zip(budgets, got):
-        inside = [(s, -flops[k], k) for k, s in sub.items()
-                  if (blo is None or flops[k] >= blo) and (bhi is None or flops[k] <= bhi)]
+    bands = [(None, mid), (mid, None), (lo, lo), (hi + 1, None), (None, None)]
+    got = best_per_budget(sub, space, [Constraint(blo, bhi) for blo, bhi in bands])
+    for (blo, bhi), rec in zip(bands, got):
+        inside = [(s, -flops[a], a.to_json()) for a, s in sub.items()
+                  if (blo is None or flops[a] >= blo) and (bhi is None or flops[a] <= bhi)]
         if not inside:
             assert rec is None
         else:
-            assert rec.arch == max(inside)[2] and rec.flops == flops[rec.arch] and rec.generation == -1
+            assert rec.arch.to_json() == max(inside)[2] and rec.macs == flops[rec.arch] and rec.generation == -1
     assert got[3] is None
     records = records_from_cache(sub, space)
-    assert best_per_budget(records, space, budgets) == got
+    assert best_per_budget(records, space, [Constraint(blo, bhi) for blo, bhi in bands]) == got
     with pytest.raises(ValueError, match=r"budgets\[0\]"):
-        best_per_budget(records, space, [(5, 1)])
+        best_per_budget(records, space, [Constraint(5, 1)])
+
+
+def test_best_per_budget_keeps_the_params_bound():
+    space = tiny()
+    records = records_from_cache({a: s for a, s, _ in tiny_table()[::7]}, space)
+    best = max(records, key=lambda r: (r.score, -r.macs))
+    below = Constraint(params_max=best.params - 1)  # the overall best is too large for this budget
+    got_any, got_below = best_per_budget(records, space, [Constraint(), below])
+    assert got_any == best
+    fits = [r for r in records if r.params <= best.params - 1]
+    assert got_below.params <= best.params - 1 and got_below.score == max(r.score for r in fits)
 
 
 def test_pareto_front():
-    r = [Record(0, "a", 0.5, 100, 1), Record(0, "b", 0.7, 200, 1), Record(0, "c", 0.6, 300, 1),
-         Record(0, "d", 0.9, 300, 1), Record(0, "e", 0.9, 400, 1), Record(0, "f", 0.4, 50, 1),
-         Record(1, "a", 0.5, 100, 1)]
-    assert [x.arch for x in pareto_front(r)] == ["f", "a", "b", "d"]
+    archs = [a for a, _, _ in tiny_table()[:6]]  # six distinct architectures; only identity matters here
+    a, b, c, d, e, f = archs
+    r = [Record(0, a, 0.5, 100, 1), Record(0, b, 0.7, 200, 1), Record(0, c, 0.6, 300, 1),
+         Record(0, d, 0.9, 300, 1), Record(0, e, 0.9, 400, 1), Record(0, f, 0.4, 50, 1),
+         Record(1, a, 0.5, 100, 1)]
+    assert [x.arch for x in pareto_front(r)] == [f, a, b, d]
     table = tiny_table()[::13]
     recs = [Record(0, k, s, m, 0) for k, s, m in table]
     front = pareto_front(recs)
     for p in front:  # nothing strictly better in both
-        assert not any(q.score >= p.score and q.flops <= p.flops and (q.score, -q.flops) != (p.score, -p.flops)
+        assert not any(q.score >= p.score and q.macs <= p.macs and (q.score, -q.macs) != (p.score, -p.macs)
                        for q in recs)
     assert front[-1].score == max(x.score for x in recs)
 
 
 # --------------------------------------------------------------------- purity
 def test_module_imports_no_torch_or_app_frameworks():
-    code = ("import sys, search.evolution\n"
+    code = ("import sys, search.constraint, search.evolution, search.report\n"
             "bad = [m for m in ('torch', 'hydra', 'tqdm', 'tensorboard', 'torch.distributed') if m in sys.modules]\n"
             "assert not bad, bad\n")
     subprocess.run([sys.executable, "-c", code], cwd=REPO, check=True, timeout=60)

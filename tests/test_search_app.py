@@ -40,7 +40,7 @@ SEARCH = [f"evolution.population={POPULATION}", "evolution.topk=2", "evolution.m
 @dataclass
 class Run:
     run_dir: Path
-    calls: list[str]  # canonical JSON of every architecture the evaluator scored, in order
+    calls: list[str]  # canonical JSON of every architecture the scorer scored, in order
     out: str  # stdout
 
     def history(self) -> list[dict]:
@@ -61,18 +61,18 @@ def cli(ckpt: Path, run_dir: Path, *overrides: str) -> subprocess.Popen:
 
 @contextmanager
 def counting() -> Iterator[list[str]]:
-    """Record every ``SupernetEvaluator.accuracy`` call (the one place a candidate is scored)."""
-    from search.inherited import SupernetEvaluator
+    """Record every ``InheritedAccuracy.accuracy`` call (the one place a candidate is scored)."""
+    from search.inherited import InheritedAccuracy
 
     calls: list[str] = []
-    real = SupernetEvaluator.accuracy
+    real = InheritedAccuracy.accuracy
 
     def accuracy(self, arch: ArchSpec) -> float:
         calls.append(arch.to_json())
         return real(self, arch)
 
     with pytest.MonkeyPatch.context() as mp:
-        mp.setattr(SupernetEvaluator, "accuracy", accuracy)
+        mp.setattr(InheritedAccuracy, "accuracy", accuracy)
         yield calls
 
 
@@ -80,7 +80,8 @@ def run_search(ckpt: Path, run_dir: Path, capsys: pytest.CaptureFixture | None, 
     from search.evolve import evolve
 
     with counting() as calls:
-        evolve(search_cfg(ckpt, run_dir, *overrides))
+        summary = evolve(search_cfg(ckpt, run_dir, *overrides))
+    assert summary["scored"] == len(calls) and (summary["scoring_s"] > 0) == bool(calls)  # the scorer's own count
     return Run(run_dir, calls, capsys.readouterr().out if capsys is not None else "")
 
 
@@ -162,11 +163,11 @@ class _Crash(Exception):
 
 
 def test_resume_after_a_crash_scores_only_the_rest(ckpt: Path, reference: Run, tmp_path: Path, capsys):
-    from search.inherited import SupernetEvaluator
+    from search.inherited import InheritedAccuracy
     from search.evolve import evolve
     from space.errors import UserError
 
-    real, batches = SupernetEvaluator.__call__, [0]
+    real, batches = InheritedAccuracy.__call__, [0]
 
     def crash_at_generation_2(self, archs):  # one batch per generation: die before scoring the third
         batches[0] += 1
@@ -175,7 +176,7 @@ def test_resume_after_a_crash_scores_only_the_rest(ckpt: Path, reference: Run, t
         return real(self, archs)
 
     with counting() as first, pytest.MonkeyPatch.context() as mp:
-        mp.setattr(SupernetEvaluator, "__call__", crash_at_generation_2)
+        mp.setattr(InheritedAccuracy, "__call__", crash_at_generation_2)
         with pytest.raises(_Crash):
             evolve(search_cfg(ckpt, tmp_path, f"flops_max={FLOPS_MAX}"))
     capsys.readouterr()
@@ -238,7 +239,8 @@ def _ddp_worker(rank: int, world: int, port: int, ckpt: str, run_dir: str, out_d
 
     with counting() as calls:
         summary = evolve(search_cfg(Path(ckpt), Path(run_dir), f"flops_max={FLOPS_MAX}"))
-    Path(out_dir, f"rank{rank}.json").write_text(json.dumps({"calls": calls, "evaluations": summary["evaluations"]}))
+    Path(out_dir, f"rank{rank}.json").write_text(json.dumps({"calls": calls, "evaluations": summary["evaluations"],
+                                                             "scored": summary["scored"]}))
     cleanup_distributed()
 
 
@@ -251,6 +253,7 @@ def test_two_gloo_ranks_score_exactly_like_one_process(ckpt: Path, reference: Ru
     assert sorted(r0["calls"] + r1["calls"]) == sorted(reference.calls)
     assert abs(len(r0["calls"]) - len(r1["calls"])) <= GENERATIONS
     assert r0["evaluations"] == r1["evaluations"] == len(reference.calls)
+    assert (r0["scored"], r1["scored"]) == (len(r0["calls"]), len(r1["calls"]))  # each rank counts its own share
 
 
 # ----------------------------------------------------------------------------- strategies and budgets
@@ -294,7 +297,7 @@ def test_bad_input_is_one_line_exit_2_and_writes_nothing(ckpt: Path, reference: 
 
     corrupt = tmp_path / "corrupt.ckpt"
     corrupt.write_bytes(random.Random(0).randbytes(4096))
-    lo, hi = _space(ckpt).flops_range()
+    lo, hi = _space(ckpt).macs_range()
     cases = {  # name: (checkpoint, overrides, expected text in the message)
         "missing": (tmp_path / "nope.ckpt", [], "does not exist"),
         "corrupt": (corrupt, [], "is not a readable checkpoint"),

@@ -32,7 +32,7 @@ def preset(name: str) -> SearchSpace:
 
 @lru_cache(maxsize=None)
 def ranges(name: str) -> tuple[tuple[int, int], tuple[int, int]]:
-    return preset(name).flops_range(), preset(name).params_range()
+    return preset(name).macs_range(), preset(name).params_range()
 
 
 def small(pooling: str, stages: list[dict], ops: list[str], img: int, patch: int, head_dim: int = 4,
@@ -89,7 +89,7 @@ def test_preset_loads(name: str) -> None:
     assert space.pooling == name[-2:]
     assert len(space.stages) == 3 and all(s.cells == 6 for s in space.stages)
     assert space.size() == len(space.chains) * 3 ** 18
-    lo, hi = space.flops_range()
+    lo, hi = space.macs_range()
     assert 0 < lo < hi
     for which, key in itertools.product(("min", "max"), ("macs", "params")):
         arch = space.extreme(which, key)
@@ -100,7 +100,7 @@ def test_preset_loads(name: str) -> None:
 @pytest.mark.parametrize("name,budget", [("imagenet_tiny_2d", 1.3e9), ("imagenet_tiny_1d", 1.3e9),
                                          ("imagenet_small_2d", 4.6e9)])
 def test_imagenet_ranges_contain_deit_budget(name: str, budget: float) -> None:
-    lo, hi = preset(name).flops_range()
+    lo, hi = preset(name).macs_range()
     assert lo < budget < hi
 
 
@@ -178,7 +178,7 @@ def test_size_and_ranges_match_brute_force(name: str) -> None:
     assert len(set(archs)) == len(archs) == space.size()
     macs = [cost.macs(a) for a in archs]
     params = [cost.params(a) for a in archs]
-    assert space.flops_range() == (min(macs), max(macs))
+    assert space.macs_range() == (min(macs), max(macs))
     assert space.params_range() == (min(params), max(params))
     for which, key in itertools.product(("min", "max"), ("macs", "params")):
         arch = space.extreme(which, key)
@@ -310,7 +310,7 @@ def test_info_summarises_imagenet_tiny_2d() -> None:
     assert cfg.arch is None and cfg.samples == 1
     text = info(cfg)
     space = preset("imagenet_tiny_2d")
-    lo, hi = space.flops_range()
+    lo, hi = space.macs_range()
     plo, phi = space.params_range()
     assert lo < 1.3e9 < hi
     assert f"FLOPs (MACs): {cost.fmt_macs(lo)} .. {cost.fmt_macs(hi)}  ({lo:,} .. {hi:,})" in text
