@@ -88,7 +88,7 @@ def retrain(cfg: DictConfig) -> dict[str, Any]:
     with open_dict(cfg):
         cfg.run_dir = str(cfg.run_dir or default_run_dir(arch_path))
     with distributed(cfg.device) as env:
-        data = build_data(cfg.data, env.rank, env.world_size, env.device)
+        data = build_data(cfg.data, env.rank, env.world_size, env.device, test=True)
         check_fits("arch", arch, data)
         model = initial_model(arch, cfg).to(env.device)
         t0 = time.perf_counter()

@@ -122,7 +122,7 @@ def one_line(e: pytest.ExceptionInfo) -> str:
 def fmnist():
     if not HAVE_FMNIST:
         pytest.skip(f"Fashion-MNIST IDX files not in {FMNIST_ROOT} (apt-get install dataset-fashion-mnist)")
-    return build_data({"name": "fashion_mnist"})
+    return build_data({"name": "fashion_mnist"}, test=True)
 
 
 @needs_fmnist
@@ -166,7 +166,7 @@ def test_normalization_is_exact_affine_map() -> None:
 
 def test_missing_fmnist_names_files_dir_and_fix(tmp_path: Path) -> None:
     with pytest.raises(DataError) as e:
-        build_data({"name": "fashion_mnist", "root": str(tmp_path)})
+        build_data({"name": "fashion_mnist", "root": str(tmp_path)}, test=True)
     msg = one_line(e)
     assert str(tmp_path) in msg and all(name in msg for name in FMNIST_FILES)
     assert "apt-get install dataset-fashion-mnist, or pass data.root=DIR holding the four IDX files" in msg
@@ -180,9 +180,21 @@ def test_incomplete_fmnist_names_the_missing_file(tmp_path: Path) -> None:
     assert "(missing t10k-labels-idx1-ubyte);" in one_line(e)
 
 
+def test_test_split_files_are_only_opened_when_asked_for(tmp_path: Path) -> None:
+    """Supernet training and search (test=False) run without the t10k files; retraining (test=True) needs them."""
+    fake_fmnist(tmp_path, n_train=60, n_test=20)
+    for name in FMNIST_FILES[2:]:
+        (tmp_path / f"{name}.gz").unlink()
+    data = build_data({"name": "fashion_mnist", "root": str(tmp_path), "val_size": 12, "batch_size": 16})
+    assert data.test is None and len(data.train) == 3
+    with pytest.raises(DataError) as e:
+        build_data({"name": "fashion_mnist", "root": str(tmp_path)}, test=True)
+    assert "(missing t10k-images-idx3-ubyte, t10k-labels-idx1-ubyte);" in one_line(e)
+
+
 def test_uncompressed_idx_files_load(tmp_path: Path) -> None:
     fake_fmnist(tmp_path, n_train=60, n_test=20, gz=False)
-    data = build_data({"name": "fashion_mnist", "root": str(tmp_path), "val_size": 12, "batch_size": 16})
+    data = build_data({"name": "fashion_mnist", "root": str(tmp_path), "val_size": 12, "batch_size": 16}, test=True)
     assert data.train.images.shape == (48, 1, 28, 28) and data.val.images.shape == (12, 1, 28, 28)
     assert torch.equal(data.test.labels, torch.arange(20) % 10) and len(data.train) == 3
     everything = build_data({"name": "fashion_mnist", "root": str(tmp_path), "val_size": 0, "batch_size": 16})
@@ -224,7 +236,7 @@ def test_cifar10_pickles_parse_with_channel_planes(tmp_path: Path) -> None:
     # Row = red plane, green plane, blue plane, each 32x32 row-major.
     assert torch.equal(train.images[6, 1], torch.from_numpy(raw[0, 1024:2048].reshape(32, 32)))
     assert train.labels.tolist() == [k % 10 for k in range(30)]
-    data = build_data({"name": "cifar10", "root": str(tmp_path), "val_size": 5, "batch_size": 4})
+    data = build_data({"name": "cifar10", "root": str(tmp_path), "val_size": 5, "batch_size": 4}, test=True)
     assert (data.img_size, data.in_chans, data.num_classes) == (32, 3, 10)
     assert len(data.val.labels) == 5 and len(data.train) == 25 // 4 and torch.equal(data.test.images, test.images)
 
@@ -234,7 +246,7 @@ def test_cifar100_fine_labels_in_root(tmp_path: Path) -> None:
     for name, n in (("train", 12), ("test", 3)):
         write_cifar_batch(tmp_path / name, rng.integers(0, 256, (n, 3072), dtype=np.uint8),
                           [99 - k for k in range(n)], "fine_labels")
-    data = build_data({"name": "cifar100", "root": str(tmp_path), "val_size": 2, "batch_size": 5})
+    data = build_data({"name": "cifar100", "root": str(tmp_path), "val_size": 2, "batch_size": 5}, test=True)
     assert data.num_classes == 100 and data.test.labels.tolist() == [99, 98, 97]
     x, _ = next(iter(data.train))
     assert x.shape == (5, 3, 32, 32)
@@ -242,7 +254,7 @@ def test_cifar100_fine_labels_in_root(tmp_path: Path) -> None:
 
 def test_cifar_missing_or_unset_root_explains_where(tmp_path: Path) -> None:
     with pytest.raises(DataError) as e:
-        build_data({"name": "cifar10", "root": str(tmp_path)})
+        build_data({"name": "cifar10", "root": str(tmp_path)}, test=True)
     msg = one_line(e)
     assert "data_batch_1" in msg and "test_batch" in msg and "cifar-10-python.tar.gz" in msg
     assert "data.root=DIR holding cifar-10-batches-py/" in msg
@@ -395,13 +407,13 @@ def test_imagenet_folder_splits_and_batches(tmp_path: Path) -> None:
                 Image.fromarray(image).save(tmp_path / split / cls / f"{i}.png")
     cfg = {"name": "imagenet_folder", "root": str(tmp_path), "val_size": 4, "img_size": 16, "batch_size": 3,
            "eval_batch_size": 3, "num_workers": 0}
-    data = build_data(cfg)
+    data = build_data(cfg, test=True)
     assert (data.img_size, data.in_chans, data.num_classes) == (16, 3, 2)
     assert len(data.train) == 10 // 3 and len(data.val) == 2 and len(data.test) == 2
     x, y = next(iter(data.train))
     assert x.shape == (3, 3, 16, 16) and x.dtype == torch.float32 and y.dtype == torch.int64
     assert torch.cat([y for _, y in data.test]).tolist() == [0, 0, 1, 1]
-    shards = [build_data(cfg, rank=r, world_size=2) for r in range(2)]
+    shards = [build_data(cfg, rank=r, world_size=2, test=True) for r in range(2)]
     assert len(shards[0].train) == len(shards[1].train) == 5 // 3
     assert sorted(torch.cat([y for s in shards for _, y in s.test]).tolist()) == [0, 0, 1, 1]
     order = [[y.tolist() for _, y in data.train.epoch(2)] for _ in range(2)]

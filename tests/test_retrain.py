@@ -70,7 +70,7 @@ def test_inherit_starts_from_the_supernet_path(tmp_path, supernet_ckpt):
     arch.save(tmp_path / "a.json")
     res = retrain(make_cfg("retrain", f"arch={tmp_path / 'a.json'}", "init=inherit", f"supernet={supernet_ckpt}",
                            "max_steps=0", "eval.every=0"))
-    data = build_data(sck.data)
+    data = build_data(sck.data, test=True)
     expected = top1(lambda x: net(x, arch), data.test, setup_distributed("cpu"))
     assert res["test_top1"] == expected
 

@@ -50,13 +50,15 @@ __all__ = ["DATASETS", "ArrayDataset", "DataBundle", "DataConfig", "DataError", 
 
 
 def build_data(cfg: DataConfig | DictConfig | Mapping[str, Any], rank: int = 0, world_size: int = 1,
-               device: torch.device | str = "cpu") -> DataBundle:
-    """Loads the dataset named by the ``data`` config group and returns its three sharded loaders.
+               device: torch.device | str = "cpu", test: bool = False) -> DataBundle:
+    """Loads the dataset named by the ``data`` config group and returns its sharded loaders.
 
     Args:
         cfg: the ``data`` group (``cfg.data`` of the app), a plain mapping, or a :class:`DataConfig`.
         rank, world_size: this process among the DDP processes (``RANK``, ``WORLD_SIZE``).
         device: where batches are delivered (and where in-memory datasets are kept).
+        test: also load the official test split; only retraining's final evaluation asks for it, so
+            supernet training and search never open its files.
 
     Raises:
         DataError: the dataset is missing, corrupt, or the config is invalid.
@@ -67,13 +69,14 @@ def build_data(cfg: DataConfig | DictConfig | Mapping[str, Any], rank: int = 0, 
     if c.name == "imagenet_folder":
         from supernet.data.folder import build_imagenet_folder  # torchvision only on demand
 
-        return build_imagenet_folder(c, rank, world_size, device)
+        return build_imagenet_folder(c, rank, world_size, device, test)
     info = DATASETS[c.name]
-    full_train, test = load_fashion_mnist(c.root) if c.name == "fashion_mnist" else load_cifar(c.name, c.root)
+    full_train, test_set = (load_fashion_mnist(c.root, test) if c.name == "fashion_mnist"
+                            else load_cifar(c.name, c.root, test))
     train_idx, val_idx = split_train_val(len(full_train), c.val_size, c.split_seed)
     common = dict(mean=info.mean, std=info.std, rank=rank, world_size=world_size, device=device)
     train = TensorLoader(full_train.subset(train_idx), c.batch_size, train=True, seed=c.seed,
                          crop_pad=c.crop_pad if c.augment else 0, hflip=bool(c.hflip and c.augment), **common)
     val = TensorLoader(full_train.subset(val_idx), c.eval_batch_size, train=False, **common) if c.val_size else None
-    return DataBundle(c.name, train, val, TensorLoader(test, c.eval_batch_size, train=False, **common),
-                      info.img_size, info.in_chans, info.num_classes)
+    test_loader = TensorLoader(test_set, c.eval_batch_size, train=False, **common) if test else None
+    return DataBundle(c.name, train, val, test_loader, info.img_size, info.in_chans, info.num_classes)

@@ -118,7 +118,7 @@ class DataBundle:
     name: str
     train: Loader  # shuffled, augmented, sharded, remainder dropped
     val: Loader | None  # held out of TRAIN; model selection and search fitness
-    test: Loader  # official test split; only retraining's final evaluation
+    test: Loader | None  # official test split, loaded for retraining's final evaluation only (test=True)
     img_size: int
     in_chans: int
     num_classes: int

@@ -117,7 +117,8 @@ class FolderLoader:
             yield torch.addcmul(self._shift, x.float(), self._scale), y
 
 
-def build_imagenet_folder(c: DataConfig, rank: int, world_size: int, device: torch.device | str) -> DataBundle:
+def build_imagenet_folder(c: DataConfig, rank: int, world_size: int, device: torch.device | str,
+                          test: bool = False) -> DataBundle:
     """The three loaders of an ImageNet-style folder; ``c`` is resolved (no ``None`` defaults left)."""
     datasets, T = import_torchvision()
     hint = "pass data.root=DIR holding train/<class>/*.jpg and val/<class>/*.jpg"
@@ -147,5 +148,5 @@ def build_imagenet_folder(c: DataConfig, rank: int, world_size: int, device: tor
                                   num_workers=c.num_workers, device=device)
     train = FolderLoader(train_set, train_idx.tolist(), c.batch_size, train=True, **common)
     val = FolderLoader(val_set, val_idx.tolist(), c.eval_batch_size, train=False, **common) if c.val_size else None
-    test = FolderLoader(test_set, None, c.eval_batch_size, train=False, **common)
-    return DataBundle(c.name, train, val, test, size, 3, len(train_set.classes))
+    test_loader = FolderLoader(test_set, None, c.eval_batch_size, train=False, **common) if test else None
+    return DataBundle(c.name, train, val, test_loader, size, 3, len(train_set.classes))

@@ -70,22 +70,24 @@ def _to_dataset(images: np.ndarray, labels: np.ndarray, num_classes: int, where:
     return ArrayDataset(torch.from_numpy(np.array(images)), torch.from_numpy(labels.astype(np.int64)))
 
 
-def load_fashion_mnist(root: str | Path) -> tuple[ArrayDataset, ArrayDataset]:
-    """The official ``(train, test)`` sets from the four IDX files (``.gz`` or uncompressed) in ``root``."""
+def load_fashion_mnist(root: str | Path, test: bool = True) -> tuple[ArrayDataset, ArrayDataset | None]:
+    """The official ``(train, test)`` sets from the IDX files (``.gz`` or uncompressed) in ``root``; with
+    ``test=False`` the two t10k files are neither needed nor opened and ``test`` is None."""
     root = Path(root)
-    paths = {f: next((p for p in (root / f"{f}.gz", root / f) if p.is_file()), None) for f in FMNIST_FILES}
+    wanted = FMNIST_FILES if test else FMNIST_FILES[:2]
+    paths = {f: next((p for p in (root / f"{f}.gz", root / f) if p.is_file()), None) for f in wanted}
     missing = [f for f, p in paths.items() if p is None]
     if missing:
-        raise DataError(f"Fashion-MNIST not found: looked in {root} for {', '.join(f + '[.gz]' for f in FMNIST_FILES)}"
+        raise DataError(f"Fashion-MNIST not found: looked in {root} for {', '.join(f + '[.gz]' for f in wanted)}"
                         f" (missing {', '.join(missing)}); {FMNIST_HINT}")
     sets = []
-    for images_file, labels_file in (FMNIST_FILES[:2], FMNIST_FILES[2:]):
+    for images_file, labels_file in zip(wanted[0::2], wanted[1::2]):
         images = read_idx(paths[images_file], 3)  # (N, H, W)
         labels = read_idx(paths[labels_file], 1)  # (N,)
         sets.append(_to_dataset(images[:, None], labels, 10, str(paths[images_file]), FMNIST_HINT))
-    if sets[0].images.shape[1:] != sets[1].images.shape[1:]:
+    if test and sets[0].images.shape[1:] != sets[1].images.shape[1:]:
         raise DataError(f"Fashion-MNIST in {root}: train and test images differ in size; {FMNIST_HINT}")
-    return sets[0], sets[1]
+    return sets[0], sets[1] if test else None
 
 
 # name: (subdirectory in the archive, train files, test files, label key, classes, download address)
@@ -128,9 +130,11 @@ def _read_cifar_batch(path: Path, label_key: str, num_classes: int, hint: str) -
     return _to_dataset(data.reshape(-1, 3, 32, 32), np.asarray(batch[label_key]), num_classes, str(path), hint)
 
 
-def load_cifar(name: str, root: str | Path | None) -> tuple[ArrayDataset, ArrayDataset]:
-    """The official ``(train, test)`` sets of ``cifar10``/``cifar100`` from the python-pickle batches."""
+def load_cifar(name: str, root: str | Path | None, test: bool = True) -> tuple[ArrayDataset, ArrayDataset | None]:
+    """The official ``(train, test)`` sets of ``cifar10``/``cifar100`` from the python-pickle batches; with
+    ``test=False`` the test batch is neither needed nor opened and ``test`` is None."""
     subdir, train_files, test_files, label_key, num_classes, url = CIFAR_FILES[name]
+    test_files = test_files if test else []
     hint = f"download and extract {url} and pass data.root=DIR holding {subdir}/ (or its batch files)"
     if root is None:
         raise DataError(f"data.root: not set for {name}; {hint}")
@@ -140,8 +144,8 @@ def load_cifar(name: str, root: str | Path | None) -> tuple[ArrayDataset, ArrayD
         raise DataError(f"{name} not found: looked in {base} for {', '.join(train_files + test_files)} "
                         f"(missing {', '.join(missing)}); {hint}")
     out = []
-    for files in (train_files, test_files):
+    for files in (train_files, test_files) if test else (train_files,):
         parts = [_read_cifar_batch(base / f, label_key, num_classes, hint) for f in files]
         out.append(ArrayDataset(torch.cat([p.images for p in parts]), torch.cat([p.labels for p in parts])))
-    return out[0], out[1]
+    return out[0], out[1] if test else None
 
