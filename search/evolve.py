@@ -26,9 +26,10 @@ from tqdm import tqdm
 from search.constraint import Constraint
 from search.evolution import Evolution, EvolutionConfig, RandomSearch, Search
 from search.report import Provenance, write_report
-from space.app import CONF_DIR, atomic_write, run_app
+from space.app import CONF_DIR, atomic_write, check_overrides, run_app, run_dir_lock
 from space.arch import ArchSpec
 from space.errors import UserError
+from space.schema import EVOLVE, check_config
 from space.space import SearchSpace
 from supernet.engine.distributed import DistEnv, distributed
 
@@ -49,6 +50,7 @@ class Job:
     strategy: type[Search]
     evolution: EvolutionConfig
     constraints: tuple[Constraint, ...]  # one per budget
+    seed: int  # of the search's random.Random streams
 
 
 @dataclass
@@ -71,7 +73,7 @@ class Session:
         if self.env.is_main:
             atomic_write(self.state_path, json.dumps({
                 "checkpoint_sha256": self.supernet.sha256, "eval_images": self.scorer.images,
-                "searches": [s.state_dict() for s in self.searches]}))
+                "seed": self.job.seed, "searches": [s.state_dict() for s in self.searches]}))
 
 
 def evolve(cfg: DictConfig) -> dict[str, Any]:
@@ -79,9 +81,10 @@ def evolve(cfg: DictConfig) -> dict[str, Any]:
     job = validate(cfg)
     with distributed(cfg.device) as env:
         session = setup(cfg, job, env)
-        resume(cfg, session)
-        run(cfg, session)
-        return finish(cfg, session)
+        with run_dir_lock(session.run_dir, env.is_main):
+            resume(cfg, session)
+            run(cfg, session)
+            return finish(cfg, session)
 
 
 # ----------------------------------------------------------------------------- config
@@ -113,6 +116,7 @@ def validate(cfg: DictConfig) -> Job:
     Raises:
         UserError: naming the first bad field.
     """
+    check_config(OmegaConf.to_container(cfg, resolve=True), EVOLVE)
     if not cfg.checkpoint:
         raise UserError("checkpoint: required, the supernet checkpoint to search "
                         "(e.g. checkpoint=runs/supernet_fmnist_2d/last.ckpt)")
@@ -130,7 +134,7 @@ def validate(cfg: DictConfig) -> Job:
         raise UserError(f"eval_images: {cfg.eval_images!r} (allowed: a positive integer)")
     if cfg.resume not in ("auto", "never"):
         raise UserError(f"resume: {cfg.resume!r} (allowed: auto, never)")
-    return Job(ckpt, STRATEGIES[cfg.strategy], ecfg, tuple(constraints))
+    return Job(ckpt, STRATEGIES[cfg.strategy], ecfg, tuple(constraints), cfg.seed)
 
 
 # ----------------------------------------------------------------------------- setup and resume
@@ -173,22 +177,31 @@ def resume(cfg: DictConfig, s: Session) -> None:
     path = s.state_path
     if cfg.resume != "auto" or not path.exists():
         return
-    state = json.loads(path.read_text())
     retry = "use another run_dir= or resume=never"
+    try:
+        state = json.loads(path.read_text())
+    except (OSError, UnicodeDecodeError, ValueError, RecursionError) as e:
+        raise UserError(f"resume: {path} is not a readable search state ({type(e).__name__}); {retry}") from None
+    if not isinstance(state, dict):
+        raise UserError(f"resume: {path} is not a search state (a JSON object); {retry}")
     if state.get("checkpoint_sha256") != s.supernet.sha256:
         raise UserError(f"resume: {path} belongs to another checkpoint; {retry}")
     images = s.scorer.images
     if state.get("eval_images", images) != images:  # cached scores would not compare
         raise UserError(f"resume: {path} scored candidates on {state['eval_images']} validation images, "
                         f"this command on {images} (eval_images=); {retry}")
+    if state.get("seed", s.job.seed) != s.job.seed:  # the saved RNG streams are another seed's
+        raise UserError(f"resume: {path} was searched with seed={state['seed']}, this command has "
+                        f"seed={s.job.seed}; {retry}")
     saved = state.get("searches", [])
     if len(saved) != len(s.searches):
         raise UserError(f"resume: {path} has {len(saved)} budgets, this command {len(s.searches)}; {retry}")
     try:
         for search, st in zip(s.searches, saved):
             search.load_state_dict(st)
-    except (KeyError, ValueError) as e:
-        raise UserError(f"resume: {path} does not match this command ({e}); {retry}") from None
+    except (KeyError, ValueError, TypeError, IndexError, AttributeError) as e:
+        raise UserError(f"resume: {path} does not match this command ({type(e).__name__}: "
+                        f"{' '.join(str(e).splitlines())[:200]}); {retry}") from None
     if s.env.is_main:
         print(f"resumed {path} at generation {s.searches[0].generation}/{s.job.evolution.generations}")
 
@@ -252,4 +265,5 @@ def main(cfg: DictConfig) -> None:
 
 
 if __name__ == "__main__":
+    check_overrides("evolve")
     main()

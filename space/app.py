@@ -5,10 +5,13 @@ a space or an architecture fits the dataset. Pure Python: no torch, no Hydra imp
 
 from __future__ import annotations
 
+import errno
+import fcntl
 import hashlib
 import os
 import sys
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -32,15 +35,42 @@ def run_app(fn: Callable[[], T]) -> T:
         sys.exit(1)
 
 
+def check_overrides(config_name: str, argv: list[str] | None = None) -> None:
+    """Compose ``conf/<config_name>.yaml`` with the command line's overrides before Hydra does, so that an
+    unknown preset, an unknown key or a malformed override is one ``error: config: ...`` line and exit 2
+    instead of Hydra's multi-line report. Command lines with Hydra flags (``--help``, ``-m``) go to Hydra as
+    they are."""
+    overrides = sys.argv[1:] if argv is None else argv
+    if any(a.startswith("-") for a in overrides):
+        return
+    from hydra import compose, initialize_config_dir
+    from hydra.errors import HydraException
+    from omegaconf.errors import OmegaConfBaseException
+
+    def compose_them() -> None:
+        try:
+            with initialize_config_dir(config_dir=CONF_DIR, version_base="1.3"):
+                compose(config_name, overrides=overrides)
+        except (HydraException, OmegaConfBaseException) as e:
+            text = " ".join(line.strip() for line in str(e).splitlines() if line.strip())
+            raise UserError(f"config: {text}") from None
+
+    run_app(compose_them)
+
+
 def atomic_write(path: str | Path, data: str | bytes | Callable[[Path], None]) -> Path:
     """Write ``data`` to ``path`` through a hidden temp file in the same directory and ``os.replace``, so a
     reader sees the old file or the new one, never half of one. ``data`` is text, bytes, or a function
-    that writes the temp path it is given (e.g. one calling ``torch.save`` on it). The temp file is removed
-    if writing fails."""
+    that writes the temp path it is given (e.g. one calling ``torch.save`` on it).
+
+    Raises:
+        UserError: the write failed (full disk, read-only or missing directory, ...); the temp file is
+            removed and the previous ``path`` is left as it was.
+    """
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
     try:
+        path.parent.mkdir(parents=True, exist_ok=True)
         if isinstance(data, str):
             tmp.write_text(data)
         elif isinstance(data, bytes):
@@ -48,10 +78,74 @@ def atomic_write(path: str | Path, data: str | bytes | Callable[[Path], None]) -
         else:
             data(tmp)
         os.replace(tmp, path)
-    except BaseException:
+    except BaseException as e:
         tmp.unlink(missing_ok=True)
-        raise
+        reason = _write_failure(e)
+        if reason is None:
+            raise
+        kept = f"the previous {path.name} is intact" if path.exists() else "nothing was written"
+        raise UserError(f"{path}: {reason} writing it; {kept}") from None
     return path
+
+
+def _write_failure(e: BaseException) -> str | None:
+    """The reason a write failed, if it is the file system's (torch.save reports ENOSPC as a RuntimeError)."""
+    if isinstance(e, OSError):
+        return (os.strerror(e.errno) if e.errno else str(e)).lower()
+    if isinstance(e, RuntimeError) and "write" in str(e).lower():
+        return f"the write failed ({str(e).splitlines()[0][:100]}; is the disk full?)"
+    return None
+
+
+def _lock_holder(path: Path) -> str:
+    """The pid holding a flock on ``path``, read from /proc/locks (Linux), or "unknown"."""
+    st = os.stat(path)
+    try:
+        lines = Path("/proc/locks").read_text().splitlines()
+    except OSError:
+        return "unknown"
+    for line in lines:
+        f = line.split()
+        if len(f) >= 6 and f[1] == "FLOCK" and f[5].rsplit(":", 1)[-1] == str(st.st_ino):
+            return f[4]
+    return "unknown"
+
+
+@contextmanager
+def run_dir_lock(run_dir: str | Path, enabled: bool = True) -> Iterator[None]:
+    """Hold an exclusive OS lock on ``run_dir`` (created if missing) for the length of a run, so two runs
+    never write one directory; the kernel drops it when the process dies, so no stale lock survives. While
+    it is held, leftover temp files of killed writers (``.NAME.tmpPID``) are removed. Writes no file.
+
+    Args:
+        enabled: False on the ranks that do not write (every DDP rank but 0).
+
+    Raises:
+        UserError: another live process holds the lock (its pid is named).
+    """
+    if not enabled:
+        yield
+        return
+    run_dir = Path(run_dir)
+    try:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        fd = os.open(run_dir, os.O_RDONLY)
+    except OSError as e:
+        raise UserError(f"run_dir: cannot use {run_dir} ({os.strerror(e.errno).lower()}; pass another run_dir=)") \
+            from None
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError as e:
+            if e.errno not in (errno.EWOULDBLOCK, errno.EAGAIN):
+                raise
+            raise UserError(f"run_dir: {run_dir} is in use by another run (pid {_lock_holder(run_dir)}); wait for "
+                            "it to finish or pass another run_dir=") from None
+        for tmp in run_dir.glob(".*.tmp*"):  # partial writes of killed runs
+            tmp.unlink(missing_ok=True)
+        yield
+    finally:
+        os.close(fd)  # releases the lock
 
 
 def sha256_bytes(data: bytes) -> str:

@@ -17,7 +17,7 @@ from typing import Any
 import hydra
 
 from space import cost
-from space.app import CONF_DIR, run_app
+from space.app import CONF_DIR, check_overrides, run_app
 from space.arch import ArchSpec
 from space.space import SearchSpace, SpaceError
 
@@ -118,4 +118,5 @@ def main(cfg: Any) -> None:
 
 
 if __name__ == "__main__":
+    check_overrides("info")
     main()

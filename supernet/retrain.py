@@ -21,13 +21,14 @@ from typing import Any
 
 import hydra
 import torch
-from omegaconf import DictConfig, open_dict
+from omegaconf import DictConfig, OmegaConf, open_dict
 from torch import nn
 
-from space.app import CONF_DIR, atomic_write, check_fits, run_app
+from space.app import CONF_DIR, check_overrides, atomic_write, check_fits, run_app
 from space.arch import ArchSpec
 from space.cost import macs, params
 from space.errors import UserError
+from space.schema import RETRAIN, check_config
 from supernet.data import DataBundle, build_data
 from supernet.engine.distributed import DistEnv, allreduce_sum, distributed
 from supernet.engine.loop import FitResult, Task, Trainer, top1
@@ -42,10 +43,9 @@ class RetrainTask(Task):
     """One fixed architecture; validated on the held-out training images."""
 
     def __init__(self, model: nn.Module, arch: ArchSpec, name: str, cfg: DictConfig, data: DataBundle,
-                 env: DistEnv) -> None:
+                 env: DistEnv, supernet_sha256: str | None = None) -> None:
         self.net, self.name, self.cfg, self.data, self.env = model, f"retrain {name}", cfg, data, env
-        self.identity = {"arch": arch.to_dict(), "init": cfg.init}
-        self.identity_hint = "architecture or init"
+        self.identity = {"arch": arch.to_dict(), "init": cfg.init, "supernet_sha256": supernet_sha256}
 
     def forward(self, x: torch.Tensor, step: int) -> torch.Tensor:
         return self.net(x)
@@ -56,19 +56,22 @@ class RetrainTask(Task):
         return {"model": top1(self.net, self.data.val, self.env, self.cfg.eval.max_batches, self.cfg.amp)}
 
 
-def initial_model(arch: ArchSpec, cfg: DictConfig) -> nn.Module:
-    """A fresh ``PSViT(arch)``, or with ``init=inherit`` the path ``arch`` extracted from the supernet."""
+def initial_model(arch: ArchSpec, cfg: DictConfig) -> tuple[nn.Module, str | None]:
+    """A fresh ``PSViT(arch)``, or with ``init=inherit`` the path ``arch`` extracted from the supernet and the
+    sha256 of the supernet checkpoint it came from."""
     torch.manual_seed(cfg.seed)
     if cfg.init == "scratch":
-        return PSViT(arch)
+        return PSViT(arch), None
     from supernet.engine.checkpoint import load_supernet  # the supernet is imported for init=inherit only
 
-    supernet = load_supernet(Path(cfg.supernet), torch.device("cpu")).net
-    return supernet.extract(arch)  # raises ArchError naming the field if arch is not a path of it
+    sck = load_supernet(Path(cfg.supernet), torch.device("cpu"))
+    return sck.net.extract(arch), sck.sha256  # extract raises ArchError naming the field if arch is off its paths
 
 
 def check_args(cfg: DictConfig) -> ArchSpec:
-    """The architecture to retrain, once ``arch``, ``init`` and ``supernet`` are consistent."""
+    """The architecture to retrain, once every setting is valid and ``arch``, ``init``, ``supernet`` and
+    ``max_steps`` are consistent."""
+    check_config(OmegaConf.to_container(cfg, resolve=True), RETRAIN)
     if not cfg.arch:
         raise UserError("arch: required, an architecture JSON (e.g. arch=runs/.../best_arch.json or "
                         "arch=conf/baselines/deit_fmnist.json)")
@@ -77,6 +80,9 @@ def check_args(cfg: DictConfig) -> ArchSpec:
         raise UserError(f"init: {cfg.init!r} (allowed: scratch, inherit)")
     if cfg.init == "inherit" and not cfg.supernet:
         raise UserError("supernet: init=inherit needs supernet=path/to/last.ckpt")
+    if cfg.max_steps == 0 and cfg.init != "inherit":
+        raise UserError("max_steps: 0 trains nothing (allowed: >= 1; 0 only with init=inherit, to evaluate the "
+                        "inherited weights as they are)")
     return arch
 
 
@@ -90,9 +96,11 @@ def retrain(cfg: DictConfig) -> dict[str, Any]:
     with distributed(cfg.device) as env:
         data = build_data(cfg.data, env.rank, env.world_size, env.device, test=True)
         check_fits("arch", arch, data)
-        model = initial_model(arch, cfg).to(env.device)
+        model, supernet_sha256 = initial_model(arch, cfg)
+        model = model.to(env.device)
         t0 = time.perf_counter()
-        res = Trainer(RetrainTask(model, arch, arch_path.stem, cfg, data, env), data, cfg, env).fit()
+        task = RetrainTask(model, arch, arch_path.stem, cfg, data, env, supernet_sha256)
+        res = Trainer(task, data, cfg, env).fit()
         if res.stopped:
             return {}
         model.eval()
@@ -121,4 +129,5 @@ def main(cfg: DictConfig) -> None:
 
 
 if __name__ == "__main__":
+    check_overrides("retrain")
     main()

@@ -30,12 +30,13 @@ from typing import Any
 
 import hydra
 import torch
-from omegaconf import DictConfig
+from omegaconf import DictConfig, OmegaConf
 
-from space.app import CONF_DIR, check_fits, run_app
+from space.app import CONF_DIR, check_overrides, check_fits, run_app
 from space.arch import ArchSpec
 from space.cost import macs
 from space.samplers import make_sampler
+from space.schema import SUPERNET, check_config
 from space.space import SearchSpace
 from supernet.data import DataBundle, build_data
 from supernet.engine.checkpoint import config_hash
@@ -64,8 +65,10 @@ class SupernetTask(Task):
         self.sampler = make_sampler(cfg.sampler, space, cfg.seed, cfg.flops_bins)
         self.tracked = tracked_archs(space, cfg.seed, cfg.eval.n_random)
         space_cfg = space.to_config()
-        self.identity = {"space": space_cfg, "space_hash": config_hash(space_cfg)}
-        self.identity_hint = f"search space (this config: {space.name!r}, hash {config_hash(space_cfg)})"
+        self.identity = {"space": space_cfg, "sampler": cfg.sampler}
+        if cfg.sampler == "flops_bins":
+            self.identity["flops_bins"] = cfg.flops_bins
+        self.checkpoint_extras = {"space": space_cfg, "space_hash": config_hash(space_cfg)}
         self.path: ArchSpec | None = None  # the path of the step in flight
         self.paths_digest = ""  # hash chain of the trained paths: equal digests = identical path sequences
 
@@ -98,6 +101,7 @@ class TrainResult(FitResult):
 
 def train(cfg: DictConfig) -> TrainResult:
     """Train the supernet described by ``cfg`` (conf/supernet.yaml); resumable, DDP-aware."""
+    check_config(OmegaConf.to_container(cfg, resolve=True), SUPERNET)
     with distributed(cfg.device) as env:
         space = SearchSpace.from_config(cfg.space)
         data = build_data(cfg.data, env.rank, env.world_size, env.device)
@@ -114,4 +118,5 @@ def main(cfg: DictConfig) -> None:
 
 
 if __name__ == "__main__":
+    check_overrides("supernet")
     main()

@@ -1,14 +1,13 @@
-"""SPOS supernet training on real Fashion-MNIST: learning, DDP (2 gloo ranks), resume after SIGKILL,
-graceful SIGTERM, NaN stop, refused resumes and clear data errors."""
+"""SPOS supernet training on real Fashion-MNIST: learning, DDP (2 gloo ranks), NaN stop, refused resumes and
+the sampler settings (SIGKILL / SIGTERM / SIGINT: test_interrupt.py)."""
 
 from __future__ import annotations
 
 import os
-import signal
+import re
 import socket
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
@@ -18,8 +17,9 @@ from hydra import compose, initialize_config_dir
 from space.errors import Diverged, UserError
 
 REPO = Path(__file__).resolve().parents[1]
-FMNIST = Path("/usr/share/datasets/fashion-mnist/train-images-idx3-ubyte.gz")
-pytestmark = pytest.mark.skipif(not FMNIST.exists(), reason="needs Debian's dataset-fashion-mnist")
+# Real short runs on the real dataset (conftest.py fails them when it is missing); interrupted runs and the
+# missing-dataset error run on generated IDX files in test_interrupt.py and test_data.py.
+pytestmark = pytest.mark.fmnist
 
 # Tiny and fast: small batches, a short validation, no tqdm.
 QUICK = ["data.batch_size=32", "data.val_size=512", "eval.max_batches=1", "eval.n_random=1", "progress=false",
@@ -29,6 +29,16 @@ QUICK = ["data.batch_size=32", "data.val_size=512", "eval.max_batches=1", "eval.
 def make_cfg(run_dir: Path, *overrides: str):
     with initialize_config_dir(config_dir=str(REPO / "conf"), version_base="1.3"):
         return compose("supernet", overrides=[f"run_dir={run_dir}", *QUICK, *overrides])
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    """One intra-op thread, like the CLI runs (OMP_NUM_THREADS=1) and the gloo ranks: on a shared 2-core machine
+    two threads per run oversubscribe it and are about 3x slower."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
 
 
 def cli(run_dir: Path, *overrides: str, **kw) -> subprocess.Popen:
@@ -61,13 +71,43 @@ def test_resume_with_another_space_is_refused(tmp_path):
     from supernet.train import train
 
     train(make_cfg(tmp_path, "max_steps=2", "eval.every=0"))
-    with pytest.raises(UserError, match="resume: .* was trained with another search space"):
-        train(make_cfg(tmp_path, "space=fmnist_1d", "max_steps=4", "eval.every=0"))
+    pattern = (r"resume: .* was trained with other settings: .*space.pooling \('2d' in the checkpoint, '1d' now\)"
+               r".*use the same values, another run_dir= or resume=never")
+    with pytest.raises(UserError, match=pattern):
+        train(make_cfg(tmp_path, "space=fmnist_1d", "max_steps=2", "eval.every=0"))
 
 
-def test_nan_loss_stops_and_keeps_the_last_good_checkpoint(tmp_path, monkeypatch):
+@pytest.mark.parametrize("override, key", [
+    ("seed=1", "seed (0 in the checkpoint, 1 now)"),
+    ("data.batch_size=16", "data.batch_size (32 in the checkpoint, 16 now)"),
+    ("data.seed=3", "data.seed (0 in the checkpoint, 3 now)"),
+    ("data.split_seed=3", "data.split_seed"),
+    ("optim.lr=0.002", "optim.lr (0.001 in the checkpoint, 0.002 now)"),
+    ("sampler=flops_bins", "sampler ('uniform' in the checkpoint, 'flops_bins' now)"),
+    ("max_steps=3", "max_steps (2 in the checkpoint, 3 now)"),
+])
+def test_resume_with_settings_that_change_the_result_is_refused(tmp_path, override, key):
+    from supernet.train import train
+
+    train(make_cfg(tmp_path, "max_steps=2", "eval.every=0"))
+    before = (tmp_path / "last.ckpt").read_bytes()
+    with pytest.raises(UserError, match="was trained with other settings: .*" + re.escape(key)):
+        train(make_cfg(tmp_path, "max_steps=2", "eval.every=0", override))
+    assert (tmp_path / "last.ckpt").read_bytes() == before
+
+
+def test_resume_accepts_settings_that_do_not_change_the_result(tmp_path):
+    from supernet.train import train
+
+    train(make_cfg(tmp_path, "max_steps=2", "eval.every=0"))
+    res = train(make_cfg(tmp_path, "max_steps=2", "eval.every=1", "log_every=1", "ckpt_every=7", "progress=true",
+                         "eval.max_batches=2", "data.eval_batch_size=64"))
+    assert res.step == 2 and res.losses == []
+
+
+def test_nan_loss_stops_keeps_the_last_good_checkpoint_and_resume_lr_recovers(tmp_path, monkeypatch):
     import supernet.engine.loop as L
-    import supernet.train as T
+    from supernet.train import train
 
     real = L.F.cross_entropy
     calls = {"n": 0}
@@ -78,64 +118,51 @@ def test_nan_loss_stops_and_keeps_the_last_good_checkpoint(tmp_path, monkeypatch
         return out * float("nan") if calls["n"] == 7 else out
 
     monkeypatch.setattr(L.F, "cross_entropy", flaky)
-    with pytest.raises(Diverged, match="non-finite loss nan at step 6; the last good checkpoint"):
-        T.train(make_cfg(tmp_path, "max_steps=20", "ckpt_every=4", "eval.every=0"))
-    assert torch.load(tmp_path / "last.ckpt", weights_only=True)["step"] == 4
+    with pytest.raises(Diverged, match=r"non-finite loss nan at step 6; .*last.ckpt \(step 4\) is kept as the last "
+                                       r"good checkpoint; .*rerun the same command with resume_lr=0\.0001$"):
+        train(make_cfg(tmp_path, "max_steps=8", "ckpt_every=4", "eval.every=0"))
+    kept = _final(tmp_path)
+    assert kept["step"] == 4 and all(torch.isfinite(v).all() for v in kept["model"].values())
+    monkeypatch.setattr(L.F, "cross_entropy", real)
+
+    res = train(make_cfg(tmp_path, "max_steps=8", "ckpt_every=4", "eval.every=0", "resume_lr=1e-4"))
+    assert res.step == 8 and len(res.losses) == 4  # resumed at the kept step, with the new peak lr
+    final = _final(tmp_path)
+    assert final["lr_history"] == [{"step": 4, "peak_lr": 1e-4}]
+    assert final["scheduler"]["base_lrs"] == [pytest.approx(1e-4 * 32 / 256)] * 2  # lr x global batch / 256
 
 
-def test_missing_dataset_is_one_line_exit_2(tmp_path):
-    p = cli(tmp_path / "run", f"data.root={tmp_path / 'nowhere'}", "max_steps=1")
+def test_non_finite_weights_are_never_checkpointed(tmp_path, monkeypatch):
+    from supernet.train import train
+
+    real_step, calls = torch.optim.AdamW.step, {"n": 0}
+
+    def poisoning_step(self, *a, **k):
+        out = real_step(self, *a, **k)
+        calls["n"] += 1
+        if calls["n"] == 6:  # the update that step 6's checkpoint would save
+            with torch.no_grad():
+                self.param_groups[0]["params"][0].fill_(float("inf"))
+        return out
+
+    monkeypatch.setattr(torch.optim.AdamW, "step", poisoning_step)
+    with pytest.raises(Diverged, match=r"non-finite weights or optimizer state at step 6; .*\(step 4\) is kept"):
+        train(make_cfg(tmp_path, "max_steps=8", "ckpt_every=2", "eval.every=0"))
+    assert _final(tmp_path)["step"] == 4
+
+
+def test_divergence_exits_1_with_one_line(tmp_path):
+    p = cli(tmp_path / "run", "max_steps=4", "eval.every=0", "optim.lr=1e30", "optim.warmup_epochs=0")
     out, err = p.communicate(timeout=120)
-    assert p.returncode == 2, err
+    assert p.returncode == 1, err
     lines = err.strip().splitlines()
-    assert len(lines) == 1 and lines[0].startswith("error: ") and "dataset-fashion-mnist" in lines[0], err
-    assert "Traceback" not in err
+    assert len(lines) == 1 and lines[0].startswith("error: non-finite "), err
+    assert "no checkpoint was written; start over with a lower optim.lr" in lines[0]
+    assert not (tmp_path / "run" / "last.ckpt").exists()
 
 
 def _final(run_dir: Path) -> dict:
     return torch.load(run_dir / "last.ckpt", weights_only=True)
-
-
-@pytest.mark.slow
-def test_sigkill_then_rerun_equals_uninterrupted_run(tmp_path):
-    args = ["max_steps=40", "ckpt_every=5", "eval.every=0"]
-    ref = cli(tmp_path / "ref", *args)
-    assert ref.wait(timeout=300) == 0, ref.stderr.read()
-    killed = cli(tmp_path / "run", *args)
-    deadline = time.time() + 240
-    while time.time() < deadline:  # kill somewhere after the second checkpoint
-        ck = tmp_path / "run" / "last.ckpt"
-        if ck.exists() and torch.load(ck, weights_only=True)["step"] >= 10:
-            break
-        time.sleep(0.2)
-    time.sleep(0.3)
-    killed.send_signal(signal.SIGKILL)
-    killed.wait()
-    at = _final(tmp_path / "run")["step"]
-    assert 10 <= at < 40
-    rerun = cli(tmp_path / "run", *args)
-    out, err = rerun.communicate(timeout=300)
-    assert rerun.returncode == 0, err
-    assert f"resumed from {tmp_path / 'run' / 'last.ckpt'} at step {at}/40" in out
-    a, b = _final(tmp_path / "ref"), _final(tmp_path / "run")
-    assert a["step"] == b["step"] == 40
-    assert a["task_state"]["paths_digest"] == b["task_state"]["paths_digest"]
-    for k, v in a["model"].items():
-        assert torch.equal(v, b["model"][k]), k
-
-
-def test_sigterm_checkpoints_and_exits_0(tmp_path):
-    p = cli(tmp_path, "max_steps=100000", "ckpt_every=100000", "eval.every=0")
-    deadline = time.time() + 120
-    while not (tmp_path / "tb").exists() and time.time() < deadline:
-        time.sleep(0.2)
-    time.sleep(2.0)
-    p.send_signal(signal.SIGTERM)
-    out, err = p.communicate(timeout=120)
-    assert p.returncode == 0, err
-    assert "stopped by signal at step" in out
-    step = _final(tmp_path)["step"]
-    assert 0 < step < 100000
 
 
 def _free_port() -> int:
@@ -210,6 +237,6 @@ def test_flops_bins_sampler_trains_its_own_paths(tmp_path):
 def test_unknown_sampler_is_a_user_error(tmp_path):
     from supernet.train import train
 
-    with pytest.raises(UserError, match=r"sampler: unknown sampler 'foo' \(allowed: uniform, flops_bins\)"):
+    with pytest.raises(UserError, match=r"sampler: 'foo' is not allowed \(allowed: uniform, flops_bins\)"):
         train(make_cfg(tmp_path, "max_steps=1", "sampler=foo"))
     assert not (tmp_path / "last.ckpt").exists()

@@ -5,10 +5,11 @@ inherited-weight retraining.
 A training checkpoint (``run_dir/last.ckpt``) is a dict:
 
 * ``model``, ``optimizer``, ``scheduler``: the state dicts; ``step`` / ``total_steps``; ``rng_cpu``;
-* ``identity``: what a resume must match exactly (e.g. the search space), also spread at the top level so a
-  supernet checkpoint carries ``space`` and ``space_hash`` where :func:`load_supernet` reads them;
+* ``identity``: every setting that changes the result (engine/loop.py ``run_identity``); a resume must match it;
 * ``task_state``: the task's own resumable state (e.g. the digest of the paths trained so far);
-* ``config``: the app's whole resolved config (search reads ``config.data`` to rebuild the validation split).
+* ``lr_history``: the peak-lr restarts of ``resume_lr=`` (a way out of divergence), with their steps;
+* ``config``: the app's whole resolved config (search reads ``config.data`` to rebuild the validation split);
+* the task's extras: a supernet checkpoint carries ``space`` and ``space_hash``, read by :func:`load_supernet`.
 """
 
 from __future__ import annotations
@@ -71,7 +72,7 @@ def training_state(*, model: nn.Module, optimizer: torch.optim.Optimizer,
     """A training checkpoint in the layout described above."""
     return {"model": model.state_dict(), "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
             "step": step, "total_steps": total_steps, "rng_cpu": torch.get_rng_state(), "identity": identity,
-            "task_state": task_state, **identity, "config": config}
+            "task_state": task_state, "config": config}
 
 
 def restore_training(ck: dict[str, Any], *, model: nn.Module, optimizer: torch.optim.Optimizer,

@@ -13,7 +13,7 @@ from __future__ import annotations
 import math
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
@@ -24,7 +24,8 @@ from torch import Tensor, nn
 from tqdm import tqdm
 
 from space.errors import Diverged, UserError
-from supernet.data import DataBundle, Loader
+from space.app import run_dir_lock
+from supernet.data import DataBundle, DataConfig, Loader
 from supernet.engine.checkpoint import CKPT_NAME, load_checkpoint, restore_training, save_checkpoint, training_state
 from supernet.engine.distributed import (DistEnv, StopFlag, allreduce_gradients, allreduce_sum, autocast,
                                          broadcast_parameters)
@@ -36,8 +37,8 @@ class Task:
 
     name: str  # progress-bar label
     net: nn.Module
-    identity: dict[str, Any]  # stored in the checkpoint; a resume must match it exactly
-    identity_hint: str = "configuration"  # names what differs, for the refusal message
+    identity: dict[str, Any]  # the task's settings that change the result; a resume must match them exactly
+    checkpoint_extras: dict[str, Any] = {}  # stored at the checkpoint's top level for its readers
 
     def forward(self, x: Tensor, step: int) -> Tensor:
         """Logits of the batch ``x`` at ``step``."""
@@ -102,24 +103,49 @@ class Trainer:
         self.opt, self.sched = build_optimizer(task.net, cfg.optim, cfg.data.batch_size * env.world_size,
                                                self.steps_per_epoch, self.total, env.device)
         self.step = 0
+        self.saved_step: int | None = None  # step of the checkpoint on disk
+        self.lr_history: list[dict[str, float]] = []  # peak-lr restarts (resume_lr=), kept in the checkpoint
+        self.identity = run_identity(task, cfg, env)
         self.writer: Any = None
 
     # ----------------------------------------------------------------- named steps
     def resume(self) -> None:
-        """Continue from ``run_dir/last.ckpt`` when ``resume=auto`` finds one of the same identity; then
-        every rank starts from rank 0's weights."""
-        if self.cfg.resume not in ("auto", "never"):
-            raise UserError(f"resume: {self.cfg.resume!r} (allowed: auto, never)")
-        if self.cfg.resume == "auto" and self.ckpt_path.exists():
+        """Continue from ``run_dir/last.ckpt`` when ``resume=auto`` finds one trained with the same settings
+        (``resume_lr=`` restarts its peak lr); then every rank starts from rank 0's weights.
+
+        Raises:
+            UserError: the checkpoint was trained with other settings (the differing keys are named).
+        """
+        cfg = self.cfg
+        if cfg.resume == "auto" and self.ckpt_path.exists():
             ck = load_checkpoint(self.ckpt_path)
-            if ck.get("identity") != self.task.identity:
-                raise UserError(f"resume: {self.ckpt_path} was trained with another {self.task.identity_hint}; "
-                                f"use another run_dir= or resume=never")
-            self.step = restore_training(ck, model=self.task.net, optimizer=self.opt, scheduler=self.sched)
+            diff = identity_diff(ck.get("identity") if isinstance(ck, dict) else None, self.identity)
+            if diff:
+                raise UserError(f"resume: {self.ckpt_path} was trained with other settings: {diff}; use the same "
+                                "values, another run_dir= or resume=never")
+            self.step = self.saved_step = restore_training(ck, model=self.task.net, optimizer=self.opt,
+                                                           scheduler=self.sched)
             self.task.load_state_dict(ck["task_state"])
+            self.lr_history = list(ck.get("lr_history", []))
+            if cfg.get("resume_lr") is not None:
+                self.restart_lr(float(cfg.resume_lr))
             if self.env.is_main:
                 print(f"resumed from {self.ckpt_path} at step {self.step}/{self.total}")
+        elif cfg.get("resume_lr") is not None:
+            raise UserError(f"resume_lr: {cfg.resume_lr} but there is no checkpoint to resume in {self.run_dir} "
+                            "(set optim.lr for a new run)")
         broadcast_parameters(self.task.net, self.env)
+
+    def restart_lr(self, peak: float) -> None:
+        """Continue the schedule from the current step with ``peak`` in place of ``optim.lr`` (a way out of
+        divergence); recorded in the checkpoint's ``lr_history``."""
+        if self.lr_history and self.lr_history[-1]["peak_lr"] == peak:
+            return  # the same command rerun: already applied, and kept in the scheduler's state
+        base = peak * self.cfg.data.batch_size * self.env.world_size / 256
+        self.sched.base_lrs = [base] * len(self.opt.param_groups)
+        for group, fn in zip(self.opt.param_groups, self.sched.lr_lambdas):
+            group["lr"] = base * fn(self.sched.last_epoch)
+        self.lr_history.append({"step": self.step, "peak_lr": peak})
 
     def train_step(self, x: Tensor, y: Tensor, stop_requested: bool) -> tuple[float, bool, dict[str, float]]:
         """One optimizer step on the batch; returns the mean loss over ranks, whether any rank asked to stop,
@@ -133,8 +159,7 @@ class Trainer:
         loss_sum, stop_votes = allreduce_sum([loss.item(), float(stop_requested)], self.env)
         loss_val = loss_sum / self.env.world_size
         if not math.isfinite(loss_val):
-            raise Diverged(f"optim: non-finite loss {loss_val} at step {self.step}; the last good checkpoint "
-                           f"{self.ckpt_path} is kept; lower optim.lr or optim.grad_clip and rerun to resume")
+            raise Diverged(f"non-finite loss {loss_val} at step {self.step}; {self._way_out()}")
         allreduce_gradients(net.parameters(), self.env)
         info = {}
         if o.grad_clip:  # the norm of the averaged gradient, the same on every rank
@@ -158,16 +183,38 @@ class Trainer:
         return res
 
     def save(self) -> None:
-        """Checkpoint (rank 0 only; every rank holds the same weights)."""
-        if self.env.is_main:
-            save_checkpoint(training_state(
-                model=self.task.net, optimizer=self.opt, scheduler=self.sched, step=self.step,
-                total_steps=self.total, identity=self.task.identity, task_state=self.task.state_dict(),
-                config=OmegaConf.to_container(self.cfg, resolve=True)), self.ckpt_path)
+        """Checkpoint (rank 0 only; every rank holds the same weights). Never writes non-finite weights or
+        optimizer state: the previous checkpoint stays the last good one.
+
+        Raises:
+            Diverged: a weight or an optimizer moment is NaN or infinite.
+        """
+        if not self.env.is_main:
+            return
+        if not all_finite(self.task.net, self.opt):
+            raise Diverged(f"non-finite weights or optimizer state at step {self.step}; {self._way_out()}")
+        state = training_state(model=self.task.net, optimizer=self.opt, scheduler=self.sched, step=self.step,
+                               total_steps=self.total, identity=self.identity, task_state=self.task.state_dict(),
+                               config=OmegaConf.to_container(self.cfg, resolve=True))
+        save_checkpoint({**state, **self.task.checkpoint_extras, "lr_history": self.lr_history}, self.ckpt_path)
+        self.saved_step = self.step
+
+    def _way_out(self) -> str:
+        """What to run after a divergence: resume the last good checkpoint with a tenth of the peak lr."""
+        if self.saved_step is None:
+            return f"no checkpoint was written; start over with a lower optim.lr (e.g. {self.cfg.optim.lr / 10:g})"
+        peak = self.lr_history[-1]["peak_lr"] if self.lr_history else self.cfg.optim.lr
+        return (f"{self.ckpt_path} (step {self.saved_step}) is kept as the last good checkpoint; resume it with a "
+                f"lower peak lr: rerun the same command with resume_lr={peak / 10:g}")
 
     # ----------------------------------------------------------------- the loop
     def fit(self) -> FitResult:
-        """Resume, then train until ``total`` steps or a stop signal; checkpoints and validates on cadence."""
+        """Lock ``run_dir``, resume, then train until ``total`` steps or a stop signal; checkpoints and
+        validates on cadence."""
+        with run_dir_lock(self.run_dir, self.env.is_main):
+            return self._fit()
+
+    def _fit(self) -> FitResult:
         cfg, env, total = self.cfg, self.env, self.total
         self.resume()
         if env.is_main:
@@ -233,6 +280,46 @@ class _Throughput:
         return ips
 
 
-def fit(task: Task, data: DataBundle, cfg: DictConfig, env: DistEnv) -> FitResult:
-    """Train ``task`` with a :class:`Trainer` (see there)."""
-    return Trainer(task, data, cfg, env).fit()
+# Data settings that do not change what is trained: where the files are, evaluation batch, decoding workers.
+_DATA_NOT_IN_IDENTITY = ("root", "eval_batch_size", "num_workers")
+
+
+def run_identity(task: Task, cfg: DictConfig, env: DistEnv) -> dict[str, Any]:
+    """Every setting that changes what a run trains: the task's own (space or architecture), the data and
+    its split, the seed, the optimizer recipe, the length, the global batch (per-rank batch x world size) and
+    autocast. Progress, logging, validation and checkpoint cadence may change between runs."""
+    data = asdict(DataConfig.from_cfg(cfg.data).resolved())
+    return {**task.identity, "seed": cfg.seed, "max_steps": cfg.max_steps, "world_size": env.world_size,
+            "amp": bool(cfg.amp), "optim": OmegaConf.to_container(cfg.optim, resolve=True),
+            "data": {k: v for k, v in data.items() if k not in _DATA_NOT_IN_IDENTITY}}
+
+
+def identity_diff(saved: Any, now: dict[str, Any]) -> str:
+    """'' when equal, else the differing keys, e.g. ``optim.lr (0.001 in the checkpoint, 0.002 now)``."""
+    if not isinstance(saved, dict):
+        return "the checkpoint records no settings (written by an older version)"
+    a, b = _flat(saved), _flat(now)
+    keys = [k for k in sorted(set(a) | set(b)) if a.get(k) != b.get(k)]
+
+    def show(k: str) -> str:
+        was, now_ = repr(a.get(k)), repr(b.get(k))
+        return f"{k} (differs)" if len(was) + len(now_) > 60 else f"{k} ({was} in the checkpoint, {now_} now)"
+    return ", ".join(show(k) for k in keys)
+
+
+def _flat(d: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for k, v in d.items():
+        if isinstance(v, dict):
+            out.update(_flat(v, f"{prefix}{k}."))
+        else:
+            out[f"{prefix}{k}"] = v
+    return out
+
+
+@torch.no_grad()
+def all_finite(net: nn.Module, opt: torch.optim.Optimizer) -> bool:
+    """Whether every weight and every floating optimizer state tensor is finite."""
+    tensors = list(net.parameters()) + [t for st in opt.state.values() for t in st.values()
+                                        if isinstance(t, Tensor) and t.is_floating_point()]
+    return all(bool(torch.isfinite(t).all()) for t in tensors)
