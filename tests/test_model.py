@@ -101,6 +101,38 @@ def test_shared_pair_reuses_the_first_attention_map():
     torch.testing.assert_close(pair(x), pair.second(x1, attn))
 
 
+def test_shared_layer_computes_no_query_key_or_softmax(monkeypatch):
+    """The second layer of a pair runs V, proj, fc1, fc2 and one ``attn @ v``: no qkv, no softmax, no SDPA;
+    also when the pair runs at smaller active sizes than it holds (as in the supernet)."""
+    import supernet.model.layers as L
+
+    calls: list[str] = []
+
+    def record(owner, name, tag):
+        fn = getattr(owner, name)
+
+        def wrapped(*a, **k):
+            calls.append(tag(*a))
+            return fn(*a, **k)
+        monkeypatch.setattr(owner, name, wrapped)
+
+    record(L.F, "linear", lambda x, w, *_: f"linear{w.shape[0]}")  # tagged with its active outputs
+    record(L.F, "scaled_dot_product_attention", lambda *_: "sdpa")
+    record(torch.Tensor, "softmax", lambda *_: "softmax")
+
+    torch.manual_seed(0)
+    pair = L.SharedPair(32, 4, 64)
+    for x, heads, hidden in ((torch.randn(2, 5, 32), None, None), (torch.randn(2, 5, 16), 2, 32)):
+        d = x.shape[-1]
+        h = hidden or 64
+        x1, attn = pair.first(x, heads, hidden, need_map=True)
+        assert calls == [f"linear{3 * d}", "softmax", f"linear{d}", f"linear{h}", f"linear{d}"]
+        calls.clear()
+        pair.second(x1, attn, hidden)
+        assert calls == [f"linear{d}", f"linear{d}", f"linear{h}", f"linear{d}"]
+        calls.clear()
+
+
 def test_from_json_round_trip(tmp_path):
     arch = space("fmnist_2d").sample(random.Random(2))
     arch.save(tmp_path / "a.json")

@@ -109,28 +109,31 @@ def test_gradients_stay_inside_the_slice(setup):
     net.zero_grad(set_to_none=True)
 
 
-def test_slices_are_views_not_copies(setup):
-    space, net = setup
-    arch = space.extreme("min", "params")
-    seen = []
-
-    def spy(fn):
-        def wrapped(x, w, *a, **k):
-            seen.append(w)
-            return fn(x, w, *a, **k)
-        return wrapped
-
+def test_slices_are_views_not_copies(setup, monkeypatch):
+    """On a path below the largest sizes, every weight and bias reaching linear, conv2d and layer_norm is a view
+    of a supernet parameter (no copy), and each of them does run on a slice."""
     import supernet.model.layers as L
 
-    orig = L.F.linear
-    L.F.linear = spy(orig)
-    try:
-        with torch.no_grad():
-            net(torch.randn(1, space.in_chans, space.img_size, space.img_size), arch)
-    finally:
-        L.F.linear = orig
+    space, net = setup
+    arch = space.extreme("min", "params")
+    seen: dict[str, list[torch.Tensor]] = {"linear": [], "conv2d": [], "layer_norm": []}
+
+    def spy(name, fn):
+        def wrapped(x, *a, **k):
+            seen[name].extend(t for t in (*a, *k.values()) if isinstance(t, torch.Tensor))
+            return fn(x, *a, **k)
+        return wrapped
+
+    for name in seen:
+        monkeypatch.setattr(L.F, name, spy(name, getattr(L.F, name)))
+    with torch.no_grad():
+        net(torch.randn(1, space.in_chans, space.img_size, space.img_size), arch)
+    monkeypatch.undo()
     bases = {p.untyped_storage().data_ptr() for p in net.parameters()}
-    assert seen and all(w.untyped_storage().data_ptr() in bases for w in seen)
+    for name, weights in seen.items():
+        assert weights, f"{name} was never called"
+        assert all(w.untyped_storage().data_ptr() in bases for w in weights), f"{name} got a copied weight"
+        assert any(w._is_view() for w in weights), f"{name} never ran on a leading slice"
 
 
 def test_arch_outside_the_space_fails_before_computing(setup):

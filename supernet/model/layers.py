@@ -1,9 +1,13 @@
-"""PSViT building blocks (arXiv 2108.03428): attention (plain and shared), MLP, pre-norm transformer
-layer, shared pair, token pooling 1D / 2D and patch embedding.
+"""PSViT's layers (arXiv 2108.03428) and their wiring: attention (plain and shared), MLP, pre-norm transformer
+layer, basic cell, shared pair, token pooling 1D / 2D, patch embedding, and the stem and head of the model.
 
-Each block's math lives in a plain function taking its weights explicitly; the ``nn.Module`` classes call
-it with their own parameters and the supernet calls it with leading slices of its largest weights
-(weight entanglement). One code path, so an extracted subnet computes exactly what the supernet did.
+Every layer is elastic, as in once-for-all: it stores its weights at its own size (for the supernet, the
+largest) and runs at any smaller size on their leading slices, ``F.linear(x, w[:out, :in], b[:out])``. The
+input size is read off the input; output sizes (``dim``, ``num_heads``, ``hidden``, ``tokens``, ``stride``)
+are forward arguments, ``None`` meaning the layer's own size, which is how the stand-alone PSViT calls them.
+The supernet calls the same modules with a path's sizes (weight entanglement), so the residual wiring exists
+once and an extracted subnet computes exactly what its path computed. Slices are views: no weight is copied
+on the forward path, and rows or columns outside the slice receive no gradient.
 
 Every weight is laid out so that a smaller layer is its *leading* slice (``w[:out, :in]``). In particular
 ``qkv`` rows are grouped per head, ``[q_h; k_h; v_h]`` for h = 0..heads-1, so the first ``3 * dim`` rows
@@ -12,89 +16,87 @@ are the complete q, k and v of the first ``dim / head_dim`` heads.
 
 from __future__ import annotations
 
+import math
+
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
 
-def attention(x: Tensor, qkv_w: Tensor, qkv_b: Tensor, proj_w: Tensor, proj_b: Tensor, num_heads: int,
-              need_map: bool = False) -> tuple[Tensor, Tensor | None]:
-    """Multi-head self-attention.
-
-    Args:
-        x: tokens (B, N, C).
-        qkv_w: (3C, C) weight, rows grouped per head as [q_h; k_h; v_h].
-        need_map: also return the attention map (B, heads, N, N) for the second layer of a shared pair;
-            otherwise the fused ``scaled_dot_product_attention`` kernel is used and no map is formed.
-    """
-    B, N, C = x.shape
-    hd = C // num_heads
-    qkv = F.linear(x, qkv_w, qkv_b).view(B, N, num_heads, 3, hd).permute(3, 0, 2, 1, 4)  # (3, B, H, N, hd)
-    q, k, v = qkv.unbind(0)
-    if need_map:
-        attn = (q * hd ** -0.5) @ k.transpose(-2, -1)  # (B, H, N, N)
-        attn = attn.softmax(dim=-1)
-        out = attn @ v
-    else:
-        attn = None
-        out = F.scaled_dot_product_attention(q, k, v)  # (B, H, N, hd)
-    out = out.transpose(1, 2).reshape(B, N, C)
-    return F.linear(out, proj_w, proj_b), attn
+def _active(weight: Tensor, bias: Tensor | None, out: int, cin: int) -> tuple[Tensor, Tensor | None]:
+    """``weight[:out, :cin]`` and ``bias[:out]`` as views, slicing only the dims that shrink (each slice is
+    an autograd node, and the full-size PSViT takes none)."""
+    if cin != weight.shape[1]:
+        weight = weight[:out, :cin]
+    elif out != weight.shape[0]:
+        weight = weight[:out]
+    if bias is not None and out != bias.shape[0]:
+        bias = bias[:out]
+    return weight, bias
 
 
-def shared_attention(x: Tensor, attn: Tensor, v_w: Tensor, v_b: Tensor, proj_w: Tensor, proj_b: Tensor,
-                     ) -> Tensor:
-    """Attention that reuses another layer's map: no q, no k, no softmax, only ``attn @ v``.
+class ElasticLinear(nn.Linear):
+    """``nn.Linear`` on its leading ``out`` rows and as many columns as the input is wide."""
 
-    Args:
-        x: tokens (B, N, C).
-        attn: the first layer's attention map (B, heads, N, N).
-    """
-    B, N, C = x.shape
-    heads = attn.shape[1]
-    v = F.linear(x, v_w, v_b).view(B, N, heads, C // heads).transpose(1, 2)  # (B, H, N, hd)
-    out = (attn @ v).transpose(1, 2).reshape(B, N, C)
-    return F.linear(out, proj_w, proj_b)
+    def forward(self, x: Tensor, out_features: int | None = None) -> Tensor:
+        """(..., in') -> (..., out'); ``out_features`` None means all outputs."""
+        w, b = _active(self.weight, self.bias, out_features or self.out_features, x.shape[-1])
+        return F.linear(x, w, b)
 
 
-def mlp(x: Tensor, fc1_w: Tensor, fc1_b: Tensor, fc2_w: Tensor, fc2_b: Tensor) -> Tensor:
-    return F.linear(F.gelu(F.linear(x, fc1_w, fc1_b)), fc2_w, fc2_b)
+class ElasticLayerNorm(nn.LayerNorm):
+    """``nn.LayerNorm`` over the last dim, on the leading slice of its affine weights as wide as the input."""
+
+    def forward(self, x: Tensor) -> Tensor:
+        """(..., C') -> (..., C')."""
+        dim = x.shape[-1]
+        if dim == self.normalized_shape[0]:
+            return F.layer_norm(x, self.normalized_shape, self.weight, self.bias, self.eps)
+        return F.layer_norm(x, (dim,), self.weight[:dim], self.bias[:dim], self.eps)
 
 
-def pool1d(x: Tensor, conv_w: Tensor, conv_b: Tensor, norm_w: Tensor, norm_b: Tensor, tokens: int,
-           eps: float) -> Tensor:
-    """1D token pooling: pointwise conv on every token (CLS at index 0 included), then adaptive max-pool
-    of the patch tokens to ``tokens``, then LayerNorm. (B, 1+N, C) -> (B, 1+tokens, C')."""
-    x = F.linear(x, conv_w, conv_b)  # the pointwise Conv1d, written as the linear it is
-    cls, patches = x[:, :1], x[:, 1:]
-    if patches.shape[1] != tokens:
-        patches = F.adaptive_max_pool1d(patches.transpose(1, 2), tokens).transpose(1, 2)
-    x = torch.cat([cls, patches], dim=1)
-    return F.layer_norm(x, (x.shape[-1],), norm_w, norm_b, eps)
+class ElasticConv2d(nn.Conv2d):
+    """``nn.Conv2d`` on its leading ``out`` filters and as many input channels as the input has."""
 
-
-def pool2d(x: Tensor, conv_w: Tensor, conv_b: Tensor, norm_w: Tensor, norm_b: Tensor, stride: int,
-           eps: float) -> Tensor:
-    """2D token pooling: the token grid goes through a 3x3 conv (stride 1 or 2, padding 1) and LayerNorm.
-    (B, S*S, C) -> (B, ceil(S/stride)^2, C')."""
-    B, N, C = x.shape
-    side = int(round(N ** 0.5))
-    x = x.transpose(1, 2).reshape(B, C, side, side)
-    x = F.conv2d(x, conv_w, conv_b, stride=stride, padding=1)
-    x = x.flatten(2).transpose(1, 2)  # (B, N', C')
-    return F.layer_norm(x, (x.shape[-1],), norm_w, norm_b, eps)
+    def forward(self, x: Tensor, out_channels: int | None = None, stride: int | None = None) -> Tensor:
+        """(B, C_in', H, W) -> (B, C_out', H', W'); ``stride`` None means the stride it was built with."""
+        w, b = _active(self.weight, self.bias, out_channels or self.out_channels, x.shape[1])
+        return F.conv2d(x, w, b, stride or self.stride, self.padding, self.dilation, self.groups)
 
 
 class Attention(nn.Module):
+    """Multi-head self-attention; ``qkv`` rows grouped per head so fewer heads are its leading rows."""
+
     def __init__(self, dim: int, num_heads: int):
         super().__init__()
         self.num_heads = num_heads
-        self.qkv = nn.Linear(dim, 3 * dim)  # rows grouped per head: [q_h; k_h; v_h]
-        self.proj = nn.Linear(dim, dim)
+        self.qkv = ElasticLinear(dim, 3 * dim)  # rows grouped per head: [q_h; k_h; v_h]
+        self.proj = ElasticLinear(dim, dim)
 
-    def forward(self, x: Tensor, need_map: bool = False) -> tuple[Tensor, Tensor | None]:
-        return attention(x, self.qkv.weight, self.qkv.bias, self.proj.weight, self.proj.bias, self.num_heads,
-                         need_map)
+    def forward(self, x: Tensor, num_heads: int | None = None, need_map: bool = False,
+                ) -> tuple[Tensor, Tensor | None]:
+        """Multi-head self-attention at the input's dim.
+
+        Args:
+            x: tokens (B, N, C), C <= dim.
+            num_heads: active heads (None: all); the head dim is ``C / num_heads``.
+            need_map: also return the attention map (B, heads, N, N) for the second layer of a shared pair;
+                otherwise the fused ``scaled_dot_product_attention`` kernel is used and no map is formed.
+        """
+        B, N, C = x.shape
+        heads = num_heads or self.num_heads
+        hd = C // heads
+        qkv = self.qkv(x, 3 * C).view(B, N, heads, 3, hd).permute(3, 0, 2, 1, 4)  # (3, B, H, N, hd)
+        q, k, v = qkv.unbind(0)
+        if need_map:
+            attn = (q * hd ** -0.5) @ k.transpose(-2, -1)  # (B, H, N, N)
+            attn = attn.softmax(dim=-1)
+            out = attn @ v
+        else:
+            attn = None
+            out = F.scaled_dot_product_attention(q, k, v)  # (B, H, N, hd)
+        out = out.transpose(1, 2).reshape(B, N, C)
+        return self.proj(out, C), attn
 
 
 class SharedAttention(nn.Module):
@@ -102,21 +104,34 @@ class SharedAttention(nn.Module):
 
     def __init__(self, dim: int):
         super().__init__()
-        self.v = nn.Linear(dim, dim)
-        self.proj = nn.Linear(dim, dim)
+        self.v = ElasticLinear(dim, dim)
+        self.proj = ElasticLinear(dim, dim)
 
     def forward(self, x: Tensor, attn: Tensor) -> Tensor:
-        return shared_attention(x, attn, self.v.weight, self.v.bias, self.proj.weight, self.proj.bias)
+        """Attention that reuses another layer's map: no q, no k, no softmax, only ``attn @ v``.
+
+        Args:
+            x: tokens (B, N, C), C <= dim.
+            attn: the first layer's attention map (B, heads, N, N); its heads are the active heads.
+        """
+        B, N, C = x.shape
+        heads = attn.shape[1]
+        v = self.v(x, C).view(B, N, heads, C // heads).transpose(1, 2)  # (B, H, N, hd)
+        out = (attn @ v).transpose(1, 2).reshape(B, N, C)
+        return self.proj(out, C)
 
 
 class Mlp(nn.Module):
+    """The transformer MLP: fc1, GELU, fc2."""
+
     def __init__(self, dim: int, hidden: int):
         super().__init__()
-        self.fc1 = nn.Linear(dim, hidden)
-        self.fc2 = nn.Linear(hidden, dim)
+        self.fc1 = ElasticLinear(dim, hidden)
+        self.fc2 = ElasticLinear(hidden, dim)
 
-    def forward(self, x: Tensor) -> Tensor:
-        return mlp(x, self.fc1.weight, self.fc1.bias, self.fc2.weight, self.fc2.bias)
+    def forward(self, x: Tensor, hidden: int | None = None) -> Tensor:
+        """(B, N, C) -> (B, N, C) through ``hidden`` units (None: all)."""
+        return self.fc2(F.gelu(self.fc1(x, hidden)), x.shape[-1])
 
 
 class Block(nn.Module):
@@ -124,15 +139,17 @@ class Block(nn.Module):
 
     def __init__(self, dim: int, num_heads: int, hidden: int):
         super().__init__()
-        self.norm1 = nn.LayerNorm(dim)
+        self.norm1 = ElasticLayerNorm(dim)
         self.attn = Attention(dim, num_heads)
-        self.norm2 = nn.LayerNorm(dim)
+        self.norm2 = ElasticLayerNorm(dim)
         self.mlp = Mlp(dim, hidden)
 
-    def forward(self, x: Tensor, need_map: bool = False) -> tuple[Tensor, Tensor | None]:
-        a, attn = self.attn(self.norm1(x), need_map)
+    def forward(self, x: Tensor, num_heads: int | None = None, hidden: int | None = None,
+                need_map: bool = False) -> tuple[Tensor, Tensor | None]:
+        """(B, N, C) -> (B, N, C) and, if ``need_map``, the attention map (B, heads, N, N)."""
+        a, attn = self.attn(self.norm1(x), num_heads, need_map)
         x = x + a
-        return x + self.mlp(self.norm2(x)), attn
+        return x + self.mlp(self.norm2(x), hidden), attn
 
 
 class SharedBlock(nn.Module):
@@ -140,14 +157,15 @@ class SharedBlock(nn.Module):
 
     def __init__(self, dim: int, hidden: int):
         super().__init__()
-        self.norm1 = nn.LayerNorm(dim)
+        self.norm1 = ElasticLayerNorm(dim)
         self.attn = SharedAttention(dim)
-        self.norm2 = nn.LayerNorm(dim)
+        self.norm2 = ElasticLayerNorm(dim)
         self.mlp = Mlp(dim, hidden)
 
-    def forward(self, x: Tensor, attn: Tensor) -> Tensor:
+    def forward(self, x: Tensor, attn: Tensor, hidden: int | None = None) -> Tensor:
+        """(B, N, C) -> (B, N, C), reusing ``attn`` (B, heads, N, N)."""
         x = x + self.attn(self.norm1(x), attn)
-        return x + self.mlp(self.norm2(x))
+        return x + self.mlp(self.norm2(x), hidden)
 
 
 class BasicCell(nn.Module):
@@ -157,8 +175,9 @@ class BasicCell(nn.Module):
         super().__init__()
         self.layer = Block(dim, num_heads, hidden)
 
-    def forward(self, x: Tensor) -> Tensor:
-        return self.layer(x)[0]
+    def forward(self, x: Tensor, num_heads: int | None = None, hidden: int | None = None) -> Tensor:
+        """(B, N, C) -> (B, N, C)."""
+        return self.layer(x, num_heads, hidden)[0]
 
 
 class SharedPair(nn.Module):
@@ -169,9 +188,10 @@ class SharedPair(nn.Module):
         self.first = Block(dim, num_heads, hidden)
         self.second = SharedBlock(dim, hidden)
 
-    def forward(self, x: Tensor) -> Tensor:
-        x, attn = self.first(x, need_map=True)
-        return self.second(x, attn)
+    def forward(self, x: Tensor, num_heads: int | None = None, hidden: int | None = None) -> Tensor:
+        """(B, N, C) -> (B, N, C)."""
+        x, attn = self.first(x, num_heads, hidden, need_map=True)
+        return self.second(x, attn, hidden)
 
 
 class Pool1d(nn.Module):
@@ -180,12 +200,18 @@ class Pool1d(nn.Module):
     def __init__(self, in_dim: int, out_dim: int, tokens: int):
         super().__init__()
         self.tokens = tokens
-        self.conv = nn.Linear(in_dim, out_dim)  # pointwise Conv1d
-        self.norm = nn.LayerNorm(out_dim)
+        self.conv = ElasticLinear(in_dim, out_dim)  # pointwise Conv1d, written as the linear it is
+        self.norm = ElasticLayerNorm(out_dim)
 
-    def forward(self, x: Tensor) -> Tensor:
-        return pool1d(x, self.conv.weight, self.conv.bias, self.norm.weight, self.norm.bias, self.tokens,
-                      self.norm.eps)
+    def forward(self, x: Tensor, dim: int | None = None, tokens: int | None = None) -> Tensor:
+        """Pointwise conv on every token (CLS at index 0 included), then adaptive max-pool of the patch
+        tokens, then LayerNorm: (B, 1+N, C) -> (B, 1+tokens, dim); None means the module's own size."""
+        x = self.conv(x, dim)  # (B, 1+N, dim)
+        tokens = tokens or self.tokens
+        cls, patches = x[:, :1], x[:, 1:]
+        if patches.shape[1] != tokens:
+            patches = F.adaptive_max_pool1d(patches.transpose(1, 2), tokens).transpose(1, 2)
+        return self.norm(torch.cat([cls, patches], dim=1))
 
 
 class Pool2d(nn.Module):
@@ -193,13 +219,15 @@ class Pool2d(nn.Module):
 
     def __init__(self, in_dim: int, out_dim: int, stride: int):
         super().__init__()
-        self.stride = stride
-        self.conv = nn.Conv2d(in_dim, out_dim, 3, stride=stride, padding=1)
-        self.norm = nn.LayerNorm(out_dim)
+        self.conv = ElasticConv2d(in_dim, out_dim, 3, stride=stride, padding=1)
+        self.norm = ElasticLayerNorm(out_dim)
 
-    def forward(self, x: Tensor) -> Tensor:
-        return pool2d(x, self.conv.weight, self.conv.bias, self.norm.weight, self.norm.bias, self.stride,
-                      self.norm.eps)
+    def forward(self, x: Tensor, dim: int | None = None, stride: int | None = None) -> Tensor:
+        """(B, S*S, C) -> (B, ceil(S/stride)^2, dim); None means the module's own dim and stride."""
+        B, N, C = x.shape
+        side = math.isqrt(N)
+        x = self.conv(x.transpose(1, 2).reshape(B, C, side, side), dim, stride)  # (B, dim, S', S')
+        return self.norm(x.flatten(2).transpose(1, 2))  # (B, N', dim)
 
 
 class PatchEmbed(nn.Module):
@@ -207,10 +235,36 @@ class PatchEmbed(nn.Module):
 
     def __init__(self, in_chans: int, dim: int, patch_size: int):
         super().__init__()
-        self.proj = nn.Conv2d(in_chans, dim, patch_size, stride=patch_size)
+        self.proj = ElasticConv2d(in_chans, dim, patch_size, stride=patch_size)
 
-    def forward(self, x: Tensor) -> Tensor:
-        return self.proj(x).flatten(2).transpose(1, 2)
+    def forward(self, x: Tensor, dim: int | None = None) -> Tensor:
+        """``dim`` None means the module's own dim."""
+        return self.proj(x, dim).flatten(2).transpose(1, 2)
+
+
+def embed(x: Tensor, patch_embed: PatchEmbed, cls_token: Tensor | None, pos_embed: Tensor,
+          dim: int | None = None) -> Tensor:
+    """The stem: patch tokens, CLS prepended in 1D, position embedding added, at ``dim`` (None: full).
+
+    Args:
+        x: images (B, C_in, H, W).
+        cls_token: (1, 1, D) or None (2D pooling has no CLS).
+        pos_embed: (1, [1+]N, D).
+
+    Returns:
+        Tokens (B, [1+]N, dim).
+    """
+    x = patch_embed(x, dim)  # (B, N, dim)
+    dim = x.shape[-1]
+    if cls_token is not None:
+        cls = cls_token if dim == cls_token.shape[-1] else cls_token[..., :dim]
+        x = torch.cat([cls.expand(x.shape[0], -1, -1), x], dim=1)
+    return x + (pos_embed if dim == pos_embed.shape[-1] else pos_embed[..., :dim])
+
+
+def classify(x: Tensor, head: ElasticLinear, has_cls: bool) -> Tensor:
+    """The head on normed tokens (B, N, C): the CLS token in 1D, the mean token in 2D -> logits (B, classes)."""
+    return head(x[:, 0] if has_cls else x.mean(dim=1))
 
 
 def init_weights(module: nn.Module) -> None:

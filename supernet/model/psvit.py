@@ -1,7 +1,8 @@
 """PSViT: the stand-alone vision transformer of one ArchSpec (what users retrain).
 
-Built from the architecture alone, no supernet code on its forward path. With the DeiT-Ti / DeiT-S specs
-(conf/baselines/deit_*.json) it is DeiT's layer layout, parameter for parameter.
+Built from the architecture alone, no supernet code on its forward path: it assembles layers.py's modules at
+the arch's sizes and calls them at full size. With the DeiT-Ti / DeiT-S specs (conf/baselines/deit_*.json) it
+is DeiT's layer layout, parameter for parameter.
 """
 
 from __future__ import annotations
@@ -12,10 +13,12 @@ import torch
 from torch import Tensor, nn
 
 from space.arch import ArchSpec
-from supernet.model.layers import BasicCell, PatchEmbed, Pool1d, Pool2d, SharedPair, init_weights
+from supernet.model.layers import (BasicCell, ElasticLayerNorm, ElasticLinear, PatchEmbed, Pool1d, Pool2d, SharedPair,
+                                   classify, embed, init_weights)
 
 
 def make_cell(op: str, dim: int, num_heads: int, hidden: int) -> nn.Module:
+    """The module of one cell op ("basic", "shared" or "identity")."""
     if op == "basic":
         return BasicCell(dim, num_heads, hidden)
     if op == "shared":
@@ -32,6 +35,7 @@ class Stage(nn.Module):
         self.cells = nn.ModuleList(cells)
 
     def forward(self, x: Tensor) -> Tensor:
+        """(B, [1+]N, C) -> (B, [1+]tokens, dim)."""
         if self.pool is not None:
             x = self.pool(x)
         for cell in self.cells:
@@ -40,6 +44,8 @@ class Stage(nn.Module):
 
 
 class PSViT(nn.Module):
+    """The vision transformer of ``arch``: patch embedding, stages of (pooling, cells), norm, head."""
+
     def __init__(self, arch: ArchSpec):
         super().__init__()
         self.arch = arch
@@ -57,8 +63,8 @@ class PSViT(nn.Module):
             hidden = arch.mlp_hidden(s.dim)
             stages.append(Stage(pool, [make_cell(op, s.dim, s.num_heads, hidden) for op in s.cells]))
         self.stages = nn.ModuleList(stages)
-        self.norm = nn.LayerNorm(arch.stages[-1].dim)
-        self.head = nn.Linear(arch.stages[-1].dim, arch.num_classes)
+        self.norm = ElasticLayerNorm(arch.stages[-1].dim)
+        self.head = ElasticLinear(arch.stages[-1].dim, arch.num_classes)
         init_weights(self)
         nn.init.trunc_normal_(self.pos_embed, std=0.02)
         if self.cls_token is not None:
@@ -74,16 +80,12 @@ class PSViT(nn.Module):
         return cls(ArchSpec.load(path))
 
     def forward_features(self, x: Tensor) -> Tensor:
-        x = self.patch_embed(x)  # (B, N, C)
-        if self.cls_token is not None:
-            x = torch.cat([self.cls_token.expand(x.shape[0], -1, -1), x], dim=1)
-        x = x + self.pos_embed
+        """(B, in_chans, img, img) -> normed tokens (B, [1+]N, C) of the last stage."""
+        x = embed(x, self.patch_embed, self.cls_token, self.pos_embed)  # (B, [1+]N, C)
         for stage in self.stages:
             x = stage(x)
         return self.norm(x)
 
     def forward(self, x: Tensor) -> Tensor:
         """(B, in_chans, img, img) -> logits (B, num_classes)."""
-        x = self.forward_features(x)
-        x = x[:, 0] if self.cls_token is not None else x.mean(dim=1)  # CLS in 1D, mean token in 2D
-        return self.head(x)
+        return classify(self.forward_features(x), self.head, self.cls_token is not None)

@@ -7,52 +7,27 @@ and norm (weight entanglement; heads follow the dim at a fixed head dim). Patch 
 embedding, pooling convs and head are entangled the same way. Slices are views: no weight is copied on
 the forward path, and weights off the path take no part and receive no gradient (``grad is None``).
 
-The supernet's modules are PSViT's modules built at the largest sizes, with identical parameter names,
-so extraction is one rule: copy ``src[:n0, :n1, ...]`` into every parameter of the subnet.
+The supernet's modules are PSViT's elastic modules (layers.py) built at the largest sizes, with identical
+parameter names: ``forward`` only picks each cell's op and passes the path's sizes, the modules slice their
+own weights and own all the wiring. Extraction is one rule: copy ``src[:n0, :n1, ...]`` into every
+parameter of the subnet.
 """
 
 from __future__ import annotations
 
-
 import torch
-import torch.nn.functional as F
 from torch import Tensor, nn
 
 from space.arch import ArchSpec
 from space.space import SearchSpace
-from supernet.model.layers import (BasicCell, Block, PatchEmbed, Pool1d, Pool2d, SharedBlock, SharedPair, attention,
-                                   init_weights, mlp, pool1d, pool2d, shared_attention)
+from supernet.model.layers import (BasicCell, ElasticLayerNorm, ElasticLinear, PatchEmbed, Pool1d, Pool2d, SharedPair,
+                                   classify, embed, init_weights)
 from supernet.model.psvit import PSViT
 
 
 def lead(t: Tensor, *sizes: int) -> Tensor:
     """Leading slice ``t[:s0, :s1, ...]`` as a view."""
     return t[tuple(slice(0, s) for s in sizes)]
-
-
-def _norm(x: Tensor, norm: nn.LayerNorm, dim: int) -> Tensor:
-    return F.layer_norm(x, (dim,), norm.weight[:dim], norm.bias[:dim], norm.eps)
-
-
-def _mlp(x: Tensor, m: nn.Module, dim: int, hidden: int) -> Tensor:
-    return mlp(x, lead(m.fc1.weight, hidden, dim), m.fc1.bias[:hidden], lead(m.fc2.weight, dim, hidden),
-               m.fc2.bias[:dim])
-
-
-def _block(b: Block, x: Tensor, dim: int, heads: int, hidden: int, need_map: bool = False,
-           ) -> tuple[Tensor, Tensor | None]:
-    a = b.attn
-    y, attn = attention(_norm(x, b.norm1, dim), lead(a.qkv.weight, 3 * dim, dim), a.qkv.bias[:3 * dim],
-                        lead(a.proj.weight, dim, dim), a.proj.bias[:dim], heads, need_map)
-    x = x + y
-    return x + _mlp(_norm(x, b.norm2, dim), b.mlp, dim, hidden), attn
-
-
-def _shared_block(b: SharedBlock, x: Tensor, attn: Tensor, dim: int, hidden: int) -> Tensor:
-    a = b.attn
-    x = x + shared_attention(_norm(x, b.norm1, dim), attn, lead(a.v.weight, dim, dim), a.v.bias[:dim],
-                             lead(a.proj.weight, dim, dim), a.proj.bias[:dim])
-    return x + _mlp(_norm(x, b.norm2, dim), b.mlp, dim, hidden)
 
 
 class SuperCell(nn.Module):
@@ -63,16 +38,18 @@ class SuperCell(nn.Module):
         self.basic = BasicCell(dim, num_heads, hidden)
         self.shared = SharedPair(dim, num_heads, hidden)
 
-    def forward(self, x: Tensor, op: str, dim: int, heads: int, hidden: int) -> Tensor:
+    def forward(self, x: Tensor, op: str, num_heads: int, hidden: int) -> Tensor:
+        """Run ``op`` on tokens (B, N, C) at the input's dim C with ``num_heads`` heads and ``hidden`` units."""
         if op == "basic":
-            return _block(self.basic.layer, x, dim, heads, hidden)[0]
+            return self.basic(x, num_heads, hidden)
         if op == "shared":
-            x, attn = _block(self.shared.first, x, dim, heads, hidden, need_map=True)
-            return _shared_block(self.shared.second, x, attn, dim, hidden)
-        return x
+            return self.shared(x, num_heads, hidden)
+        return x  # identity
 
 
 class SuperStage(nn.Module):
+    """Token pooling into the stage (absent for the first stage) and its super cells; run by the supernet."""
+
     def __init__(self, pool: nn.Module | None, cells: list[SuperCell]):
         super().__init__()
         self.pool = pool
@@ -80,6 +57,8 @@ class SuperStage(nn.Module):
 
 
 class Supernet(nn.Module):
+    """Every path of ``space`` in one set of weights: ``forward(x, arch)`` runs one, ``extract(arch)`` copies it."""
+
     def __init__(self, space: SearchSpace):
         super().__init__()
         self.space = space
@@ -98,8 +77,8 @@ class Supernet(nn.Module):
             hidden = int(round(d * space.mlp_ratio))
             stages.append(SuperStage(pool, [SuperCell(d, d // hd, hidden) for _ in range(s.cells)]))
         self.stages = nn.ModuleList(stages)
-        self.norm = nn.LayerNorm(dims[-1])
-        self.head = nn.Linear(dims[-1], space.num_classes)
+        self.norm = ElasticLayerNorm(dims[-1])
+        self.head = ElasticLinear(dims[-1], space.num_classes)
         init_weights(self)
         nn.init.trunc_normal_(self.pos_embed, std=0.02)
         if self.cls_token is not None:
@@ -119,28 +98,16 @@ class Supernet(nn.Module):
     def forward(self, x: Tensor, arch: ArchSpec) -> Tensor:
         """Logits of the path ``arch``; x is (B, in_chans, img, img)."""
         self.check(arch)
-        s0 = arch.stages[0]
-        d = s0.dim
-        x = F.conv2d(x, self.patch_embed.proj.weight[:d], self.patch_embed.proj.bias[:d],
-                     stride=arch.patch_size).flatten(2).transpose(1, 2)  # (B, N, d)
-        if self.cls_token is not None:
-            x = torch.cat([self.cls_token[..., :d].expand(x.shape[0], -1, -1), x], dim=1)
-        x = x + self.pos_embed[..., :d]
+        x = embed(x, self.patch_embed, self.cls_token, self.pos_embed, arch.stages[0].dim)  # (B, [1+]N, d)
         strides = arch.strides() if not self.has_cls else ()
         for i, (stage, s) in enumerate(zip(self.stages, arch.stages)):
             if i > 0:
-                p, pd = stage.pool, arch.stages[i - 1].dim
-                w, b = lead(p.conv.weight, s.dim, pd), p.conv.bias[:s.dim]
-                nw, nb = p.norm.weight[:s.dim], p.norm.bias[:s.dim]
-                x = pool1d(x, w, b, nw, nb, s.tokens, p.norm.eps) if self.has_cls else \
-                    pool2d(x, w, b, nw, nb, strides[i - 1], p.norm.eps)
+                x = stage.pool(x, s.dim, tokens=s.tokens) if self.has_cls else \
+                    stage.pool(x, s.dim, stride=strides[i - 1])
             hidden = arch.mlp_hidden(s.dim)
             for cell, op in zip(stage.cells, s.cells):
-                x = cell(x, op, s.dim, s.num_heads, hidden)
-        d = arch.stages[-1].dim
-        x = _norm(x, self.norm, d)
-        x = x[:, 0] if self.has_cls else x.mean(dim=1)
-        return F.linear(x, self.head.weight[:, :d], self.head.bias)
+                x = cell(x, op, s.num_heads, hidden)
+        return classify(self.norm(x), self.head, self.has_cls)
 
     def path_modules(self, arch: ArchSpec) -> dict[str, nn.Module]:
         """Supernet module for every PSViT module name the path ``arch`` uses (for extraction)."""
