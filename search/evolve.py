@@ -167,43 +167,57 @@ def setup(cfg: DictConfig, job: Job, env: DistEnv) -> Session:
     return Session(job, env, sck, scorer, searches, run_dir)
 
 
+RETRY = "use another run_dir= or resume=never"
+
+
 def resume(cfg: DictConfig, s: Session) -> None:
     """Continue from run_dir/state.json (``resume=auto``, the default), on every rank.
 
     Raises:
-        UserError: the saved state would not compare with this command (another checkpoint, another
-            validation subset, other budgets, strategy, space, constraint or loop config); it is left untouched.
+        UserError: the saved state is unreadable or would not compare with this command (another checkpoint,
+            seed, validation subset, other budgets, strategy, space, constraint or loop config); it is left
+            untouched.
     """
     path = s.state_path
     if cfg.resume != "auto" or not path.exists():
         return
-    retry = "use another run_dir= or resume=never"
-    try:
-        state = json.loads(path.read_text())
-    except (OSError, UnicodeDecodeError, ValueError, RecursionError) as e:
-        raise UserError(f"resume: {path} is not a readable search state ({type(e).__name__}); {retry}") from None
-    if not isinstance(state, dict):
-        raise UserError(f"resume: {path} is not a search state (a JSON object); {retry}")
+    state = read_state(path)
     if state.get("checkpoint_sha256") != s.supernet.sha256:
-        raise UserError(f"resume: {path} belongs to another checkpoint; {retry}")
+        raise UserError(f"resume: {path} belongs to another checkpoint; {RETRY}")
     images = s.scorer.images
     if state.get("eval_images", images) != images:  # cached scores would not compare
         raise UserError(f"resume: {path} scored candidates on {state['eval_images']} validation images, "
-                        f"this command on {images} (eval_images=); {retry}")
+                        f"this command on {images} (eval_images=); {RETRY}")
     if state.get("seed", s.job.seed) != s.job.seed:  # the saved RNG streams are another seed's
         raise UserError(f"resume: {path} was searched with seed={state['seed']}, this command has "
-                        f"seed={s.job.seed}; {retry}")
-    saved = state.get("searches", [])
-    if len(saved) != len(s.searches):
-        raise UserError(f"resume: {path} has {len(saved)} budgets, this command {len(s.searches)}; {retry}")
-    try:
-        for search, st in zip(s.searches, saved):
-            search.load_state_dict(st)
-    except (KeyError, ValueError, TypeError, IndexError, AttributeError) as e:
-        raise UserError(f"resume: {path} does not match this command ({type(e).__name__}: "
-                        f"{' '.join(str(e).splitlines())[:200]}); {retry}") from None
+                        f"seed={s.job.seed}; {RETRY}")
+    load_searches(s.searches, state.get("searches"), path)
     if s.env.is_main:
         print(f"resumed {path} at generation {s.searches[0].generation}/{s.job.evolution.generations}")
+
+
+def read_state(path: Path) -> dict[str, Any]:
+    """The JSON object of a state.json, or a one-line :class:`UserError`."""
+    try:
+        state = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, ValueError, RecursionError) as e:
+        raise UserError(f"resume: {path} is not a readable search state ({type(e).__name__}); {RETRY}") from None
+    if not isinstance(state, dict):
+        raise UserError(f"resume: {path} is not a search state (a JSON object); {RETRY}")
+    return state
+
+
+def load_searches(searches: list[Search], saved: Any, path: Path) -> None:
+    """Restore each budget's search from the saved list, or raise a one-line :class:`UserError`."""
+    if not isinstance(saved, list) or len(saved) != len(searches):
+        n = len(saved) if isinstance(saved, list) else "no list of"
+        raise UserError(f"resume: {path} has {n} budgets, this command {len(searches)}; {RETRY}")
+    try:
+        for search, st in zip(searches, saved):
+            search.load_state_dict(st)
+    except (KeyError, ValueError, TypeError, IndexError, AttributeError, RecursionError) as e:
+        raise UserError(f"resume: {path} does not match this command ({type(e).__name__}: "
+                        f"{' '.join(str(e).splitlines())[:200]}); {RETRY}") from None
 
 
 # ----------------------------------------------------------------------------- the run

@@ -174,6 +174,8 @@ class ArchSpec:
             d = json.loads(text)
         except json.JSONDecodeError as e:
             raise ArchError(f"<json>: malformed JSON at line {e.lineno} column {e.colno}: {e.msg}") from None
+        except (ValueError, RecursionError) as e:  # an integer of thousands of digits, nesting past the stack
+            raise ArchError(f"<json>: unreadable JSON ({type(e).__name__}: {str(e).splitlines()[0][:80]})") from None
         return cls.from_dict(d)
 
     @classmethod
@@ -181,9 +183,12 @@ class ArchSpec:
         """Read and validate an architecture JSON file (errors are prefixed with the path)."""
         path = Path(path)
         try:
-            text = path.read_text()
+            text = path.read_text(encoding="utf-8")
         except OSError as e:
             raise ArchError(f"{path}: cannot read architecture file ({e.strerror})") from None
+        except UnicodeDecodeError:
+            raise ArchError(f"{path}: not a text file (an architecture JSON is UTF-8 text, e.g. best_arch.json; "
+                            "a checkpoint is not one)") from None
         try:
             return cls.from_json(text)
         except ArchError as e:

@@ -15,6 +15,7 @@ on the dataset's official test split, which neither supernet training nor search
 from __future__ import annotations
 
 import json
+import os
 import time
 from pathlib import Path
 from typing import Any
@@ -59,6 +60,10 @@ class RetrainTask(Task):
 def initial_model(arch: ArchSpec, cfg: DictConfig) -> tuple[nn.Module, str | None]:
     """A fresh ``PSViT(arch)``, or with ``init=inherit`` the path ``arch`` extracted from the supernet and the
     sha256 of the supernet checkpoint it came from."""
+    need, have = params(arch) * 16, os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    if need > have:  # weights, gradients and two AdamW moments in fp32, before a single activation
+        raise UserError(f"arch: {params(arch):,} parameters need {need / 2**30:.1f} GiB for training state alone, "
+                        f"more than this machine's {have / 2**30:.1f} GiB (check the stages' dim and tokens)")
     torch.manual_seed(cfg.seed)
     if cfg.init == "scratch":
         return PSViT(arch), None
@@ -104,6 +109,8 @@ def retrain(cfg: DictConfig) -> dict[str, Any]:
         if res.stopped:
             return {}
         model.eval()
+        if cfg.eval.every and "model" not in res.val:  # a rerun after a kill between checkpoint and result.json
+            res.val.update(task.validate())
         test_acc = top1(model, data.test, env, None, cfg.amp)
         result = result_record(arch, arch_path, cfg, res, data, env, test_acc, time.perf_counter() - t0)
     if env.is_main:

@@ -106,12 +106,15 @@ def load_supernet(path: Path, device: torch.device) -> SupernetCheckpoint:
     from supernet.model.supernet import Supernet  # here, so that retraining from scratch never imports it
 
     ck, digest = read_checkpoint(path)
-    if not isinstance(ck, dict) or not SUPERNET_KEYS <= set(ck):
+    if not isinstance(ck, dict) or not SUPERNET_KEYS <= set(ck) or not isinstance(ck["config"], dict) \
+            or not isinstance(ck["config"].get("data"), dict) or not isinstance(ck["model"], dict):
         raise UserError(f"checkpoint: {path} is not a supernet training checkpoint (from `make supernet`)")
     net = Supernet(SearchSpace.from_config(ck["space"]))
     try:
         net.load_state_dict(ck["model"])
-    except RuntimeError as e:
+    except (RuntimeError, TypeError, AttributeError) as e:
         raise UserError(f"checkpoint: {path} does not match its own space config ({str(e).splitlines()[0]})") from None
-    return SupernetCheckpoint(net.to(device).eval(), dict(ck["config"]["data"]), int(ck.get("step", 0)),
-                              int(ck.get("total_steps", 0)), digest)
+    steps = [ck.get(k, 0) for k in ("step", "total_steps")]
+    if not all(isinstance(v, int) for v in steps):
+        raise UserError(f"checkpoint: {path} is not a supernet training checkpoint (its step is not an integer)")
+    return SupernetCheckpoint(net.to(device).eval(), dict(ck["config"]["data"]), steps[0], steps[1], digest)
