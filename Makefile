@@ -53,7 +53,7 @@ info: install ## print a search-space summary: size, params/MACs range (make inf
 	$(PY) -m space.info $(ARGS)
 
 supernet: install ## train the SPOS supernet with torchrun on NPROC workers
-	$(PY) -m torch.distributed.run --standalone --nproc_per_node=$(NPROC) -m supernet.train $(ARGS)
+	$(PY) -m supernet.engine.launch --standalone --nproc_per_node=$(NPROC) -m supernet.train $(ARGS)
 
 search: install ## evolutionary search over the trained supernet
 	$(PY) -m search.evolve $(ARGS)

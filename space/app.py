@@ -10,6 +10,7 @@ import fcntl
 import hashlib
 import os
 import sys
+import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -24,15 +25,21 @@ T = TypeVar("T")
 
 def run_app(fn: Callable[[], T]) -> T:
     """Run an app body: a :class:`UserError` becomes one ``error: ...`` line on stderr and exit status 2,
-    :class:`Diverged` one such line and status 1; anything else is a bug and keeps its traceback."""
+    :class:`Diverged` one such line and status 1; anything else is a bug and keeps its traceback.
+
+    Under torchrun every rank usually meets the same error: rank 0 reports it, and the other ranks wait a
+    moment first, in which the launcher stops them once rank 0 has exited; a rank that is still running
+    after it (an error of its own, e.g. unreadable data on one node) then reports it, naming its rank.
+    """
     try:
         return fn()
-    except UserError as e:
-        print("error: " + " ".join(str(e).splitlines()), file=sys.stderr, flush=True)
-        sys.exit(2)  # SystemExit is not an Exception: Hydra lets it through
-    except Diverged as e:
-        print("error: " + " ".join(str(e).splitlines()), file=sys.stderr, flush=True)
-        sys.exit(1)
+    except (UserError, Diverged) as e:
+        rank = int(os.environ.get("RANK", "0") or 0)
+        if rank:
+            time.sleep(3)
+        print(f"error{f' (rank {rank})' if rank else ''}: " + " ".join(str(e).splitlines()), file=sys.stderr,
+              flush=True)
+        sys.exit(2 if isinstance(e, UserError) else 1)  # SystemExit is not an Exception: Hydra lets it through
 
 
 def check_overrides(config_name: str, argv: list[str] | None = None) -> None:

@@ -1,0 +1,40 @@
+"""`make supernet`'s launcher: torchrun (``torch.distributed.run``, same arguments) whose exit status is the
+workers' own. A worker that stopped on a user error has printed its one ``error:`` line and exited 2; plain
+torchrun would add its ChildFailedError report and exit 1. Here the launcher prints nothing more and exits 2
+(1 for a divergence, the largest worker status otherwise); after Ctrl-C / SIGTERM, whose workers checkpoint and
+exit 0, it exits 0.
+
+    python -m supernet.engine.launch --standalone --nproc_per_node=2 -m supernet.train optim.epochs=1
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import signal
+import sys
+
+from torch.distributed.elastic.multiprocessing.api import SignalException
+from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
+from torch.distributed.run import parse_args, run
+
+
+def main(argv: list[str] | None = None) -> int:
+    # the agent logs each failed worker at ERROR level; the worker has already said why, in one line
+    logging.getLogger("torch.distributed.elastic").setLevel(logging.CRITICAL)
+    args = parse_args(argv)
+    nproc = int(args.nproc_per_node) if str(args.nproc_per_node).isdigit() else 1
+    if nproc > 1 and "OMP_NUM_THREADS" not in os.environ:  # share the cores (torchrun would set 1, with a banner)
+        os.environ["OMP_NUM_THREADS"] = str(max(1, (os.cpu_count() or 1) // nproc))
+    try:
+        run(args)
+    except ChildFailedError as e:  # ranks stopped by the launcher after the first failure show negative codes
+        codes = [f.exitcode for f in e.failures.values() if f.exitcode > 0]
+        return max(codes) if codes else 1
+    except SignalException as e:  # the workers got the signal too: they finish the step and checkpoint
+        return 0 if e.sigval in (signal.SIGINT, signal.SIGTERM) else 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
