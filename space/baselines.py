@@ -38,7 +38,9 @@ def deit_like(target_macs: float, img_size: int, patch_size: int, in_chans: int,
 
 def baseline_for(target_macs: float, space_file: str, dims: str) -> ArchSpec:
     """:func:`deit_like` for the input, classes, MLP ratio and head dim of the space preset ``space_file``."""
+    import yaml
     from omegaconf import OmegaConf
+    from omegaconf.errors import OmegaConfBaseException
 
     from space.space import SearchSpace
 
@@ -49,9 +51,18 @@ def baseline_for(target_macs: float, space_file: str, dims: str) -> ArchSpec:
     except ValueError:
         raise UserError(f"--dims: {dims!r} (allowed: comma-separated integers, e.g. 32,48,64)") from None
     try:
-        sp = SearchSpace.from_config(OmegaConf.load(space_file))
+        node = OmegaConf.to_container(OmegaConf.load(space_file), resolve=True)
     except OSError as e:
         raise UserError(f"--space: cannot read {space_file} ({e.strerror or e})") from None
+    except (yaml.YAMLError, OmegaConfBaseException, UnicodeDecodeError) as e:
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise UserError(f"--space: {space_file} is not a space preset YAML ({first}; allowed: a file of "
+                        "conf/space/)") from None
+    sp = SearchSpace.from_config(node)
+    bad = [d for d in widths if d <= 0 or d % sp.head_dim]
+    if bad:
+        raise UserError(f"--dims: {bad[0]} is not a positive multiple of the space's head_dim {sp.head_dim} "
+                        f"(allowed: e.g. {','.join(str(sp.head_dim * k) for k in (4, 6, 8))})")
     return deit_like(target_macs, sp.img_size, sp.patch_size, sp.in_chans, sp.num_classes, sp.mlp_ratio,
                      sp.head_dim, widths)
 

@@ -1,7 +1,15 @@
-"""Shared pytest fixtures: repository paths, and a Hypothesis profile that suits CI."""
+"""Shared pytest fixtures and hooks: repository paths, a Hypothesis profile that suits CI, small generated
+Fashion-MNIST IDX files for plumbing tests, and the `fmnist` marker: a test that needs the real dataset fails
+(never silently skips) when it is missing, unless PSVIT_ALLOW_MISSING_DATA=1."""
 
+from __future__ import annotations
+
+import gzip
+import os
+from collections.abc import Callable
 from pathlib import Path
 
+import numpy as np
 import pytest
 from hypothesis import settings
 
@@ -10,6 +18,27 @@ settings.register_profile("ci", deadline=None, max_examples=50)
 settings.load_profile("ci")
 
 _REPO_ROOT = Path(__file__).resolve().parent.parent
+FMNIST_ROOT = Path("/usr/share/datasets/fashion-mnist")  # Debian's dataset-fashion-mnist, the default data.root
+FMNIST_FILES = ("train-images-idx3-ubyte", "train-labels-idx1-ubyte", "t10k-images-idx3-ubyte",
+                "t10k-labels-idx1-ubyte")
+
+
+def have_fmnist() -> bool:
+    """Whether the four Fashion-MNIST IDX files (gzipped or not) are in FMNIST_ROOT."""
+    return all((FMNIST_ROOT / f"{n}.gz").is_file() or (FMNIST_ROOT / n).is_file() for n in FMNIST_FILES)
+
+
+@pytest.hookimpl(tryfirst=True)
+def pytest_runtest_setup(item: pytest.Item) -> None:
+    """Before any fixture runs: an `fmnist` test without the dataset fails with one line saying how to get it
+    (PSVIT_ALLOW_MISSING_DATA=1 turns that into a skip, for machines that cannot install it)."""
+    if item.get_closest_marker("fmnist") is None or have_fmnist():
+        return
+    msg = (f"needs the real Fashion-MNIST in {FMNIST_ROOT}: run `make install` (as root) or "
+           "`apt-get install dataset-fashion-mnist`; PSVIT_ALLOW_MISSING_DATA=1 skips such tests instead")
+    if os.environ.get("PSVIT_ALLOW_MISSING_DATA") == "1":
+        pytest.skip(msg)
+    pytest.fail(msg, pytrace=False)
 
 
 @pytest.fixture(scope="session")
@@ -22,3 +51,32 @@ def repo_root() -> Path:
 def conf_dir(repo_root: Path) -> Path:
     """The Hydra config directory, for `initialize_config_dir(config_dir=str(conf_dir))`."""
     return repo_root / "conf"
+
+
+def write_idx(path: Path, array: np.ndarray, gz: bool = True) -> Path:
+    """Writes ``array`` (uint8) as an IDX file, gzipped to ``path.gz`` when ``gz``."""
+    payload = bytes([0, 0, 8, array.ndim]) + b"".join(int(d).to_bytes(4, "big") for d in array.shape)
+    payload += np.ascontiguousarray(array, dtype=np.uint8).tobytes()
+    if gz:
+        path = path.with_name(path.name + ".gz")
+        with gzip.open(path, "wb") as f:
+            f.write(payload)
+    else:
+        path.write_bytes(payload)
+    return path
+
+
+def _fake_fmnist(root: Path, n_train: int = 60, n_test: int = 20, gz: bool = True) -> Path:
+    rng = np.random.default_rng(0)
+    root.mkdir(parents=True, exist_ok=True)
+    for prefix, n in (("train", n_train), ("t10k", n_test)):
+        write_idx(root / f"{prefix}-images-idx3-ubyte", rng.integers(0, 256, (n, 28, 28), dtype=np.uint8), gz)
+        write_idx(root / f"{prefix}-labels-idx1-ubyte", np.arange(n, dtype=np.uint8) % 10, gz)
+    return root
+
+
+@pytest.fixture(scope="session")
+def fake_fmnist() -> Callable[..., Path]:
+    """``fake_fmnist(root, n_train=60, n_test=20, gz=True) -> root``: random 28x28 images labelled ``i % 10``
+    written as the four Fashion-MNIST IDX files, for tests of plumbing that runs on any machine."""
+    return _fake_fmnist

@@ -94,7 +94,7 @@ def _source_files() -> list[Path]:
 
 @pytest.mark.parametrize("needle, home", [("os.replace(", "space/app.py"), ("CONF_DIR =", "space/app.py"),
                                           ("torch.save(", "supernet/engine/checkpoint.py"),
-                                          ("sys.exit(2)", "space/app.py"),
+                                          ("except (UserError, Diverged)", "space/app.py"),
                                           ("AdamW(", "supernet/engine/optim.py")])
 def test_one_home_for(needle, home):
     """Atomic writes, the config dir, checkpoint writes, the exit-2 policy and the optimizer each live once."""

@@ -1,0 +1,200 @@
+"""Interrupted runs of both training apps (`supernet.train`, `supernet.retrain`) through the real CLI: SIGTERM and
+SIGINT finish the step, checkpoint at the step they print and exit 0; a rerun of the same command after a signal
+or a SIGKILL resumes from the checkpoint's exact step and ends with the weights (and, for retraining, the
+result.json) of an uninterrupted run. Runs on small generated IDX files, so it needs no dataset."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+import torch
+from hydra import compose, initialize_config_dir
+
+REPO = Path(__file__).resolve().parents[1]
+STEPS = 24  # a signal sent at the first checkpoint (step 4 or 5) lands well before the end
+# batch 16 of 360 generated training images: 22 steps an epoch, so a resume also crosses an epoch boundary
+COMMON = ["data.batch_size=16", "data.val_size=40", "eval.every=0", "progress=false", "log_every=5", "device=cpu",
+          f"max_steps={STEPS}"]
+SUPERNET = [*COMMON, "eval.n_random=1"]
+RETRAIN = [*COMMON, f"arch={REPO / 'conf' / 'baselines' / 'deit_fmnist.json'}"]
+
+
+@pytest.fixture(scope="module")
+def data_root(tmp_path_factory: pytest.TempPathFactory, fake_fmnist) -> Path:
+    return fake_fmnist(tmp_path_factory.mktemp("fmnist"), n_train=400, n_test=100)
+
+
+@pytest.fixture(scope="module")
+def one_thread() -> Iterator[None]:
+    """The in-process reference runs on one intra-op thread like the CLI runs (OMP_NUM_THREADS=1), so the
+    weights are bit-comparable across processes."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+def _cfg(app: str, run_dir: Path, root: Path, *overrides: str):
+    with initialize_config_dir(config_dir=str(REPO / "conf"), version_base="1.3"):
+        return compose(app, overrides=[f"run_dir={run_dir}", f"data.root={root}", *overrides])
+
+
+def _cli(module: str, run_dir: Path, root: Path, *overrides: str) -> subprocess.Popen:
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)}
+    return subprocess.Popen([sys.executable, "-m", module, f"run_dir={run_dir}", f"data.root={root}", *overrides],
+                            cwd=run_dir.parent, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+
+
+def _ckpt(run_dir: Path) -> dict:
+    return torch.load(run_dir / "last.ckpt", weights_only=True)
+
+
+def _interrupt_at_first_checkpoint(p: subprocess.Popen, run_dir: Path, sig: signal.Signals) -> tuple[str, str]:
+    """Send ``sig`` as soon as ``run_dir/last.ckpt`` appears (written atomically), then wait for the exit."""
+    deadline = time.time() + 240
+    while not (run_dir / "last.ckpt").exists():
+        assert p.poll() is None, p.communicate()
+        assert time.time() < deadline, "no checkpoint within 240 s"
+        time.sleep(0.02)
+    p.send_signal(sig)
+    return p.communicate(timeout=240)
+
+
+def _assert_same_weights(a: dict, b: dict) -> None:
+    assert a.keys() == b.keys()
+    for k, v in a.items():
+        assert torch.equal(v, b[k]), k
+
+
+def _paths_digest(cfg, steps: int) -> str:
+    """The digest SupernetTask keeps of the first ``steps`` trained paths, recomputed from the sampler."""
+    from space.samplers import make_sampler
+    from space.space import SearchSpace
+
+    sampler, d = make_sampler(cfg.sampler, SearchSpace.from_config(cfg.space), cfg.seed, cfg.flops_bins), ""
+    for t in range(steps):
+        d = hashlib.sha256((d + sampler(t).to_json()).encode()).hexdigest()
+    return d
+
+
+# ----------------------------------------------------------------------------- supernet training
+@pytest.fixture(scope="module")
+def supernet_ref(tmp_path_factory: pytest.TempPathFactory, data_root: Path, one_thread: None) -> dict:
+    """The uninterrupted run's final checkpoint."""
+    from supernet.train import train
+
+    run = tmp_path_factory.mktemp("supernet_ref")
+    assert train(_cfg("supernet", run, data_root, *SUPERNET)).step == STEPS
+    return _ckpt(run)
+
+
+def _stopped_by(sig: signal.Signals, run: Path, root: Path) -> int:
+    """Stop a supernet run with ``sig`` at its first checkpoint (step 5); check the stop contract and return the
+    step it stopped at. The cadence's next checkpoint (step 10) is far, so only the stop itself can have
+    written the checkpoint of that step."""
+    p = _cli("supernet.train", run, root, *SUPERNET, "ckpt_every=5")
+    out, err = _interrupt_at_first_checkpoint(p, run, sig)
+    assert p.returncode == 0 and err.strip() == "", err  # no traceback, no KeyboardInterrupt
+    ck = _ckpt(run)
+    at = ck["step"]
+    assert 5 < at < STEPS
+    assert f"stopped by signal at step {at}/{STEPS}; checkpoint {run / 'last.ckpt'}" in out, out
+    # whole steps only: as many scheduler steps as steps, and exactly the paths of steps 0 .. at-1
+    assert ck["scheduler"]["last_epoch"] == at
+    assert ck["task_state"]["paths_digest"] == _paths_digest(_cfg("supernet", run, root, *SUPERNET), at)
+    return at
+
+
+def test_sigint_finishes_the_step_checkpoints_and_exits_0(tmp_path, data_root):
+    _stopped_by(signal.SIGINT, tmp_path / "run", data_root)
+
+
+@pytest.mark.slow
+def test_sigterm_finishes_the_step_checkpoints_exits_0_and_a_rerun_completes(tmp_path, data_root, supernet_ref):
+    run = tmp_path / "run"
+    at = _stopped_by(signal.SIGTERM, run, data_root)
+    rerun = _cli("supernet.train", run, data_root, *SUPERNET, "ckpt_every=5")
+    out, err = rerun.communicate(timeout=240)
+    assert rerun.returncode == 0, err
+    assert f"resumed from {run / 'last.ckpt'} at step {at}/{STEPS}" in out
+    final = _ckpt(run)
+    assert final["step"] == STEPS and final["task_state"] == supernet_ref["task_state"]
+    _assert_same_weights(final["model"], supernet_ref["model"])
+
+
+@pytest.mark.slow
+def test_supernet_sigkill_then_rerun_equals_uninterrupted_run(tmp_path, data_root, supernet_ref):
+    run = tmp_path / "run"
+    killed = _cli("supernet.train", run, data_root, *SUPERNET, "ckpt_every=4")
+    _interrupt_at_first_checkpoint(killed, run, signal.SIGKILL)
+    assert killed.returncode == -signal.SIGKILL
+    at = _ckpt(run)["step"]
+    assert 4 <= at < STEPS and at % 4 == 0
+    rerun = _cli("supernet.train", run, data_root, *SUPERNET, "ckpt_every=4")
+    out, err = rerun.communicate(timeout=240)
+    assert rerun.returncode == 0, err
+    assert f"resumed from {run / 'last.ckpt'} at step {at}/{STEPS}" in out
+    final = _ckpt(run)
+    assert final["step"] == STEPS and final["task_state"] == supernet_ref["task_state"]
+    _assert_same_weights(final["model"], supernet_ref["model"])
+
+
+# ----------------------------------------------------------------------------- retraining
+@pytest.fixture(scope="module")
+def retrain_ref(tmp_path_factory: pytest.TempPathFactory, data_root: Path, one_thread: None) -> tuple[dict, dict]:
+    """The uninterrupted retraining's final checkpoint and result.json."""
+    from supernet.retrain import retrain
+
+    run = tmp_path_factory.mktemp("retrain_ref")
+    res = retrain(_cfg("retrain", run, data_root, *RETRAIN))
+    assert json.loads((run / "result.json").read_text()) == res and res["steps"] == STEPS
+    return _ckpt(run), res
+
+
+def _same_result(ours: dict, ref: dict) -> None:
+    ours, ref = dict(ours), dict(ref)
+    ours.pop("train_seconds_this_run"), ref.pop("train_seconds_this_run")
+    assert ours == ref and ours["test_images"] == 100
+
+
+@pytest.mark.slow
+def test_retrain_sigkill_then_rerun_equals_uninterrupted_run(tmp_path, data_root, retrain_ref):
+    run = tmp_path / "run"
+    killed = _cli("supernet.retrain", run, data_root, *RETRAIN, "ckpt_every=4")
+    _interrupt_at_first_checkpoint(killed, run, signal.SIGKILL)
+    at = _ckpt(run)["step"]
+    assert 4 <= at < STEPS and not (run / "result.json").exists()
+    rerun = _cli("supernet.retrain", run, data_root, *RETRAIN, "ckpt_every=4")
+    out, err = rerun.communicate(timeout=240)
+    assert rerun.returncode == 0, err
+    assert f"resumed from {run / 'last.ckpt'} at step {at}/{STEPS}" in out
+    ref_ck, ref_res = retrain_ref
+    _assert_same_weights(_ckpt(run)["model"], ref_ck["model"])
+    _same_result(json.loads((run / "result.json").read_text()), ref_res)
+
+
+@pytest.mark.slow
+def test_retrain_sigterm_writes_no_result_and_a_rerun_completes(tmp_path, data_root, retrain_ref):
+    run = tmp_path / "run"
+    p = _cli("supernet.retrain", run, data_root, *RETRAIN, "ckpt_every=5")
+    out, err = _interrupt_at_first_checkpoint(p, run, signal.SIGTERM)
+    assert p.returncode == 0 and err.strip() == "", err
+    at = _ckpt(run)["step"]
+    assert 5 < at < STEPS and f"stopped by signal at step {at}/{STEPS}" in out, out
+    assert not (run / "result.json").exists() and "test top-1" not in out  # no test-split evaluation either
+    rerun = _cli("supernet.retrain", run, data_root, *RETRAIN, "ckpt_every=5")
+    out, err = rerun.communicate(timeout=240)
+    assert rerun.returncode == 0, err
+    assert f"resumed from {run / 'last.ckpt'} at step {at}/{STEPS}" in out and "test top-1" in out
+    ref_ck, ref_res = retrain_ref
+    _assert_same_weights(_ckpt(run)["model"], ref_ck["model"])
+    _same_result(json.loads((run / "result.json").read_text()), ref_res)
