@@ -30,6 +30,9 @@ def validation_batches(data_cfg: dict[str, Any], images: int, batch_size: int, d
     data = build_data(cfg, rank=0, world_size=1, device=device)  # every rank holds the whole subset
     if data.val is None:
         raise UserError("data.val_size: the supernet was trained without a validation split; search needs one")
+    if images > data.val.num_examples:  # scoring fewer images than asked for would go unnoticed
+        raise UserError(f"eval_images: {images} but the validation split holds {data.val.num_examples} images "
+                        f"(allowed: 1..{data.val.num_examples})")
     out, n = [], 0
     for x, y in data.val:
         take = min(len(y), images - n)

@@ -75,10 +75,10 @@ def _loaded_after_import(module: str) -> set[str]:
     return set(out.stdout.split())
 
 
-@pytest.mark.parametrize("module", sorted(m for m in MODULES if m.split(".")[0] == "space"))
-def test_space_is_torch_free(module):
-    loaded = _loaded_after_import(module)
-    assert "torch" not in loaded, f"importing {module} imports torch"
+def test_space_is_torch_free():
+    modules = sorted(m for m in MODULES if m.split(".")[0] == "space")
+    loaded = _loaded_after_import(", ".join(modules))  # one process: any of them importing torch shows
+    assert len(modules) >= 8 and "torch" not in loaded, f"importing {modules} imports torch"
 
 
 def test_retraining_imports_no_supernet_or_search_code():

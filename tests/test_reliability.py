@@ -5,7 +5,9 @@ property-based fuzz of every app's config keys and of every file input. Runs on 
 
 from __future__ import annotations
 
+import copy
 import errno
+import functools
 import json
 import os
 import subprocess
@@ -28,6 +30,11 @@ TINY = ["data.val_size=12", "data.batch_size=16", "progress=false", "eval.every=
 
 
 def compose_app(name: str, *overrides: str):
+    return copy.deepcopy(_composed(name, overrides))
+
+
+@functools.lru_cache(maxsize=None)
+def _composed(name: str, overrides: tuple[str, ...]):
     with initialize_config_dir(config_dir=str(REPO / "conf"), version_base="1.3"):
         return compose(name, overrides=list(overrides))
 
@@ -110,12 +117,6 @@ def test_full_disk_is_one_line_and_keeps_the_previous_checkpoint(tmp_path, data_
     ("supernet.train", ["space=bogus"], "error: config: In 'supernet': Could not find 'space/bogus'"),
     ("supernet.train", ["foo=1"], "error: config: Could not override 'foo'."),
     ("supernet.train", ["optim.lr=0"], "error: optim.lr: 0 is not allowed (allowed: a number > 0)"),
-    ("supernet.train", ["ckpt_every=0"], "error: ckpt_every: 0 is not allowed (allowed: an integer >= 1)"),
-    ("supernet.train", ["seed=abc"], "error: seed: 'abc' is not allowed (allowed: an integer >= 0)"),
-    ("supernet.train", ["optim.grad_clip=-1"], "error: optim.grad_clip: -1 is not allowed"),
-    ("supernet.train", ["optim.betas=[0.9]"], "error: optim.betas: [0.9] is not allowed"),
-    ("supernet.train", ["run_dir=''"], "error: run_dir: '' is not allowed"),
-    ("supernet.train", ["max_steps=0"], "error: max_steps: 0 is not allowed"),
     ("supernet.retrain", ["arch=conf/baselines/deit_fmnist.json", "max_steps=0"], "error: max_steps: 0 trains nothing"),
     ("search.evolve", ["checkpoint=x.ckpt", "eval_images=0"], "error: eval_images: 0 is not allowed"),
     ("space.info", ["space=nope"], "error: config: In 'info': Could not find 'space/nope'"),
@@ -124,6 +125,26 @@ def test_bad_command_lines_are_one_line_exit_2(tmp_path, module, args, fragment)
     line = one_error_line(run_cli(module, *args))
     assert line.startswith(fragment), line
     assert not list(tmp_path.iterdir())
+
+
+@pytest.mark.parametrize("override, message", [
+    ("ckpt_every=0", "ckpt_every: 0 is not allowed (allowed: an integer >= 1)"),
+    ("log_every=0", "log_every: 0 is not allowed (allowed: an integer >= 1)"),
+    ("seed=abc", "seed: 'abc' is not allowed (allowed: an integer >= 0)"),
+    ("optim.grad_clip=-1", "optim.grad_clip: -1 is not allowed (allowed: a number >= 0)"),
+    ("optim.betas=[0.9]", "optim.betas: [0.9] is not allowed (allowed: two numbers in [0, 1), e.g. [0.9, 0.999])"),
+    ("run_dir=''", "run_dir: '' is not allowed (allowed: a non-empty string)"),
+    ("max_steps=0", "max_steps: 0 is not allowed (allowed: an integer >= 1, or null)"),
+    ("optim.epochs=0", "optim.epochs: 0 is not allowed (allowed: an integer >= 1)"),
+    ("resume=maybe", "resume: 'maybe' is not allowed (allowed: auto, never)"),
+])
+def test_bad_values_are_refused_before_any_work(tmp_path, override, message):
+    from supernet.train import train
+
+    with mock.patch("supernet.train.distributed", side_effect=AssertionError("got past the checks")):
+        with pytest.raises(UserError) as e:
+            train(compose_app("supernet", f"run_dir={tmp_path / 'run'}", override))
+    assert str(e.value) == message and not (tmp_path / "run").exists()
 
 
 def test_retrain_refuses_a_checkpoint_as_architecture(tmp_path):

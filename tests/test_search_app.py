@@ -304,6 +304,7 @@ def test_bad_input_is_one_line_exit_2_and_writes_nothing(ckpt: Path, reference: 
         "empty_band": (ckpt, ["flops_min=5e6", "flops_max=4e6"], "flops_min 5000000 > flops_max 4000000"),
         "out_of_range": (ckpt, [f"flops_max={lo - 1}"], f"exact range [{lo}, {hi}] MACs"),
         "strategy": (ckpt, ["strategy=annealing"], "strategy: 'annealing' is not allowed (allowed: evolution, random)"),
+        "eval_images": (ckpt, ["eval_images=1001"], "eval_images: 1001 but the validation split holds 1000 images"),
     }
     # Half of the runs point at a fresh run_dir (must stay absent), half at a finished search (must stay intact).
     dirs = {}
