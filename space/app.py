@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import errno
 import fcntl
-import hashlib
 import os
 import sys
 import time
@@ -153,10 +152,6 @@ def run_dir_lock(run_dir: str | Path, enabled: bool = True) -> Iterator[None]:
         yield
     finally:
         os.close(fd)  # releases the lock
-
-
-def sha256_bytes(data: bytes) -> str:
-    return hashlib.sha256(data).hexdigest()
 
 
 def check_fits(what: str, obj: Any, data: Any) -> None:

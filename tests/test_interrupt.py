@@ -122,13 +122,7 @@ def test_sigint_finishes_the_step_checkpoints_and_exits_0(tmp_path, data_root):
 def test_sigterm_finishes_the_step_checkpoints_exits_0_and_a_rerun_completes(tmp_path, data_root, supernet_ref):
     run = tmp_path / "run"
     at = _stopped_by(signal.SIGTERM, run, data_root)
-    rerun = _cli("supernet.train", run, data_root, *SUPERNET, "ckpt_every=5")
-    out, err = rerun.communicate(timeout=240)
-    assert rerun.returncode == 0, err
-    assert f"resumed from {run / 'last.ckpt'} at step {at}/{STEPS}" in out
-    final = _ckpt(run)
-    assert final["step"] == STEPS and final["task_state"] == supernet_ref["task_state"]
-    _assert_same_weights(final["model"], supernet_ref["model"])
+    _rerun_equals_reference(run, data_root, at, supernet_ref, "ckpt_every=5")
 
 
 @pytest.mark.slow
@@ -139,13 +133,18 @@ def test_supernet_sigkill_then_rerun_equals_uninterrupted_run(tmp_path, data_roo
     assert killed.returncode == -signal.SIGKILL
     at = _ckpt(run)["step"]
     assert 4 <= at < STEPS and at % 4 == 0
-    rerun = _cli("supernet.train", run, data_root, *SUPERNET, "ckpt_every=4")
+    _rerun_equals_reference(run, data_root, at, supernet_ref, "ckpt_every=4")
+
+
+def _rerun_equals_reference(run: Path, data_root: Path, at: int, ref: dict, *args: str) -> None:
+    """The same command again resumes at step ``at`` and ends where the uninterrupted run ended."""
+    rerun = _cli("supernet.train", run, data_root, *SUPERNET, *args)
     out, err = rerun.communicate(timeout=240)
     assert rerun.returncode == 0, err
     assert f"resumed from {run / 'last.ckpt'} at step {at}/{STEPS}" in out
     final = _ckpt(run)
-    assert final["step"] == STEPS and final["task_state"] == supernet_ref["task_state"]
-    _assert_same_weights(final["model"], supernet_ref["model"])
+    assert final["step"] == STEPS and final["task_state"] == ref["task_state"]
+    _assert_same_weights(final["model"], ref["model"])
 
 
 # ----------------------------------------------------------------------------- retraining

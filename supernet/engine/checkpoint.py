@@ -24,7 +24,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from space.app import atomic_write, sha256_bytes
+from space.app import atomic_write
 from space.errors import UserError
 
 CKPT_NAME = "last.ckpt"
@@ -53,7 +53,7 @@ def read_checkpoint(path: Path) -> tuple[dict[str, Any], str]:
     except Exception as e:  # noqa: BLE001 - any unpickling failure means the file is unusable
         raise UserError(f"checkpoint: {path} is not a readable checkpoint ({type(e).__name__}: "
                         f"{str(e).splitlines()[0][:120] if str(e) else ''})") from None
-    return ck, sha256_bytes(data)
+    return ck, hashlib.sha256(data).hexdigest()
 
 
 def load_checkpoint(path: Path) -> dict[str, Any]:
