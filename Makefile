@@ -22,7 +22,7 @@ FMNIST := /usr/share/datasets/fashion-mnist/train-images-idx3-ubyte.gz
 PKG_INITS := $(wildcard space/__init__.py supernet/__init__.py supernet/*/__init__.py search/__init__.py)
 
 .DEFAULT_GOAL := help
-.PHONY: help install data test lint info supernet search retrain bench demo clean distclean
+.PHONY: help install data test lint info supernet search fidelity retrain bench demo clean distclean
 
 help: ## list the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | sed -E 's/^([a-z-]+):.*## /  \1\t/' | expand -t 14
@@ -57,6 +57,9 @@ supernet: install ## train the SPOS supernet with torchrun on NPROC workers
 
 search: install ## evolutionary search over the trained supernet
 	$(PY) -m search.evolve $(ARGS)
+
+fidelity: install ## ranking fidelity of a supernet vs training from scratch (make fidelity ARGS="checkpoint=...")
+	$(PY) -m supernet.engine.launch --standalone --nproc_per_node=$(NPROC) -m search.fidelity $(ARGS)
 
 retrain: install ## train an exported architecture from scratch (make retrain ARCH=path/to/arch.json)
 	@test -n "$(ARCH)" || { echo "make retrain: set ARCH=path/to/arch.json" >&2; exit 1; }

@@ -5,7 +5,9 @@
    median ratio over the paths of steps 0..K-1;
 2. `python -m supernet.train` on 2 gloo ranks vs 1 process at the same global batch, both on all cores;
 3. the wall time of one fmnist_2d supernet epoch with the default config;
-4. the Fashion-MNIST TensorLoader (with augmentation) alone, and its share of a supernet step.
+4. the Fashion-MNIST TensorLoader (with augmentation) alone, and its share of a supernet step;
+5. the cost of a supernet optimizer step under each path sampler (``sampler=``, ``distill=``) relative to
+   SPOS's uniform one, the factor by which a run must be shorter to train for the same wall-clock time.
 
 Run it on an otherwise idle machine: a process with 2 OpenMP threads slows down several-fold whenever
 anything else holds one of 2 cores, which swamps every ratio here.
@@ -39,6 +41,7 @@ from supernet.model.supernet import Supernet
 from supernet.retrain import RetrainTask
 from supernet.train import SupernetTask
 
+
 REPO = Path(__file__).resolve().parents[1]
 CONF = REPO / "conf"
 
@@ -69,7 +72,7 @@ def supernet_vs_standalone(preset: str, data: DataBundle, n_archs: int, reps: in
 
     ratios, t_supers, t_subs, path_macs = [], [], [], []
     for step in range(n_archs):
-        arch = task.sampler(step)
+        arch = task.sampler(step)  # uniform sampling: one path per step
         path_macs.append(macs(arch))
         sub = task.net.extract(arch).train()
         # train_step writes nothing: run_dir only has to be set
@@ -181,6 +184,36 @@ def loader_throughput(loader: TensorLoader, t_step: float, reps: int) -> None:
           f"(fmnist_2d step from section 1: {t_step * 1e3:.0f} ms)")
 
 
+SAMPLER_VARIANTS = {"uniform": (), "flops_bins": ("sampler=flops_bins",), "sandwich": ("sampler=sandwich",),
+                    "sandwich+distill": ("sampler=sandwich", "distill=inplace")}
+
+
+def sampler_costs(data: DataBundle, steps: int, reps: int) -> dict[str, float]:
+    """Mean seconds per optimizer step of each sampler over steps 0..steps-1 (each step's own paths), timed
+    round-robin; prints them relative to uniform and returns them."""
+    env = DistEnv(0, 1, 0, torch.device("cpu"))
+    batch = next(iter(data.train.epoch(0)))
+    trainers = {}
+    for name, overrides in SAMPLER_VARIANTS.items():
+        cfg = _compose("space=fmnist_2d", "max_steps=100000", *overrides)
+        torch.manual_seed(cfg.seed)
+        task = SupernetTask(Supernet(SearchSpace.from_config(cfg.space)), cfg, data, env)
+        trainers[name] = Trainer(task, data, cfg, env)
+
+    def run(trainer: Trainer) -> None:
+        for step in range(steps):
+            trainer.step = step  # the same steps' paths every repetition
+            trainer.train_step(*batch, False)
+
+    times = dict(zip(trainers, interleaved([lambda t=t: run(t) for t in trainers.values()], reps=reps)))
+    base = times["uniform"] / steps
+    print(f"  fmnist_2d supernet step by sampler, batch {data.train.batch_size}, mean over the paths of steps "
+          f"0..{steps - 1}:")
+    for name, t in times.items():
+        print(f"    {name:17s} {t / steps * 1e3:7.0f} ms/step   x{t / steps / base:.2f} of uniform")
+    return {k: v / steps for k, v in times.items()}
+
+
 def main(quick: bool = False) -> None:
     torch.set_num_threads(torch.get_num_threads())
     n, reps, steps, log_every = (3, 3, 30, 5) if quick else (8, 5, 60, 10)
@@ -192,6 +225,7 @@ def main(quick: bool = False) -> None:
         one = ranks_vs_one(Path(tmp), 256, steps, log_every)  # its 1-process run is the default config
         epoch_time(Path(tmp), len(data.train), one if quick else None)
     loader_throughput(data.train, t_step, 1 if quick else 3)
+    sampler_costs(data, 4 if quick else 12, 1 if quick else 3)
 
 
 if __name__ == "__main__":

@@ -24,12 +24,15 @@ from supernet.model.supernet import Supernet
 Batches = list[tuple[torch.Tensor, torch.Tensor]]  # (images (B, C, H, W), labels (B,)) kept on the device
 
 
-def validation_batches(data_cfg: dict[str, Any], images: int, batch_size: int, device: torch.device) -> Batches:
-    """The first ``images`` images of the held-out validation split, as batches kept in memory."""
+def validation_batches(data_cfg: dict[str, Any], images: int | None, batch_size: int,
+                       device: torch.device) -> Batches:
+    """The first ``images`` images (None: all) of the held-out validation split, as batches kept in memory."""
     cfg = {**data_cfg, "eval_batch_size": batch_size}
     data = build_data(cfg, rank=0, world_size=1, device=device)  # every rank holds the whole subset
     if data.val is None:
         raise UserError("data.val_size: the supernet was trained without a validation split; search needs one")
+    if images is None:
+        images = data.val.num_examples
     if images > data.val.num_examples:  # scoring fewer images than asked for would go unnoticed
         raise UserError(f"eval_images: {images} but the validation split holds {data.val.num_examples} images "
                         f"(allowed: 1..{data.val.num_examples})")

@@ -22,6 +22,7 @@ The layout this mirrors (supernet/model/layers.py builds exactly this):
 from __future__ import annotations
 
 from dataclasses import dataclass
+from functools import lru_cache
 
 from space.arch import ArchSpec
 
@@ -63,6 +64,7 @@ def layer_cost(seq: int, dim: int, hidden: int, shared_second: bool = False) -> 
         _linear(seq, hidden, dim)
 
 
+@lru_cache(maxsize=4096)  # a space has few (op, seq, dim, hidden) combinations; search and picking ask often
 def cell_cost(op: str, seq: int, dim: int, hidden: int) -> Cost:
     """Cost of one cell: ``basic`` (one layer), ``shared`` (a pair sharing attention) or ``identity``."""
     if op == "basic":

@@ -23,6 +23,7 @@ class Key:
     low: float | None = None  # inclusive lower bound
     positive: bool = False  # strictly above zero
     high: float | None = None  # exclusive upper bound
+    most: float | None = None  # inclusive upper bound
     choices: tuple[str, ...] = ()
     nullable: bool = False
 
@@ -39,7 +40,7 @@ class Key:
             ok = False
         if ok and self.kind in ("int", "float"):
             ok = ((self.low is None or v >= self.low) and (self.high is None or v < self.high)
-                  and (not self.positive or v > 0))
+                  and (self.most is None or v <= self.most) and (not self.positive or v > 0))
         return None if ok else self.allowed()
 
     def allowed(self) -> str:
@@ -51,10 +52,13 @@ class Key:
             text = "a non-empty string"
         elif self.kind == "bool":
             text = "true or false"
+        elif self.low is not None and self.most is not None:
+            text = f"{'an integer' if self.kind == 'int' else 'a number'} in [{self.low:g}, {self.most:g}]"
         else:
             noun = "an integer" if self.kind == "int" else "a number"
             bounds = ["> 0" if self.positive else "", f">= {self.low:g}" if self.low is not None else "",
-                      f"< {self.high:g}" if self.high is not None else ""]
+                      f"< {self.high:g}" if self.high is not None else "",
+                      f"<= {self.most:g}" if self.most is not None else ""]
             text = " ".join([noun] + [b for b in bounds if b])
         return text + (", or null" if self.nullable else "")
 
@@ -85,7 +89,9 @@ RUN = {
     "eval.max_batches": Key("int", low=1, nullable=True),
 }
 SUPERNET = {**RUN, "run_dir": Key("str"), "max_steps": Key("int", low=1, nullable=True),
-            "sampler": Key("str", choices=("uniform", "flops_bins")), "flops_bins": Key("int", low=1),
+            "sampler": Key("str", choices=("uniform", "flops_bins", "sandwich")), "flops_bins": Key("int", low=1),
+            "sandwich_n": Key("int", low=0), "distill": Key("str", choices=("none", "inplace")),
+            "distill_weight": Key("float", low=0, most=1),
             "eval.n_random": Key("int", low=0)}
 # arch= and checkpoint= are nullable here: the apps explain what to pass when they are missing.
 RETRAIN = {**RUN, "arch": Key("str", nullable=True), "run_dir": Key("str", nullable=True),
@@ -97,6 +103,15 @@ EVOLVE = {"checkpoint": Key("str", nullable=True), "run_dir": Key("str", nullabl
           "params_max": Key("float", low=0, nullable=True), "eval_images": Key("int", low=1),
           "eval_batch_size": Key("int", low=1), "data_root": Key("str", nullable=True), "device": RUN["device"],
           "amp": RUN["amp"], "progress": RUN["progress"], "show_top": Key("int", low=0)}
+
+FIDELITY = {"checkpoint": EVOLVE["checkpoint"], "run_dir": Key("str", nullable=True),
+            "standalone_dir": Key("str", nullable=True), "seed": RUN["seed"], "archs": Key("int", low=3),
+            "band_archs": Key("int", low=3), "seeds": Key("int", low=1), "topk": Key("int", low=1),
+            "bootstrap": Key("int", low=100), "eval_batch_size": Key("int", low=1),
+            "data_root": Key("str", nullable=True), "device": RUN["device"], "amp": RUN["amp"],
+            "progress": RUN["progress"], "standalone.max_steps": Key("int", low=1, nullable=True),
+            "standalone.ckpt_every": RUN["ckpt_every"],
+            **{f"standalone.{k}": v for k, v in RUN.items() if k.startswith("optim.")}}
 
 
 def check_config(cfg: Mapping[str, Any], schema: Mapping[str, Key]) -> None:

@@ -100,17 +100,10 @@ def retrain(cfg: DictConfig) -> dict[str, Any]:
         cfg.run_dir = str(cfg.run_dir or default_run_dir(arch_path))
     with distributed(cfg.device) as env:
         data = build_data(cfg.data, env.rank, env.world_size, env.device, test=True)
-        check_fits("arch", arch, data)
-        model, supernet_sha256 = initial_model(arch, cfg)
-        model = model.to(env.device)
         t0 = time.perf_counter()
-        task = RetrainTask(model, arch, arch_path.stem, cfg, data, env, supernet_sha256)
-        res = Trainer(task, data, cfg, env).fit()
+        model, res = train_arch(arch, arch_path.stem, cfg, data, env)
         if res.stopped:
             return {}
-        model.eval()
-        if cfg.eval.every and "model" not in res.val:  # a rerun after a kill between checkpoint and result.json
-            res.val.update(task.validate())
         test_acc = top1(model, data.test, env, None, cfg.amp)
         result = result_record(arch, arch_path, cfg, res, data, env, test_acc, time.perf_counter() - t0)
     if env.is_main:
@@ -118,6 +111,21 @@ def retrain(cfg: DictConfig) -> dict[str, Any]:
         print(f"{arch.short()}: test top-1 {test_acc:.4f} ({data.name} official test split), "
               f"{macs(arch) / 1e6:.2f} M MACs, {params(arch) / 1e3:.1f} K params -> {out}")
     return result
+
+
+def train_arch(arch: ArchSpec, name: str, cfg: DictConfig, data: DataBundle,
+               env: DistEnv) -> tuple[nn.Module, FitResult]:
+    """Train ``arch`` as ``cfg`` says on ``data`` (resuming ``cfg.run_dir``); returns the model, in eval mode,
+    and the run's result, whose ``val`` holds the final validation unless the run was stopped or
+    ``eval.every`` is 0."""
+    check_fits("arch", arch, data)
+    model, supernet_sha256 = initial_model(arch, cfg)
+    task = RetrainTask(model.to(env.device), arch, name, cfg, data, env, supernet_sha256)
+    res = Trainer(task, data, cfg, env).fit()
+    task.net.eval()
+    if not res.stopped and cfg.eval.every and "model" not in res.val:  # rerun after a kill before result.json
+        res.val.update(task.validate())
+    return task.net, res
 
 
 def result_record(arch: ArchSpec, arch_path: Path, cfg: DictConfig, res: FitResult, data: DataBundle,

@@ -8,8 +8,11 @@ Many machines (run on each node, NODE_RANK = 0..N-1):
     torchrun --nnodes=N --node_rank=$NODE_RANK --nproc_per_node=8 --rdzv_backend=c10d \
         --rdzv_endpoint=$MASTER_HOST:29500 -m supernet.train space=imagenet_tiny_2d ...
 
-Each step trains one path, drawn from an RNG seeded by (seed, step) (space/samplers.py): every rank trains
-the same path without communicating, and a resumed run replays exactly the paths of an uninterrupted one.
+Each step trains one path (SPOS: ``sampler=uniform`` or ``flops_bins``) or, with ``sampler=sandwich``, the
+largest, the smallest and ``sandwich_n`` random paths with their gradients accumulated (BigNAS), the largest
+optionally teaching the others its soft predictions (``distill=inplace``). The paths are drawn from an RNG
+seeded by (seed, step) (space/samplers.py): every rank trains the same paths without communicating, and a
+resumed run replays exactly the paths of an uninterrupted one.
 
 DDP with a path that changes every step: parameters off the path must neither block the gradient
 reduction nor be updated. DDP's reducer needs ``find_unused_parameters=True`` for that, which walks the
@@ -35,13 +38,14 @@ from omegaconf import DictConfig, OmegaConf
 from space.app import CONF_DIR, check_overrides, check_fits, run_app
 from space.arch import ArchSpec
 from space.cost import macs
+from space.errors import UserError
 from space.samplers import make_sampler
 from space.schema import SUPERNET, check_config
 from space.space import SearchSpace
 from supernet.data import DataBundle, build_data
 from supernet.engine.checkpoint import config_hash
 from supernet.engine.distributed import DistEnv, distributed
-from supernet.engine.loop import FitResult, Task, Trainer, top1
+from supernet.engine.loop import FitResult, LossBackward, Task, Trainer, top1
 from supernet.model.supernet import Supernet
 
 
@@ -55,30 +59,46 @@ def tracked_archs(space: SearchSpace, seed: int, n_random: int) -> dict[str, Arc
 
 
 class SupernetTask(Task):
-    """SPOS: step ``t`` trains the path ``sampler(t)``; validation runs the tracked paths."""
+    """Step ``t`` trains the paths ``sampler.paths(t)``, their gradients accumulated into one optimizer step
+    (one path for SPOS's samplers; the sandwich rule's largest, smallest and random ones, the largest
+    optionally teaching the others); validation runs the tracked paths."""
 
     name = "supernet"
 
     def __init__(self, net: Supernet, cfg: DictConfig, data: DataBundle, env: DistEnv) -> None:
         space = net.space
         self.net, self.data, self.env, self.cfg = net, data, env, cfg
-        self.sampler = make_sampler(cfg.sampler, space, cfg.seed, cfg.flops_bins)
+        self.sampler = make_sampler(cfg.sampler, space, cfg.seed, cfg.flops_bins, cfg.sandwich_n)
         self.tracked = tracked_archs(space, cfg.seed, cfg.eval.n_random)
         space_cfg = space.to_config()
         self.identity = {"space": space_cfg, "sampler": cfg.sampler}
         if cfg.sampler == "flops_bins":
             self.identity["flops_bins"] = cfg.flops_bins
+        if cfg.sampler == "sandwich":
+            self.identity.update(sandwich_n=cfg.sandwich_n, distill=cfg.distill)
+            if cfg.distill == "inplace":
+                self.identity["distill_weight"] = cfg.distill_weight
         self.checkpoint_extras = {"space": space_cfg, "space_hash": config_hash(space_cfg)}
-        self.path: ArchSpec | None = None  # the path of the step in flight
+        self.paths: list[ArchSpec] = []  # the paths of the step in flight
         self.paths_digest = ""  # hash chain of the trained paths: equal digests = identical path sequences
 
-    def forward(self, x: torch.Tensor, step: int) -> torch.Tensor:
-        self.path = self.sampler(step)
-        return self.net(x, self.path)
+    def backward(self, x: torch.Tensor, y: torch.Tensor, step: int, loss: LossBackward) -> torch.Tensor:
+        """Each path's loss, scaled by 1 / paths so the step's gradient is their mean; with
+        ``distill=inplace`` every path after the first (the largest) also fits its soft predictions."""
+        self.paths = self.sampler.paths(step)
+        losses, teacher = [], None
+        for path in self.paths:
+            soft = {} if teacher is None else {"soft": teacher, "soft_weight": self.cfg.distill_weight}
+            value, logits = loss(lambda p=path: self.net(x, p), y, scale=1 / len(self.paths), **soft)
+            if self.cfg.distill == "inplace" and teacher is None:
+                teacher = logits.float().softmax(-1)
+            losses.append(value.float())
+        return torch.stack(losses).mean()
 
     def after_step(self, step: int) -> dict[str, float]:
-        self.paths_digest = hashlib.sha256((self.paths_digest + self.path.to_json()).encode()).hexdigest()
-        return {"path_macs": macs(self.path)}
+        for path in self.paths:
+            self.paths_digest = hashlib.sha256((self.paths_digest + path.to_json()).encode()).hexdigest()
+        return {"path_macs": sum(macs(p) for p in self.paths) / len(self.paths)}
 
     def validate(self) -> dict[str, float]:
         if self.data.val is None:
@@ -102,6 +122,9 @@ class TrainResult(FitResult):
 def train(cfg: DictConfig) -> TrainResult:
     """Train the supernet described by ``cfg`` (conf/supernet.yaml); resumable, DDP-aware."""
     check_config(OmegaConf.to_container(cfg, resolve=True), SUPERNET)
+    if cfg.distill != "none" and cfg.sampler != "sandwich":
+        raise UserError(f"distill: {cfg.distill} needs sampler=sandwich (the teacher is the largest path, which "
+                        "only the sandwich rule trains every step); set sampler=sandwich or distill=none")
     with distributed(cfg.device) as env:
         space = SearchSpace.from_config(cfg.space)
         data = build_data(cfg.data, env.rank, env.world_size, env.device)

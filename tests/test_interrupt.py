@@ -82,7 +82,8 @@ def _paths_digest(cfg, steps: int) -> str:
 
     sampler, d = make_sampler(cfg.sampler, SearchSpace.from_config(cfg.space), cfg.seed, cfg.flops_bins), ""
     for t in range(steps):
-        d = hashlib.sha256((d + sampler(t).to_json()).encode()).hexdigest()
+        for path in sampler.paths(t):
+            d = hashlib.sha256((d + path.to_json()).encode()).hexdigest()
     return d
 
 

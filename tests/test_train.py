@@ -226,7 +226,8 @@ def test_flops_bins_sampler_trains_its_own_paths(tmp_path):
     def digest(sampler) -> str:
         d = ""
         for t in range(4):
-            d = hashlib.sha256((d + sampler(t).to_json()).encode()).hexdigest()
+            for path in sampler.paths(t):
+                d = hashlib.sha256((d + path.to_json()).encode()).hexdigest()
         return d
 
     space = SearchSpace.from_config(cfg.space)
@@ -237,6 +238,6 @@ def test_flops_bins_sampler_trains_its_own_paths(tmp_path):
 def test_unknown_sampler_is_a_user_error(tmp_path):
     from supernet.train import train
 
-    with pytest.raises(UserError, match=r"sampler: 'foo' is not allowed \(allowed: uniform, flops_bins\)"):
+    with pytest.raises(UserError, match=r"sampler: 'foo' is not allowed \(allowed: uniform, flops_bins, sandwich\)"):
         train(make_cfg(tmp_path, "max_steps=1", "sampler=foo"))
     assert not (tmp_path / "last.ckpt").exists()

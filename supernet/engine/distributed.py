@@ -106,6 +106,15 @@ def allreduce_gradients(params: Iterable[nn.Parameter], env: DistEnv, bucket_byt
             bucket, size = [], 0
 
 
+def gather_objects(obj: Any, env: DistEnv) -> list[Any]:
+    """Every rank's ``obj`` (picklable), in rank order, on every rank."""
+    if not env.distributed:
+        return [obj]
+    out: list[Any] = [None] * env.world_size
+    dist.all_gather_object(out, obj)
+    return out
+
+
 def allreduce_sum(values: list[float], env: DistEnv) -> list[float]:
     """Sum a few scalars over ranks (one collective)."""
     if not env.distributed:

@@ -44,6 +44,11 @@ class Task:
         """Logits of the batch ``x`` at ``step``."""
         raise NotImplementedError
 
+    def backward(self, x: Tensor, y: Tensor, step: int, loss: LossBackward) -> Tensor:
+        """Accumulate the gradients of step ``step`` into ``.grad``; returns the step's loss (detached).
+        One forward by default; a task that trains several paths per step overrides this."""
+        return loss(lambda: self.forward(x, step), y)[0]
+
     def validate(self) -> dict[str, float]:
         """Name -> top-1 on the validation split (the net is in eval mode)."""
         return {}
@@ -58,6 +63,26 @@ class Task:
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         pass
+
+
+class LossBackward:
+    """Forward under autocast, the training loss, and backward of ``scale`` x loss: what one path of a step
+    costs. The loss is cross-entropy with label smoothing against the labels, mixed with weight ``soft_weight``
+    with cross-entropy against ``soft`` target probabilities (in-place distillation)."""
+
+    def __init__(self, device: torch.device, amp: bool, label_smoothing: float) -> None:
+        self.device, self.amp, self.label_smoothing = device, amp, label_smoothing
+
+    def __call__(self, forward: Callable[[], Tensor], y: Tensor, *, soft: Tensor | None = None,
+                 soft_weight: float = 0.0, scale: float = 1.0) -> tuple[Tensor, Tensor]:
+        """Returns the loss and the logits, both detached."""
+        with autocast(self.device, self.amp):
+            logits = forward()
+            loss = F.cross_entropy(logits, y, label_smoothing=self.label_smoothing)
+            if soft is not None:
+                loss = (1 - soft_weight) * loss + soft_weight * F.cross_entropy(logits.float(), soft)
+        (loss * scale).backward()
+        return loss.detach(), logits.detach()
 
 
 @dataclass
@@ -106,6 +131,7 @@ class Trainer:
         self.saved_step: int | None = None  # step of the checkpoint on disk
         self.lr_history: list[dict[str, float]] = []  # peak-lr restarts (resume_lr=), kept in the checkpoint
         self.identity = run_identity(task, cfg, env)
+        self.loss = LossBackward(env.device, cfg.amp, cfg.optim.label_smoothing)
         self.writer: Any = None
 
     # ----------------------------------------------------------------- named steps
@@ -151,10 +177,8 @@ class Trainer:
         """One optimizer step on the batch; returns the mean loss over ranks, whether any rank asked to stop,
         and the step's extra scalars (the task's, and ``grad_norm`` when clipping is on)."""
         net, o = self.task.net, self.cfg.optim
-        with autocast(self.env.device, self.cfg.amp):
-            loss = F.cross_entropy(self.task.forward(x, self.step), y, label_smoothing=o.label_smoothing)
         self.opt.zero_grad(set_to_none=True)
-        loss.backward()
+        loss = self.task.backward(x, y, self.step, self.loss)
         # one collective agrees on the mean loss and on stopping (a signal may reach ranks a step apart)
         loss_sum, stop_votes = allreduce_sum([loss.item(), float(stop_requested)], self.env)
         loss_val = loss_sum / self.env.world_size
