@@ -38,7 +38,7 @@ from supernet.data import DataBundle, TensorLoader, build_data
 from supernet.engine.distributed import DistEnv
 from supernet.engine.loop import Trainer
 from supernet.model.supernet import Supernet
-from supernet.retrain import RetrainTask
+from supernet.engine.standalone import RetrainTask
 from supernet.train import SupernetTask
 
 

@@ -217,7 +217,7 @@ def standalone_run(arch: ArchSpec, seed: int, run_dir: Path, data_cfg: dict[str,
     from supernet.data import build_data
     from supernet.engine.distributed import DistEnv
     from supernet.engine.loop import top1
-    from supernet.retrain import train_arch
+    from supernet.engine.standalone import train_arch
 
     rcfg = OmegaConf.create(standalone_cfg(cfg, data_cfg, seed, run_dir))
     setup = {k: v for k, v in OmegaConf.to_container(rcfg).items() if k in ("seed", "max_steps", "optim", "amp")}

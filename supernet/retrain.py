@@ -15,62 +15,26 @@ on the dataset's official test split, which neither supernet training nor search
 from __future__ import annotations
 
 import json
-import os
 import time
 from pathlib import Path
 from typing import Any
 
 import hydra
-import torch
 from omegaconf import DictConfig, OmegaConf, open_dict
-from torch import nn
 
-from space.app import CONF_DIR, check_overrides, atomic_write, check_fits, run_app
+from space.app import CONF_DIR, check_overrides, atomic_write, run_app
 from space.arch import ArchSpec
 from space.cost import macs, params
 from space.errors import UserError
 from space.schema import RETRAIN, check_config
 from supernet.data import DataBundle, build_data
 from supernet.engine.distributed import DistEnv, allreduce_sum, distributed
-from supernet.engine.loop import FitResult, Task, Trainer, top1
-from supernet.model.psvit import PSViT
+from supernet.engine.loop import FitResult, top1
+from supernet.engine.standalone import train_arch
 
 
 def default_run_dir(arch_path: Path) -> Path:
     return arch_path.parent / f"retrain_{arch_path.stem}"
-
-
-class RetrainTask(Task):
-    """One fixed architecture; validated on the held-out training images."""
-
-    def __init__(self, model: nn.Module, arch: ArchSpec, name: str, cfg: DictConfig, data: DataBundle,
-                 env: DistEnv, supernet_sha256: str | None = None) -> None:
-        self.net, self.name, self.cfg, self.data, self.env = model, f"retrain {name}", cfg, data, env
-        self.identity = {"arch": arch.to_dict(), "init": cfg.init, "supernet_sha256": supernet_sha256}
-
-    def forward(self, x: torch.Tensor, step: int) -> torch.Tensor:
-        return self.net(x)
-
-    def validate(self) -> dict[str, float]:
-        if self.data.val is None:
-            return {}
-        return {"model": top1(self.net, self.data.val, self.env, self.cfg.eval.max_batches, self.cfg.amp)}
-
-
-def initial_model(arch: ArchSpec, cfg: DictConfig) -> tuple[nn.Module, str | None]:
-    """A fresh ``PSViT(arch)``, or with ``init=inherit`` the path ``arch`` extracted from the supernet and the
-    sha256 of the supernet checkpoint it came from."""
-    need, have = params(arch) * 16, os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
-    if need > have:  # weights, gradients and two AdamW moments in fp32, before a single activation
-        raise UserError(f"arch: {params(arch):,} parameters need {need / 2**30:.1f} GiB for training state alone, "
-                        f"more than this machine's {have / 2**30:.1f} GiB (check the stages' dim and tokens)")
-    torch.manual_seed(cfg.seed)
-    if cfg.init == "scratch":
-        return PSViT(arch), None
-    from supernet.engine.checkpoint import load_supernet  # the supernet is imported for init=inherit only
-
-    sck = load_supernet(Path(cfg.supernet), torch.device("cpu"))
-    return sck.net.extract(arch), sck.sha256  # extract raises ArchError naming the field if arch is off its paths
 
 
 def check_args(cfg: DictConfig) -> ArchSpec:
@@ -111,21 +75,6 @@ def retrain(cfg: DictConfig) -> dict[str, Any]:
         print(f"{arch.short()}: test top-1 {test_acc:.4f} ({data.name} official test split), "
               f"{macs(arch) / 1e6:.2f} M MACs, {params(arch) / 1e3:.1f} K params -> {out}")
     return result
-
-
-def train_arch(arch: ArchSpec, name: str, cfg: DictConfig, data: DataBundle,
-               env: DistEnv) -> tuple[nn.Module, FitResult]:
-    """Train ``arch`` as ``cfg`` says on ``data`` (resuming ``cfg.run_dir``); returns the model, in eval mode,
-    and the run's result, whose ``val`` holds the final validation unless the run was stopped or
-    ``eval.every`` is 0."""
-    check_fits("arch", arch, data)
-    model, supernet_sha256 = initial_model(arch, cfg)
-    task = RetrainTask(model.to(env.device), arch, name, cfg, data, env, supernet_sha256)
-    res = Trainer(task, data, cfg, env).fit()
-    task.net.eval()
-    if not res.stopped and cfg.eval.every and "model" not in res.val:  # rerun after a kill before result.json
-        res.val.update(task.validate())
-    return task.net, res
 
 
 def result_record(arch: ArchSpec, arch_path: Path, cfg: DictConfig, res: FitResult, data: DataBundle,

@@ -14,7 +14,8 @@ import pytest
 
 REPO = Path(__file__).resolve().parents[1]
 PACKAGES = ("space", "supernet", "search")
-APPS = ("supernet.train", "supernet.retrain", "search.evolve", "space.info", "space.baselines")
+APPS = ("supernet.train", "supernet.retrain", "search.evolve", "search.fidelity", "space.info",
+        "space.baselines")
 MAX_FUNCTION_LINES = 60
 
 

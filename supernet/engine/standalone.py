@@ -1,0 +1,71 @@
+"""One fixed architecture trained by the shared loop: the task, the initial model (fresh, or a path's weights
+inherited from a supernet) and ``train_arch``. Used by retraining (`supernet.retrain`) and by the fidelity
+study's stand-alone runs (`search.fidelity`), so neither app imports the other. The supernet model is only
+imported for ``init=inherit``.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import torch
+from omegaconf import DictConfig
+from torch import nn
+
+from space.app import check_fits
+from space.arch import ArchSpec
+from space.cost import params
+from space.errors import UserError
+from supernet.data import DataBundle
+from supernet.engine.distributed import DistEnv
+from supernet.engine.loop import FitResult, Task, Trainer, top1
+from supernet.model.psvit import PSViT
+
+
+class RetrainTask(Task):
+    """One fixed architecture; validated on the held-out training images."""
+
+    def __init__(self, model: nn.Module, arch: ArchSpec, name: str, cfg: DictConfig, data: DataBundle,
+                 env: DistEnv, supernet_sha256: str | None = None) -> None:
+        self.net, self.name, self.cfg, self.data, self.env = model, f"retrain {name}", cfg, data, env
+        self.identity = {"arch": arch.to_dict(), "init": cfg.init, "supernet_sha256": supernet_sha256}
+
+    def forward(self, x: torch.Tensor, step: int) -> torch.Tensor:
+        return self.net(x)
+
+    def validate(self) -> dict[str, float]:
+        if self.data.val is None:
+            return {}
+        return {"model": top1(self.net, self.data.val, self.env, self.cfg.eval.max_batches, self.cfg.amp)}
+
+
+def initial_model(arch: ArchSpec, cfg: DictConfig) -> tuple[nn.Module, str | None]:
+    """A fresh ``PSViT(arch)``, or with ``init=inherit`` the path ``arch`` extracted from the supernet and the
+    sha256 of the supernet checkpoint it came from."""
+    need, have = params(arch) * 16, os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    if need > have:  # weights, gradients and two AdamW moments in fp32, before a single activation
+        raise UserError(f"arch: {params(arch):,} parameters need {need / 2**30:.1f} GiB for training state alone, "
+                        f"more than this machine's {have / 2**30:.1f} GiB (check the stages' dim and tokens)")
+    torch.manual_seed(cfg.seed)
+    if cfg.init == "scratch":
+        return PSViT(arch), None
+    from supernet.engine.checkpoint import load_supernet  # the supernet is imported for init=inherit only
+
+    sck = load_supernet(Path(cfg.supernet), torch.device("cpu"))
+    return sck.net.extract(arch), sck.sha256  # extract raises ArchError naming the field if arch is off its paths
+
+
+def train_arch(arch: ArchSpec, name: str, cfg: DictConfig, data: DataBundle,
+               env: DistEnv) -> tuple[nn.Module, FitResult]:
+    """Train ``arch`` as ``cfg`` says on ``data`` (resuming ``cfg.run_dir``); returns the model, in eval mode,
+    and the run's result, whose ``val`` holds the final validation unless the run was stopped or
+    ``eval.every`` is 0."""
+    check_fits("arch", arch, data)
+    model, supernet_sha256 = initial_model(arch, cfg)
+    task = RetrainTask(model.to(env.device), arch, name, cfg, data, env, supernet_sha256)
+    res = Trainer(task, data, cfg, env).fit()
+    task.net.eval()
+    if not res.stopped and cfg.eval.every and "model" not in res.val:  # rerun after a kill before result.json
+        res.val.update(task.validate())
+    return task.net, res
