@@ -19,9 +19,10 @@ from space.errors import UserError
 
 def deit_like(target_macs: float, img_size: int, patch_size: int, in_chans: int, num_classes: int,
               mlp_ratio: float, head_dim: int, dims: Sequence[int], depths: Sequence[int] = range(4, 17),
-              ) -> ArchSpec:
-    """The DeiT layout (1D, CLS token, ``depth`` basic layers at one ``dim``) whose MACs are closest to
-    ``target_macs`` among ``dims`` x ``depths``; ties go to the shallower net."""
+              by: str = "macs") -> ArchSpec:
+    """The DeiT layout (1D, CLS token, ``depth`` basic layers at one ``dim``) whose MACs (``by="params"``: whose
+    parameter count) are closest to ``target_macs`` among ``dims`` x ``depths``; ties go to the shallower net."""
+    cost = {"macs": macs, "params": params}[by]
     grid = img_size // patch_size
     best: tuple[float, int, ArchSpec] | None = None
     for dim in dims:
@@ -29,7 +30,7 @@ def deit_like(target_macs: float, img_size: int, patch_size: int, in_chans: int,
             arch = ArchSpec(pooling="1d", img_size=img_size, patch_size=patch_size, in_chans=in_chans,
                             num_classes=num_classes, mlp_ratio=float(mlp_ratio),
                             stages=(StageSpec(grid * grid, dim, dim // head_dim, ("basic",) * depth),))
-            key = (abs(macs(arch) - target_macs), depth, arch)
+            key = (abs(cost(arch) - target_macs), depth, arch)
             if best is None or key[:2] < best[:2]:
                 best = key
     assert best is not None
