@@ -3,12 +3,15 @@
 PYTHON ?= python3
 PY := .venv/bin/python
 PIP := $(PY) -m pip
-# Pinned first so `pip install -e .` finds torch>=2.3 already satisfied and downloads no other build.
-# CUDA users: make install TORCH_REQ="torch==2.13.0 --index-url <wheel index>"
-TORCH_REQ ?= torch==2.13.0
+# Pinned first so `pip install -e .` finds torch>=2.3 already satisfied and downloads no other build. The standard
+# build runs on CPU and CUDA; torchvision must be the release made for it (image folders, the DeiT recipe).
+# Another build: make install TORCH_REQ="torch==X torchvision==Y --index-url <wheel index>"
+TORCH_REQ ?= torch==2.14.1 torchvision==0.29.1
 # Hydra overrides passed through to the apps, e.g. make supernet ARGS="space=fmnist_1d train.epochs=2"
 ARGS ?=
 PYTEST_ARGS ?=
+# pytest worker processes (pytest-xdist), each given whole test files; 0 runs the suite in this process
+TEST_WORKERS ?= 2
 # Architecture JSON for `make retrain`.
 ARCH ?=
 # One worker per visible GPU (CUDA_VISIBLE_DEVICES wins over nvidia-smi); 1 on CPU-only machines.
@@ -32,7 +35,7 @@ install: .venv/.installed data ## create .venv and install the package with the 
 .venv/.installed: setup.cfg pyproject.toml Makefile $(PKG_INITS)
 	test -x $(PY) || $(PYTHON) -m venv .venv
 	$(PIP) install $(TORCH_REQ)
-	$(PIP) install -e '.[dev]'
+	$(PIP) install -e '.[dev,imagenet]'
 	touch $@
 
 data: ## make sure Fashion-MNIST is in /usr/share/datasets (Debian package); never fails
@@ -44,7 +47,7 @@ data: ## make sure Fashion-MNIST is in /usr/share/datasets (Debian package); nev
 	[ -f $(FMNIST) ] || echo "make data: Fashion-MNIST not found at $(FMNIST); install the Debian package dataset-fashion-mnist (as root) or pass data.root=DIR to the apps" >&2
 
 test: install ## run the test suite (PYTEST_ARGS / ARGS go to pytest)
-	$(PY) -m pytest $(PYTEST_ARGS) $(ARGS)
+	$(PY) -m pytest -n $(TEST_WORKERS) --dist loadfile $(PYTEST_ARGS) $(ARGS)
 
 lint: install ## ruff over the code and tests
 	$(PY) -m ruff check space supernet search bench scripts tests

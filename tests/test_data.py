@@ -32,14 +32,6 @@ from supernet.data.readers import FMNIST_FILES
 FMNIST_ROOT = Path(DATASETS["fashion_mnist"].root)
 
 
-def _torchvision_ok() -> bool:
-    try:
-        import torchvision  # noqa: F401
-    except Exception:
-        return False
-    return True
-
-
 # ---------------------------------------------------------------------------------------------- fakes
 
 def write_cifar_batch(path: Path, data: np.ndarray, labels: list[int], label_key: str, bytes_keys: bool = False,
@@ -383,10 +375,7 @@ def test_imagenet_without_torchvision_says_how_to_install(tmp_path: Path, monkey
     assert "needs torchvision" in msg and msg.endswith("install it with pip install -e '.[imagenet]'")
 
 
-# The one skip of the suite, on purpose: torchvision is an optional extra and no wheel of it matches every torch
-# build (e.g. the CPU torch `make install` pins), so the folder reader is tested only where it is installed.
-@pytest.mark.skipif(not _torchvision_ok(), reason="optional extra not installed: torchvision cannot be imported "
-                    "next to this torch build (pip install -e '.[imagenet]' with a matching torchvision to run it)")
+# `make install` installs torchvision with the torch build it was made for, so this runs (never skips) in `make test`.
 def test_imagenet_folder_splits_and_batches(tmp_path: Path) -> None:
     from PIL import Image
 
