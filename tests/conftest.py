@@ -6,6 +6,10 @@ from __future__ import annotations
 
 import gzip
 import os
+import runpy
+import subprocess
+import sys
+import warnings
 from collections.abc import Callable
 from pathlib import Path
 
@@ -80,3 +84,33 @@ def fake_fmnist() -> Callable[..., Path]:
     """``fake_fmnist(root, n_train=60, n_test=20, gz=True) -> root``: random 28x28 images labelled ``i % 10``
     written as the four Fashion-MNIST IDX files, for tests of plumbing that runs on any machine."""
     return _fake_fmnist
+
+
+@pytest.fixture
+def run_module(monkeypatch: pytest.MonkeyPatch,
+               capsys: pytest.CaptureFixture) -> Callable[..., subprocess.CompletedProcess]:
+    """``run_module(module, *args, cwd=None) -> CompletedProcess``: what ``python -m module *args`` does, in this
+    process. ``runpy`` runs the module as ``__main__``, so the same override check, Hydra composition, app and
+    exit-code policy run, without the seconds a fresh interpreter spends importing torch. Each app keeps tests
+    that start a real process too (exit statuses through the launcher, signals, 2 ranks)."""
+
+    def run(module: str, *args: str, cwd: Path | None = None) -> subprocess.CompletedProcess:
+        from hydra.core.global_hydra import GlobalHydra
+
+        if cwd is not None:
+            monkeypatch.chdir(cwd)
+        monkeypatch.setattr(sys, "argv", [module, *args])
+        capsys.readouterr()
+        code = 0
+        try:
+            with warnings.catch_warnings():  # runpy warns that the module was imported before: harmless here
+                warnings.simplefilter("ignore", RuntimeWarning)
+                runpy.run_module(module, run_name="__main__", alter_sys=True)
+        except SystemExit as e:
+            code = e.code if isinstance(e.code, int) else (0 if e.code is None else 1)
+        finally:
+            GlobalHydra.instance().clear()
+        out, err = capsys.readouterr()
+        return subprocess.CompletedProcess([module, *args], code, out, err)
+
+    return run

@@ -208,12 +208,12 @@ def _run_info(cwd: Path, *args: str) -> subprocess.CompletedProcess:
     (None, "cannot read architecture file"),
     (json.dumps({**base(), "stages": [{**base()["stages"][0], "cells": ["shard"]}]}), "unknown op 'shard'"),
 ], ids=["malformed", "missing", "unknown-op"])
-def test_info_cli_bad_arch_is_one_error_line(tmp_path: Path, content: str | None, fragment: str) -> None:
+def test_info_cli_bad_arch_is_one_error_line(tmp_path: Path, run_module, content: str | None, fragment: str) -> None:
     bad = tmp_path / "bad.json"
     if content is not None:
         bad.write_text(content)
     before = sorted(os.listdir(tmp_path))
-    r = _run_info(tmp_path, f"arch={bad}")
+    r = run_module("space.info", f"arch={bad}", cwd=tmp_path)
     assert r.returncode == 2, r.stderr
     lines = r.stderr.splitlines()
     assert len(lines) == 1 and lines[0].startswith("error: "), r.stderr

@@ -71,14 +71,14 @@ def test_writes_the_deit_like_arch_closest_to_the_budget(tmp_path: Path) -> None
     ("dims_zero", ["--dims", "32,0"], "--dims: 0 is not a positive multiple of the space's head_dim 8"),
     ("dims_not_ints", ["--dims", "a,b"], "--dims: 'a,b' (allowed: comma-separated integers"),
 ])
-def test_bad_input_is_one_line_exit_2_and_writes_nothing(tmp_path: Path, case: str, args: list[str],
+def test_bad_input_is_one_line_exit_2_and_writes_nothing(tmp_path: Path, run_module, case: str, args: list[str],
                                                          fragment: str) -> None:
     (tmp_path / "keep.txt").write_text("untouched")
     (tmp_path / "keep.bin").write_bytes(b"\xff\xfe\x00 not UTF-8")
     opts = {"--macs": "4e6", "--space": str(FMNIST_2D), "--out": str(tmp_path / "x.json")}
     for k, v in zip(args[::2], args[1::2]):
         opts[k] = v.replace("{tmp}", str(tmp_path))
-    r = _cli(tmp_path, *[t for kv in opts.items() for t in kv])
+    r = run_module("space.baselines", *[t for kv in opts.items() for t in kv], cwd=tmp_path)
     assert r.returncode == 2, r.stderr
     lines = r.stderr.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("error: "), r.stderr

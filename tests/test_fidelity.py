@@ -153,7 +153,22 @@ def _cfg(*overrides: str):
         return compose("fidelity", overrides=list(overrides))
 
 
-def test_fidelity_end_to_end_scores_resume_and_outputs(tmp_path, supernet_ckpt):
+@pytest.fixture(scope="module")
+def reference(tmp_path_factory, supernet_ckpt) -> tuple[Path, dict]:
+    """One in-process study on one intra-op thread (what each rank of a torchrun uses): its run_dir and result."""
+    import torch
+
+    from search.fidelity import fidelity
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    out = tmp_path_factory.mktemp("fidelity") / "out"
+    res = fidelity(_cfg(f"checkpoint={supernet_ckpt}", f"run_dir={out}", *ARGS))
+    torch.set_num_threads(before)
+    return out, res
+
+
+def test_fidelity_end_to_end_scores_resume_and_outputs(supernet_ckpt, reference):
     import torch
 
     from search.fidelity import fidelity
@@ -161,9 +176,7 @@ def test_fidelity_end_to_end_scores_resume_and_outputs(tmp_path, supernet_ckpt):
     from supernet.engine.checkpoint import load_supernet
     from supernet.engine.distributed import DistEnv
 
-    torch.set_num_threads(1)
-    out = tmp_path / "out"
-    res = fidelity(_cfg(f"checkpoint={supernet_ckpt}", f"run_dir={out}", *ARGS))
+    out, res = reference
     saved = json.loads((out / "fidelity.json").read_text())
     assert saved == json.loads(json.dumps(res)) and (out / "fidelity.png").stat().st_size > 5000
     rows = saved["archs"]
@@ -188,6 +201,7 @@ def test_fidelity_end_to_end_scores_resume_and_outputs(tmp_path, supernet_ckpt):
     assert len(results) == 12
     stamps = [p.stat().st_mtime_ns for p in results]
     results[0].unlink()
+    torch.set_num_threads(1)
     again = fidelity(_cfg(f"checkpoint={supernet_ckpt}", f"run_dir={out}", *ARGS))
     assert again == res
     assert [p.stat().st_mtime_ns for p in results[1:]] == stamps[1:]
@@ -203,18 +217,15 @@ def test_standalone_results_of_other_settings_are_refused(tmp_path, supernet_ckp
 
 
 @pytest.mark.slow
-def test_two_ranks_equal_one_process(tmp_path, supernet_ckpt):
-    """Under torchrun the stand-alone runs are split over ranks, each trained alone: the same fidelity.json."""
-    outs = {}
-    for nproc in (1, 2):
-        out = tmp_path / f"n{nproc}"
-        r = subprocess.run([sys.executable, "-m", "supernet.engine.launch", "--standalone",
-                            f"--nproc_per_node={nproc}", "-m", "search.fidelity", f"checkpoint={supernet_ckpt}",
-                            f"run_dir={out}", *ARGS], cwd=REPO, env=ENV, capture_output=True, text=True)
-        assert r.returncode == 0, r.stderr[-2000:]
-        outs[nproc] = json.loads((out / "fidelity.json").read_text())
-        outs[nproc].pop("checkpoint")
-    assert outs[1] == outs[2]
+def test_two_ranks_equal_one_process(tmp_path, supernet_ckpt, reference):
+    """Under torchrun the stand-alone runs are split over 2 ranks, each trained alone: the one-process result."""
+    out = tmp_path / "n2"
+    r = subprocess.run([sys.executable, "-m", "supernet.engine.launch", "--standalone", "--nproc_per_node=2", "-m",
+                        "search.fidelity", f"checkpoint={supernet_ckpt}", f"run_dir={out}", *ARGS], cwd=REPO, env=ENV,
+                       capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert json.loads((out / "fidelity.json").read_text()) == json.loads(json.dumps(reference[1]))
+    assert len(list((out / "standalone").glob("*/result.json"))) == 12
 
 
 @pytest.mark.parametrize("overrides, message", [

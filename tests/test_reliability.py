@@ -121,8 +121,8 @@ def test_full_disk_is_one_line_and_keeps_the_previous_checkpoint(tmp_path, data_
     ("search.evolve", ["checkpoint=x.ckpt", "eval_images=0"], "error: eval_images: 0 is not allowed"),
     ("space.info", ["space=nope"], "error: config: In 'info': Could not find 'space/nope'"),
 ])
-def test_bad_command_lines_are_one_line_exit_2(tmp_path, module, args, fragment):
-    line = one_error_line(run_cli(module, *args))
+def test_bad_command_lines_are_one_line_exit_2(tmp_path, run_module, module, args, fragment):
+    line = one_error_line(run_module(module, *args, cwd=REPO))
     assert line.startswith(fragment), line
     assert not list(tmp_path.iterdir())
 
@@ -147,10 +147,10 @@ def test_bad_values_are_refused_before_any_work(tmp_path, override, message):
     assert str(e.value) == message and not (tmp_path / "run").exists()
 
 
-def test_retrain_refuses_a_checkpoint_as_architecture(tmp_path):
+def test_retrain_refuses_a_checkpoint_as_architecture(tmp_path, run_module):
     ck = tmp_path / "last.ckpt"
     torch.save({"model": {}}, ck)
-    line = one_error_line(run_cli("supernet.retrain", f"arch={ck}", f"run_dir={tmp_path / 'r'}"))
+    line = one_error_line(run_module("supernet.retrain", f"arch={ck}", f"run_dir={tmp_path / 'r'}"))
     assert "not a text file (an architecture JSON is UTF-8 text" in line
     assert not (tmp_path / "r").exists()
 

@@ -94,7 +94,7 @@ def fake_root(tmp_path_factory: pytest.TempPathFactory, fake_fmnist) -> Path:
     ("no_arch", "arch: required"),
     ("inherit_no_supernet", "supernet: init=inherit needs supernet="),
 ])
-def test_bad_input_is_one_line_exit_2(tmp_path, fake_root, case, fragment):
+def test_bad_input_is_one_line_exit_2(tmp_path, fake_root, run_module, case, fragment):
     (tmp_path / "bad.json").write_text('{"format": "psvit-arch/1", ')
     args = {"malformed": [f"arch={tmp_path / 'bad.json'}"],
             "deit_tiny": [f"arch={REPO / 'conf' / 'baselines' / 'deit_tiny.json'}"],
@@ -102,7 +102,8 @@ def test_bad_input_is_one_line_exit_2(tmp_path, fake_root, case, fragment):
             "no_arch": [],
             "inherit_no_supernet": [f"arch={REPO / 'conf' / 'baselines' / 'deit_fmnist.json'}", "init=inherit"]}[case]
     before = sorted(p.name for p in tmp_path.iterdir())
-    r = _cli(tmp_path, *args, f"data.root={fake_root}", "data.val_size=10", "data.batch_size=16")
+    r = run_module("supernet.retrain", *args, f"data.root={fake_root}", "data.val_size=10", "data.batch_size=16",
+                   "max_steps=1", cwd=tmp_path)
     assert r.returncode == 2, r.stderr
     lines = r.stderr.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("error: ") and fragment in lines[0], r.stderr
