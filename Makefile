@@ -10,7 +10,8 @@ TORCH_REQ ?= torch==2.14.1 torchvision==0.29.1
 # Hydra overrides passed through to the apps, e.g. make supernet ARGS="space=fmnist_1d train.epochs=2"
 ARGS ?=
 PYTEST_ARGS ?=
-# pytest worker processes (pytest-xdist), each given whole test files; 0 runs the suite in this process
+# pytest worker processes (pytest-xdist), each given whole test files, one intra-op thread each (the tests' own
+# processes too); TEST_WORKERS=0 runs the suite in this one process
 TEST_WORKERS ?= 2
 # Architecture JSON for `make retrain`.
 ARCH ?=
@@ -47,7 +48,7 @@ data: ## make sure Fashion-MNIST is in /usr/share/datasets (Debian package); nev
 	[ -f $(FMNIST) ] || echo "make data: Fashion-MNIST not found at $(FMNIST); install the Debian package dataset-fashion-mnist (as root) or pass data.root=DIR to the apps" >&2
 
 test: install ## run the test suite (PYTEST_ARGS / ARGS go to pytest)
-	$(PY) -m pytest -n $(TEST_WORKERS) --dist loadfile $(PYTEST_ARGS) $(ARGS)
+	OMP_NUM_THREADS=1 $(PY) -m pytest -n $(TEST_WORKERS) --dist loadfile $(PYTEST_ARGS) $(ARGS)
 
 lint: install ## ruff over the code and tests
 	$(PY) -m ruff check space supernet search bench scripts tests

@@ -32,6 +32,17 @@ def have_fmnist() -> bool:
     return all((FMNIST_ROOT / f"{n}.gz").is_file() or (FMNIST_ROOT / n).is_file() for n in FMNIST_FILES)
 
 
+# The longest files (measured), run first: `make test` hands whole files to 2 pytest-xdist workers, and a long file
+# started last would leave one core idle at the end.
+LONGEST_FIRST = ("test_interrupt.py", "test_train.py", "test_fidelity.py", "test_reliability.py",
+                 "test_search_app.py", "test_retrain.py", "test_model.py")
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    rank = {name: i for i, name in enumerate(LONGEST_FIRST)}
+    items.sort(key=lambda it: rank.get(it.path.name, len(rank)))  # stable: file order kept otherwise
+
+
 @pytest.hookimpl(tryfirst=True)
 def pytest_runtest_setup(item: pytest.Item) -> None:
     """Before any fixture runs: an `fmnist` test without the dataset fails with one line saying how to get it

@@ -52,7 +52,7 @@ def test_deit_specs_match_published_models(name, n, g):
 def test_analytic_cost_equals_model(preset):
     sp = space(preset)
     rng = random.Random(0)
-    archs = [sp.sample(rng) for _ in range(12)] + [sp.extreme("min"), sp.extreme("max")]
+    archs = [sp.sample(rng) for _ in range(6)] + [sp.extreme("min"), sp.extreme("max")]  # every op, both ends
     for arch in archs:
         with torch.device("meta"):
             assert n_params(PSViT(arch)) == params(arch), arch.short()
