@@ -5,10 +5,7 @@ test_baselines.py)."""
 from __future__ import annotations
 
 import json
-import os
 import random
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -43,7 +40,7 @@ def test_retrain_writes_test_accuracy(tmp_path):
     from omegaconf import OmegaConf
 
     space = SearchSpace.from_config(OmegaConf.load(REPO / "conf" / "space" / "fmnist_2d.yaml"))
-    arch = space.sample(random.Random(1))  # 5.7 M MACs: the 10,000 test images take seconds
+    arch = space.sample(random.Random(14))  # 1.9 M MACs, basic and shared cells: the 10,000 test images are quick
     arch.save(tmp_path / "arch.json")
     res = retrain(make_cfg("retrain", f"arch={tmp_path / 'arch.json'}", "max_steps=25", "eval.every=25",
                            "optim.lr=8e-3", "optim.warmup_epochs=0.01"))
@@ -66,19 +63,13 @@ def test_inherit_starts_from_the_supernet_path(tmp_path, supernet_ckpt):
 
     sck = load_supernet(supernet_ckpt, torch.device("cpu"))
     net = sck.net
-    arch = net.space.sample(random.Random(5))
+    arch = net.space.sample(random.Random(14))  # 1.9 M MACs, basic and shared cells
     arch.save(tmp_path / "a.json")
     res = retrain(make_cfg("retrain", f"arch={tmp_path / 'a.json'}", "init=inherit", f"supernet={supernet_ckpt}",
                            "max_steps=0", "eval.every=0"))
     data = build_data(sck.data, test=True)
     expected = top1(lambda x: net(x, arch), data.test, setup_distributed("cpu"))
     assert res["test_top1"] == expected
-
-
-def _cli(tmp_path: Path, *args: str) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "supernet.retrain", *args, "max_steps=1"], cwd=tmp_path,
-                          env={**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}, capture_output=True,
-                          text=True, timeout=120)
 
 
 @pytest.fixture(scope="module")
