@@ -139,12 +139,14 @@ ARGS = ["archs=3", "band=[3e6,5e6]", "band_archs=3", "seeds=2", "standalone.max_
 @pytest.fixture(scope="module")
 def supernet_ckpt(tmp_path_factory, fake_fmnist) -> Path:
     """A fmnist_2d supernet trained 2 steps on generated images (the app needs a checkpoint, not a good one)."""
+    from supernet.train import train
+
     root = tmp_path_factory.mktemp("fid")
     data = fake_fmnist(root / "data", n_train=96, n_test=10)
-    r = subprocess.run([sys.executable, "-m", "supernet.train", f"run_dir={root / 'sn'}", f"data.root={data}",
-                        "data.val_size=32", "data.batch_size=16", "max_steps=2", "eval.every=0", "progress=false"],
-                       cwd=REPO, env=ENV, capture_output=True, text=True)
-    assert r.returncode == 0, r.stderr
+    with initialize_config_dir(config_dir=str(REPO / "conf"), version_base="1.3"):
+        cfg = compose("supernet", overrides=[f"run_dir={root / 'sn'}", f"data.root={data}", "data.val_size=32",
+                                             "data.batch_size=16", "max_steps=2", "eval.every=0", "progress=false"])
+    train(cfg)
     return root / "sn" / "last.ckpt"
 
 
@@ -244,9 +246,8 @@ def test_bad_input_is_one_line_and_writes_nothing(tmp_path, supernet_ckpt, overr
     assert not (tmp_path / "out").exists()
 
 
-def test_cli_missing_checkpoint_exits_2_with_one_line(tmp_path):
-    r = subprocess.run([sys.executable, "-m", "search.fidelity", f"checkpoint={tmp_path / 'nope.ckpt'}",
-                        f"run_dir={tmp_path / 'out'}"], cwd=REPO, env=ENV, capture_output=True, text=True)
+def test_cli_missing_checkpoint_exits_2_with_one_line(tmp_path, run_module):
+    r = run_module("search.fidelity", f"checkpoint={tmp_path / 'nope.ckpt'}", f"run_dir={tmp_path / 'out'}", cwd=REPO)
     assert r.returncode == 2
     missing = tmp_path / "nope.ckpt"
     assert r.stderr.strip() == f"error: checkpoint: {missing} does not exist (train one with `make supernet`)"
