@@ -8,6 +8,7 @@ import pickle
 import subprocess
 import sys
 from pathlib import Path
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
@@ -27,6 +28,7 @@ from supernet.data import (
     load_fashion_mnist,
     split_train_val,
 )
+from space.errors import UserError
 from supernet.data.readers import FMNIST_FILES
 
 FMNIST_ROOT = Path(DATASETS["fashion_mnist"].root)
@@ -231,6 +233,24 @@ def test_cifar100_fine_labels_in_root(tmp_path: Path) -> None:
     assert data.num_classes == 100 and data.test.labels.tolist() == [99, 98, 97]
     x, _ = next(iter(data.train))
     assert x.shape == (5, 3, 32, 32)
+
+
+@pytest.mark.parametrize("preset", ["cifar_2d", "cifar_1d"])
+def test_cifar_presets_fit_cifar10_and_with_100_classes_cifar100(preset: str) -> None:
+    from space.app import check_fits
+    from space.space import SearchSpace
+
+    cfg = OmegaConf.load(Path(__file__).resolve().parents[1] / "conf" / "space" / f"{preset}.yaml")
+    cifar10, cifar100 = (SimpleNamespace(name=n, **_shape(DATASETS[n])) for n in ("cifar10", "cifar100"))
+    check_fits("space", SearchSpace.from_config(cfg), cifar10)
+    with pytest.raises(UserError, match="space.num_classes: 10 but dataset cifar100 has 100"):
+        check_fits("space", SearchSpace.from_config(cfg), cifar100)
+    cfg.num_classes = 100  # space.num_classes=100 on the command line
+    check_fits("space", SearchSpace.from_config(cfg), cifar100)
+
+
+def _shape(info) -> dict[str, int]:
+    return {"img_size": info.img_size, "in_chans": info.in_chans, "num_classes": info.num_classes}
 
 
 def test_cifar_missing_or_unset_root_explains_where(tmp_path: Path) -> None:

@@ -17,7 +17,8 @@ from space.space import SearchSpace
 from supernet.model.psvit import PSViT
 
 CONF = Path(__file__).resolve().parents[1] / "conf"
-PRESETS = ["fmnist_2d", "fmnist_1d", "imagenet_tiny_2d", "imagenet_tiny_1d", "imagenet_small_2d"]
+PRESETS = ["fmnist_2d", "fmnist_1d", "cifar_2d", "cifar_1d", "imagenet_tiny_2d", "imagenet_tiny_1d",
+           "imagenet_small_2d"]
 
 
 def space(name: str) -> SearchSpace:

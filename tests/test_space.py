@@ -21,7 +21,8 @@ from space.arch import ArchError, ArchSpec, StageSpec
 from space.space import SearchSpace, SpaceError
 
 REPO = Path(__file__).resolve().parent.parent
-PRESETS = ("fmnist_2d", "fmnist_1d", "imagenet_tiny_2d", "imagenet_tiny_1d", "imagenet_small_2d")
+PRESETS = ("fmnist_2d", "fmnist_1d", "cifar_2d", "cifar_1d", "imagenet_tiny_2d", "imagenet_tiny_1d",
+           "imagenet_small_2d")
 SEEDS = st.integers(0, 2**32 - 1)
 
 
@@ -82,6 +83,15 @@ def brute_force(cfg: dict[str, Any]) -> set[ArchSpec]:
 
 
 # ----------------------------------------------------------------------------- presets
+def test_plain_preset_is_fmnist_2d_without_pooling_and_sharing() -> None:
+    plain, full = preset("fmnist_2d_plain"), preset("fmnist_2d")
+    assert plain.ops == ("basic", "identity") and plain.size() == len(plain.chains) * 2 ** 18
+    assert {a.stages[i].tokens for a in (plain.sample(random.Random(k)) for k in range(50)) for i in range(3)} == {49}
+    assert [s.dims for s in plain.stages] == [s.dims for s in full.stages]
+    assert (plain.img_size, plain.patch_size, plain.mlp_ratio, plain.head_dim) == \
+        (full.img_size, full.patch_size, full.mlp_ratio, full.head_dim)
+
+
 @pytest.mark.parametrize("name", PRESETS)
 def test_preset_loads(name: str) -> None:
     space = preset(name)
