@@ -87,6 +87,16 @@ def timed(key: str, fn) -> None:
     print(f"[{key}] done ({(time.perf_counter() - t) / 60:.1f} min)", flush=True)
 
 
+def measured(file: str, key: str, fn) -> dict:
+    """``fn()``'s result, computed once (timed) and kept in ``OUT/file``, so a rerun only rewrites the page."""
+    path = OUT / file
+    if not path.exists():
+        out: dict = {}
+        timed(key, lambda: out.update(fn()))
+        path.write_text(json.dumps(out, indent=1))
+    return json.loads(path.read_text())
+
+
 def supernet_cmd(name: str) -> list[str]:
     steps, extra = SUPERNETS[name]
     return [PY, "-m", "supernet.train", f"run_dir={OUT / f'supernet_{name}'}", f"max_steps={steps}",
@@ -194,8 +204,8 @@ def main() -> None:
     band = {f"random{i}": ArchSpec.from_dict(r["arch"]) for i, r in
             enumerate(r for r in fids[default]["archs"] if "band" in r["groups"])}
     ckpt, data = fids[default]["checkpoint"], data_cfg_of(default)
-    f2: dict = {}
-    timed("F2 retrain + test", lambda: f2.update(trained_test_top1({"searched": best, **band}, ckpt, data)))
+    f2 = measured("f2_test.json", "F2 retrain + test",
+                  lambda: trained_test_top1({"searched": best, **band}, ckpt, data))
     # F3: the same search without pooling and sharing, and DeiT-like nets matched on FLOPs and on parameters
     if not trained(PLAIN[0]):
         timed("F3 supernet (no pooling, no sharing)", lambda: run(plain_cmd(), log="supernet_plain"))
@@ -206,8 +216,7 @@ def main() -> None:
     f3_archs = {"PSViT (searched)": best, "no pooling, no sharing (searched)": plain,
                 "DeiT-like, FLOPs-matched": deit_like(macs(best), **like),
                 "DeiT-like, params-matched": deit_like(params(best), by="params", **like)}
-    f3: dict = {}
-    timed("F3 retrain + test", lambda: f3.update(trained_test_top1(f3_archs, ckpt, data)))
+    f3 = measured("f3_test.json", "F3 retrain + test", lambda: trained_test_top1(f3_archs, ckpt, data))
     write_page(fids, default, {"archs": {"searched": best, **band}, "test": f2},
                {"archs": f3_archs, "test": f3}, json.loads(TIMES.read_text()))
 
@@ -232,10 +241,16 @@ def write_page(fids: dict, default: str, f2: dict, f3: dict, times: dict) -> Non
 
     cpu = next((line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
                 if line.startswith("model name")), platform.processor())
+    loops = sum(loop_seconds(OUT / f"supernet_{n}") for n in [*fids, PLAIN[0]]) / 60
+    stages = sum(v for k, v in times.items() if not k.startswith(("F0 ", "F3 supernet"))) / 60
     lines = ["# Results: how far the search can be trusted, at small scale (Fashion-MNIST)\n",
-             f"Measured by `.venv/bin/python scripts/experiments.py` ({sum(times.values()) / 60:.0f} min of wall "
-             f"time in all, processes with one thread each, two at a time, on 2 cores of an {cpu}; torch "
-             f"{torch.__version__}). FLOPs are multiply-accumulates (MACs). Outputs: `runs/experiments/`; the "
+             f"Measured by `.venv/bin/python scripts/experiments.py` (processes with one thread each, two at a time, "
+             f"on 2 cores of an {cpu}; torch {torch.__version__}), resumed across sessions: the five supernets' "
+             f"training loops took {loops:.0f} min between them, run two at a time (about {loops / 2:.0f} min of "
+             f"wall time), and the later stages {stages:.0f} min (listed at the end): about "
+             f"{(loops / 2 + stages) / 60:.1f} h in all, against a budget of about 2 h; the runs shared the 2 cores "
+             "with other work, which inflated every wall time. FLOPs are multiply-accumulates (MACs). Outputs: "
+             "`runs/experiments/`; the "
              "fidelity plots and JSON are copied to `docs/fidelity/`. The earlier page (one-epoch ground truth over "
              "10 architectures, a DeiT comparison at 0.28x the parameters) is kept as "
              "[results_v1.md](results_v1.md). This is a CPU-sized study: short schedules, and accuracies far "
@@ -279,8 +294,7 @@ def fidelity_section(fids: dict) -> list[str]:
     for name, fid in fids.items():
         s = fid["stats"]
         loop = loop_seconds(OUT / f"supernet_{name}") / 60
-        ratio = ", ".join("n/a" if s[g]["tau_over_ceiling"] is None else f"{s[g]['tau_over_ceiling']:.2f}"
-                          for g in ("range", "band"))
+        ratio = ", ".join(f"{r:.2f}" if (r := over_ceiling(s[g])) is not None else "n/a" for g in ("range", "band"))
         out.append(f"| {name} | {SUPERNETS[name][0]} | {loop:.1f} min | {ci(s['range']['kendall_tau'])} | "
                    f"{ci(s['range']['spearman_rho'])} | {ci(s['band']['kendall_tau'])} | "
                    f"{ci(s['band']['spearman_rho'])} | {ratio} |")
@@ -290,7 +304,38 @@ def fidelity_section(fids: dict) -> list[str]:
                f"{ci(s['band']['noise_ceiling_tau'])}. Top-k overlap of the uniform supernet: range {topk['range']} "
                f"{ci(s['range'][topk['range']])}, band {topk['band']} {ci(s['band'][topk['band']])}.\n")
     out += [f"![{name}](fidelity/{name}.png)" for name in fids]
-    return out + ["", verdict(fids)]
+    return out + ["", verdict(fids), "", why(fids)]
+
+
+def over_ceiling(stats: dict) -> float | None:
+    """τ / noise ceiling, only where the ceiling's interval excludes 0 (else the ratio means nothing)."""
+    c = stats["noise_ceiling_tau"]
+    if c is None or c["value"] is None or c["low"] <= 0 or stats["kendall_tau"]["value"] is None:
+        return None
+    return stats["kendall_tau"]["value"] / c["value"]
+
+
+def why(fids: dict) -> str:
+    """The default rule against the issue's bar (τ >= 0.6 across the range, >= 80% of the ceiling), and why."""
+    default = OmegaConf.load(REPO / "conf" / "supernet.yaml").sampler
+    s = fids[default]["stats"]
+    tau, ceil = s["range"]["kendall_tau"], s["range"]["noise_ceiling_tau"]
+    steps = fids[default]["standalone"]["max_steps"]
+    r = over_ceiling(s["range"])
+    text = (f"**Against the bar (τ ≥ 0.6 across the range and ≥ 80% of the noise ceiling):** the default "
+            f"(`sampler={default}`) reaches τ = {tau['value']:.3f} across the range, ")
+    if tau["value"] >= 0.6 and r is not None and r >= 0.8:
+        return text + "which meets it."
+    text += ("below 0.6" if tau["value"] < 0.6 else "above 0.6") + (f", and {r:.0%} of the ceiling" if r else "")
+    if ceil["value"] < 0.6:
+        text += (f". The ground truth is the limit: two seeds of the same {steps}-step stand-alone training agree "
+                 f"with each other only at τ = {ci(ceil)}, so no proxy can be shown to rank better than that here; "
+                 "a τ of 0.6 needs a longer stand-alone schedule (its cost grows with the steps: 72 runs here).")
+    band = s["band"]["noise_ceiling_tau"]
+    if band is not None and band["low"] <= 0:
+        text += (f" Within the band the ceiling is {ci(band)}: at {steps} steps, architectures of similar cost are not "
+                 "ranked reproducibly even by training them, so the band τ values above are not evidence either way.")
+    return text
 
 
 def _row(name: str, a: ArchSpec, scores: list[float]) -> str:
@@ -364,6 +409,8 @@ def verdict(fids: dict) -> str:
     if not out:
         return ("**Verdict:** no rule separates from SPOS's uniform sampling by more than the intervals, so "
                 "the default stays `sampler=uniform`.")
+    if not any("beats" in o for o in out):
+        out.append("no rule beats uniform by more than the intervals, so the default stays `sampler=uniform`")
     return "**Verdict:** " + "; ".join(out) + "."
 
 
