@@ -63,13 +63,17 @@ def retrain(cfg: DictConfig) -> dict[str, Any]:
     with open_dict(cfg):
         cfg.run_dir = str(cfg.run_dir or default_run_dir(arch_path))
     with distributed(cfg.device) as env:
-        data = build_data(cfg.data, env.rank, env.world_size, env.device, test=True)
+        data = build_data(cfg.data, env.rank, env.world_size, env.device, test=True, recipe=cfg.recipe,
+                          label_smoothing=cfg.optim.label_smoothing)
         t0 = time.perf_counter()
         model, res = train_arch(arch, arch_path.stem, cfg, data, env)
         if res.stopped:
             return {}
         test_acc = top1(model, data.test, env, None, cfg.amp)
         result = result_record(arch, arch_path, cfg, res, data, env, test_acc, time.perf_counter() - t0)
+        if res.ema is not None:
+            result["test_top1_ema"] = top1(res.ema, data.test, env, None, cfg.amp)
+            result["val_top1_ema"] = res.val.get("ema")
     if env.is_main:
         out = atomic_write(Path(cfg.run_dir) / "result.json", json.dumps(result, indent=2) + "\n")
         print(f"{arch.short()}: test top-1 {test_acc:.4f} ({data.name} official test split), "
@@ -84,7 +88,8 @@ def result_record(arch: ArchSpec, arch_path: Path, cfg: DictConfig, res: FitResu
             "val_top1": res.val.get("model"), "params": params(arch), "flops_macs": macs(arch),
             "steps": res.step, "epochs": cfg.optim.epochs if cfg.max_steps is None else None,
             "dataset": data.name, "test_images": int(allreduce_sum([data.test.num_examples], env)[0]),
-            "world_size": env.world_size, "train_seconds_this_run": round(seconds, 1), "seed": cfg.seed}
+            "world_size": env.world_size, "train_seconds_this_run": round(seconds, 1), "seed": cfg.seed,
+            "recipe": cfg.recipe.name}
 
 
 @hydra.main(version_base="1.3", config_path=CONF_DIR, config_name="retrain")

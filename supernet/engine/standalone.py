@@ -24,7 +24,7 @@ from supernet.model.psvit import PSViT
 
 
 class RetrainTask(Task):
-    """One fixed architecture; validated on the held-out training images."""
+    """One fixed architecture; validated on the held-out training images (and its EMA weights with recipe.ema)."""
 
     def __init__(self, model: nn.Module, arch: ArchSpec, name: str, cfg: DictConfig, data: DataBundle,
                  env: DistEnv, supernet_sha256: str | None = None) -> None:
@@ -37,7 +37,10 @@ class RetrainTask(Task):
     def validate(self) -> dict[str, float]:
         if self.data.val is None:
             return {}
-        return {"model": top1(self.net, self.data.val, self.env, self.cfg.eval.max_batches, self.cfg.amp)}
+        res = {"model": top1(self.net, self.data.val, self.env, self.cfg.eval.max_batches, self.cfg.amp)}
+        if self.ema is not None:
+            res["ema"] = top1(self.ema, self.data.val, self.env, self.cfg.eval.max_batches, self.cfg.amp)
+        return res
 
 
 def initial_model(arch: ArchSpec, cfg: DictConfig) -> tuple[nn.Module, str | None]:
@@ -68,4 +71,5 @@ def train_arch(arch: ArchSpec, name: str, cfg: DictConfig, data: DataBundle,
     task.net.eval()
     if not res.stopped and cfg.eval.every and "model" not in res.val:  # rerun after a kill before result.json
         res.val.update(task.validate())
+    res.ema = task.ema
     return task.net, res
