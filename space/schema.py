@@ -105,7 +105,8 @@ SUPERNET = {**RUN, "run_dir": Key("str"), "max_steps": Key("int", low=1, nullabl
             "eval.n_random": Key("int", low=0)}
 # arch= and checkpoint= are nullable here: the apps explain what to pass when they are missing.
 RETRAIN = {**RUN, "arch": Key("str", nullable=True), "run_dir": Key("str", nullable=True),
-           "init": Key("str", choices=("scratch", "inherit")), "supernet": Key("str", nullable=True),
+           "init": Key("str", choices=("scratch", "inherit", "pretrained")), "supernet": Key("str", nullable=True),
+           "pretrained": Key("str", nullable=True),
            "max_steps": Key("int", low=0, nullable=True)}
 EVOLVE = {"checkpoint": Key("str", nullable=True), "run_dir": Key("str", nullable=True), "resume": RUN["resume"],
           "strategy": Key("str", choices=("evolution", "random")), "seed": RUN["seed"],

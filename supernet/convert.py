@@ -16,6 +16,7 @@ nothing (see conf/convert.yaml).
 
 from __future__ import annotations
 
+import hashlib
 import re
 from collections.abc import Mapping
 from pathlib import Path
@@ -192,6 +193,30 @@ def load_deit(checkpoint: str | Path | Mapping[str, Any], arch: ArchSpec | str |
     model = PSViT(spec)
     model.load_state_dict(state)  # strict: every parameter comes from the checkpoint
     return model
+
+
+def load_pretrained(path: str | Path, arch: ArchSpec) -> tuple[PSViT, str]:
+    """``PSViT(arch)`` started from the weights in ``path`` (retraining's ``init=pretrained``), and the sha256
+    of the file: either a PSViT state dict (what this tool writes) or a DeiT checkpoint, converted on the way.
+
+    Raises:
+        UserError: the file cannot be read, or its weights do not fit ``arch`` (one line naming a tensor).
+    """
+    path = Path(path)
+    sd = unwrap(read_weights(path), str(path))
+    if "blocks.0.attn.qkv.weight" in sd:  # timm's names: a DeiT checkpoint
+        return load_deit(sd, arch), hashlib.sha256(path.read_bytes()).hexdigest()
+    model = PSViT(arch)
+    want = model.state_dict()
+    missing, unexpected = [k for k in want if k not in sd], [k for k in sd if k not in want]
+    wrong = [k for k in want if k in sd and sd[k].shape != want[k].shape]
+    if missing or unexpected or wrong:
+        first = (f"{wrong[0]} is {_shape(sd[wrong[0]].shape)}, the arch needs {_shape(want[wrong[0]].shape)}" if wrong
+                 else f"missing {missing[0]}" if missing else f"unexpected {unexpected[0]}")
+        raise ConvertError(f"pretrained: {path} does not fit arch {arch.short()} ({first}; pass the weights of this "
+                           "arch: a supernet.convert output, PSViT.state_dict() or a DeiT checkpoint)")
+    model.load_state_dict(sd)
+    return model, hashlib.sha256(path.read_bytes()).hexdigest()
 
 
 def convert(cfg: DictConfig | Mapping[str, Any]) -> str:

@@ -2,6 +2,7 @@
 
     python -m supernet.retrain arch=runs/supernet_fmnist_2d/search/best_arch.json optim.epochs=30
     python -m supernet.retrain arch=... init=inherit supernet=runs/supernet_fmnist_2d/last.ckpt
+    python -m supernet.retrain arch=conf/baselines/deit_tiny.json init=pretrained pretrained=deit_tiny.pth ...
     torchrun --standalone --nproc_per_node=8 -m supernet.retrain arch=conf/baselines/deit_tiny.json \
         data=imagenet_folder data.root=...
 
@@ -45,13 +46,16 @@ def check_args(cfg: DictConfig) -> ArchSpec:
         raise UserError("arch: required, an architecture JSON (e.g. arch=runs/.../best_arch.json or "
                         "arch=conf/baselines/deit_fmnist.json)")
     arch = ArchSpec.load(Path(cfg.arch))
-    if cfg.init not in ("scratch", "inherit"):
-        raise UserError(f"init: {cfg.init!r} (allowed: scratch, inherit)")
+    if cfg.init not in ("scratch", "inherit", "pretrained"):
+        raise UserError(f"init: {cfg.init!r} (allowed: scratch, inherit, pretrained)")
     if cfg.init == "inherit" and not cfg.supernet:
         raise UserError("supernet: init=inherit needs supernet=path/to/last.ckpt")
-    if cfg.max_steps == 0 and cfg.init != "inherit":
-        raise UserError("max_steps: 0 trains nothing (allowed: >= 1; 0 only with init=inherit, to evaluate the "
-                        "inherited weights as they are)")
+    if cfg.init == "pretrained" and not cfg.pretrained:
+        raise UserError("pretrained: init=pretrained needs pretrained=FILE (a supernet.convert output or a DeiT "
+                        "checkpoint)")
+    if cfg.max_steps == 0 and cfg.init == "scratch":
+        raise UserError("max_steps: 0 trains nothing (allowed: >= 1; 0 only with init=inherit or init=pretrained, "
+                        "to evaluate the weights as they are)")
     return arch
 
 

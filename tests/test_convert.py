@@ -178,3 +178,40 @@ def test_bad_input_is_one_line_exit_2_and_writes_nothing(tmp_path: Path, run_mod
     assert r.stderr.startswith("error: ") and r.stderr.count("\n") == 1, r.stderr
     assert fragment.replace("{tmp}", str(tmp_path)) in r.stderr, r.stderr
     assert _entries(tmp_path) == before  # no output, no temp file
+
+
+# ----------------------------------------------------------------------------- retraining from pretrained weights
+FMNIST_ARCH = REPO / "conf" / "baselines" / "deit_fmnist.json"
+
+
+def test_retraining_starts_from_pretrained_weights(fake_fmnist, run_module, tmp_path):
+    """``init=pretrained`` loads the weights as they are: with max_steps=0 retraining evaluates exactly the
+    model it was given; weights of another arch are one line, exit 2, and no run directory."""
+    from supernet.data import build_data
+    from supernet.engine.distributed import DistEnv
+    from supernet.engine.loop import top1
+
+    root = fake_fmnist(tmp_path / "data", n_train=60, n_test=40)
+    torch.manual_seed(3)
+    model = PSViT.from_json(FMNIST_ARCH).eval()
+    weights = tmp_path / "weights.pt"
+    torch.save(model.state_dict(), weights)
+    test = build_data({"name": "fashion_mnist", "root": str(root), "val_size": 10, "batch_size": 16}, test=True).test
+    expected = top1(model, test, DistEnv(0, 1, 0, torch.device("cpu")), None, False)
+    common = [f"arch={FMNIST_ARCH}", f"data.root={root}", "data.val_size=10", "data.batch_size=16", "progress=false",
+              "device=cpu", "init=pretrained"]
+    res = run_module("supernet.retrain", *common, f"pretrained={weights}", "max_steps=0",
+                     f"run_dir={tmp_path / 'run'}")
+    assert res.returncode == 0, res.stderr
+    result = json.loads((tmp_path / "run" / "result.json").read_text())
+    assert result["init"] == "pretrained" and result["test_top1"] == expected
+
+    other = tmp_path / "other.pt"
+    torch.save(PSViT(ArchSpec.load(TINY)).state_dict(), other)
+    res = run_module("supernet.retrain", *common, f"pretrained={other}", f"run_dir={tmp_path / 'bad'}")
+    assert res.returncode == 2 and len(res.stderr.strip().splitlines()) == 1
+    assert res.stderr.startswith(f"error: pretrained: {other} does not fit arch "), res.stderr
+    res = run_module("supernet.retrain", *common, f"run_dir={tmp_path / 'bad'}")
+    assert res.stderr.strip() == ("error: pretrained: init=pretrained needs pretrained=FILE (a supernet.convert output "
+                                  "or a DeiT checkpoint)")
+    assert not (tmp_path / "bad").exists()
