@@ -26,9 +26,9 @@ from tqdm import tqdm
 from space.errors import Diverged, UserError
 from space.app import run_dir_lock
 from supernet.data import DataBundle, DataConfig, Loader, RecipeConfig
-from supernet.engine.checkpoint import CKPT_NAME, load_checkpoint, restore_training, save_checkpoint, training_state
+from supernet.engine.checkpoint import CKPT_NAME, read_checkpoint, restore_training, save_checkpoint, training_state
 from supernet.engine.distributed import (DistEnv, StopFlag, allreduce_gradients, allreduce_sum, autocast,
-                                         broadcast_parameters)
+                                         broadcast_parameters, gather_objects)
 from supernet.engine.optim import build_optimizer
 
 
@@ -150,8 +150,12 @@ class Trainer:
         """
         cfg = self.cfg
         ema_state = None
-        if cfg.resume == "auto" and self.ckpt_path.exists():
-            ck = load_checkpoint(self.ckpt_path)
+        # Rank 0 decides whether there is a run to resume, so ranks never start at different steps (node-local
+        # run dirs, a stale network file system view); every rank then checks it holds the same checkpoint.
+        found = gather_objects(cfg.resume == "auto" and self.ckpt_path.exists() if self.env.is_main else None,
+                               self.env)[0]
+        if found:
+            ck = self._read_shared_checkpoint()
             diff = identity_diff(ck.get("identity") if isinstance(ck, dict) else None, self.identity)
             if diff:
                 raise UserError(f"resume: {self.ckpt_path} was trained with other settings: {diff}; use the same "
@@ -176,6 +180,35 @@ class Trainer:
             if ema_state is not None:
                 self.ema.module.load_state_dict(ema_state)
             self.task.ema = self.ema.module
+
+    def _read_shared_checkpoint(self) -> dict[str, Any]:
+        """``run_dir/last.ckpt`` as every rank reads it, once all ranks agree they read the same bytes.
+
+        Raises:
+            UserError: on every rank alike, when a rank cannot read the checkpoint rank 0 resumes or reads
+                another one (run_dir is not one directory shared by all nodes).
+        """
+        ck, digest, problem = None, None, None
+        try:
+            ck, digest = read_checkpoint(self.ckpt_path)
+        except UserError as e:
+            problem = str(e)
+        seen = gather_objects((digest, ck.get("step") if isinstance(ck, dict) else None, problem), self.env)
+        path = gather_objects(str(self.ckpt_path), self.env)[0]  # rank 0's: the one resumed
+        if seen[0][2] is not None:
+            raise UserError(seen[0][2])
+        hint = ("run_dir must be one directory that every node sees (a shared file system), not node-local copies; "
+                "README: many machines")
+        bad = [r for r, (_, _, p) in enumerate(seen) if p is not None]
+        if bad:
+            raise UserError(f"resume: rank 0 resumes {path} but rank {bad[0]} cannot read it "
+                            f"({seen[bad[0]][2]}); {hint}")
+        other = [r for r, (d, _, _) in enumerate(seen) if d != seen[0][0]]
+        if other:
+            r = other[0]
+            raise UserError(f"resume: ranks hold different {path} files (rank 0: step {seen[0][1]}, "
+                            f"sha256 {seen[0][0][:12]}; rank {r}: step {seen[r][1]}, sha256 {seen[r][0][:12]}); {hint}")
+        return ck
 
     def restart_lr(self, peak: float) -> None:
         """Continue the schedule from the current step with ``peak`` in place of ``optim.lr`` (a way out of
