@@ -26,7 +26,7 @@ FMNIST := /usr/share/datasets/fashion-mnist/train-images-idx3-ubyte.gz
 PKG_INITS := $(wildcard space/__init__.py supernet/__init__.py supernet/*/__init__.py search/__init__.py)
 
 .DEFAULT_GOAL := help
-.PHONY: FORCE help install data test lint info supernet search fidelity retrain bench demo clean distclean
+.PHONY: FORCE help install data test lint info supernet search fidelity retrain bench gpu-check demo clean distclean
 
 help: ## list the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | sed -E 's/^([a-z-]+):.*## /  \1\t/' | expand -t 14
@@ -79,6 +79,9 @@ retrain: install ## train an exported architecture from scratch (make retrain AR
 
 bench: install ## benchmarks printing side-by-side ratios
 	$(PY) -m bench $(ARGS)
+
+gpu-check: install ## CUDA: bf16 supernet vs DeiT-Ti img/s, search evals/s, as a table (one line without CUDA)
+	$(PY) -m bench.gpu_check $(ARGS)
 
 demo: install ## end to end on Fashion-MNIST: supernet, search, retrain
 	$(PY) scripts/demo.py $(ARGS)

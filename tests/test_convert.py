@@ -15,7 +15,7 @@ import torch
 from torch import nn
 
 from space.arch import ArchSpec
-from supernet.convert import deit_to_psvit, load_deit, qkv_per_head
+from supernet.pretrained import deit_to_psvit, load_deit, qkv_per_head
 from supernet.model.psvit import PSViT
 
 REPO = Path(__file__).resolve().parents[1]

@@ -59,7 +59,7 @@ def initial_model(arch: ArchSpec, cfg: DictConfig) -> tuple[nn.Module, str | Non
     if cfg.init == "scratch":
         return PSViT(arch), None
     if cfg.init == "pretrained":
-        from supernet.convert import load_pretrained
+        from supernet.pretrained import load_pretrained
 
         return load_pretrained(Path(cfg.pretrained), arch)
     from supernet.engine.checkpoint import load_supernet  # the supernet is imported for init=inherit only
