@@ -26,17 +26,25 @@ FMNIST := /usr/share/datasets/fashion-mnist/train-images-idx3-ubyte.gz
 PKG_INITS := $(wildcard space/__init__.py supernet/__init__.py supernet/*/__init__.py search/__init__.py)
 
 .DEFAULT_GOAL := help
-.PHONY: help install data test lint info supernet search fidelity retrain bench demo clean distclean
+.PHONY: FORCE help install data test lint info supernet search fidelity retrain bench gpu-check demo clean distclean
 
 help: ## list the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | sed -E 's/^([a-z-]+):.*## /  \1\t/' | expand -t 14
 
 install: .venv/.installed data ## create .venv and install the package with the dev extra (no-op when up to date)
 
-.venv/.installed: setup.cfg pyproject.toml Makefile $(PKG_INITS)
+# The torch requirement is part of what is installed: a stamp rewritten only when TORCH_REQ changes, so that
+# `make install TORCH_REQ=<a CUDA build>` after an install of another build reinstalls.
+.venv/.torch-req: FORCE
+	@mkdir -p .venv; echo '$(TORCH_REQ)' | cmp -s - $@ || echo '$(TORCH_REQ)' > $@
+
+# The package's dependencies are resolved with torch and torchvision pinned (their `name==version` tokens of
+# TORCH_REQ as pip constraints), so no extra (timm, torchvision) can replace the chosen build.
+.venv/.installed: setup.cfg pyproject.toml Makefile $(PKG_INITS) .venv/.torch-req
 	test -x $(PY) || $(PYTHON) -m venv .venv
 	$(PIP) install $(TORCH_REQ)
-	$(PIP) install -e '.[dev,imagenet]'
+	for t in $(TORCH_REQ); do case $$t in *==*) echo $$t;; esac; done > .venv/torch-constraints.txt
+	$(PIP) install -c .venv/torch-constraints.txt -e '.[dev,imagenet]'
 	touch $@
 
 data: ## make sure Fashion-MNIST is in /usr/share/datasets (Debian package); never fails
@@ -71,6 +79,9 @@ retrain: install ## train an exported architecture from scratch (make retrain AR
 
 bench: install ## benchmarks printing side-by-side ratios
 	$(PY) -m bench $(ARGS)
+
+gpu-check: install ## CUDA: bf16 supernet vs DeiT-Ti img/s, search evals/s, as a table (one line without CUDA)
+	$(PY) -m bench.gpu_check $(ARGS)
 
 demo: install ## end to end on Fashion-MNIST: supernet, search, retrain
 	$(PY) scripts/demo.py $(ARGS)

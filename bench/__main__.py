@@ -2,10 +2,11 @@
 
 import sys
 
-from bench import model_speed, search_speed, train_speed
+from bench import loader_speed, model_speed, search_speed, train_speed
 
 if __name__ == "__main__":
     quick = "quick" in sys.argv[1:]
     model_speed.main(quick=quick)
     train_speed.main(quick=quick)
     search_speed.main(quick=quick)
+    loader_speed.main(quick=quick)

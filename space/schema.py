@@ -87,6 +87,16 @@ RUN = {
     "optim.grad_clip": Key("float", low=0),
     "eval.every": Key("int", low=0),
     "eval.max_batches": Key("int", low=1, nullable=True),
+    "recipe.name": Key("str"),
+    "recipe.rand_augment": Key("str", nullable=True),
+    "recipe.interpolation": Key("str", choices=("bilinear", "bicubic")),
+    "recipe.reprob": Key("float", low=0, most=1),
+    "recipe.mixup": Key("float", low=0),
+    "recipe.cutmix": Key("float", low=0),
+    "recipe.mix_switch_prob": Key("float", low=0, most=1),
+    "recipe.repeated_aug": Key("int", low=1),
+    "recipe.ema": Key("bool"),
+    "recipe.ema_decay": Key("float", low=0, high=1),
 }
 SUPERNET = {**RUN, "run_dir": Key("str"), "max_steps": Key("int", low=1, nullable=True),
             "sampler": Key("str", choices=("uniform", "flops_bins", "sandwich")), "flops_bins": Key("int", low=1),
@@ -95,7 +105,8 @@ SUPERNET = {**RUN, "run_dir": Key("str"), "max_steps": Key("int", low=1, nullabl
             "eval.n_random": Key("int", low=0)}
 # arch= and checkpoint= are nullable here: the apps explain what to pass when they are missing.
 RETRAIN = {**RUN, "arch": Key("str", nullable=True), "run_dir": Key("str", nullable=True),
-           "init": Key("str", choices=("scratch", "inherit")), "supernet": Key("str", nullable=True),
+           "init": Key("str", choices=("scratch", "inherit", "pretrained")), "supernet": Key("str", nullable=True),
+           "pretrained": Key("str", nullable=True),
            "max_steps": Key("int", low=0, nullable=True)}
 EVOLVE = {"checkpoint": Key("str", nullable=True), "run_dir": Key("str", nullable=True), "resume": RUN["resume"],
           "strategy": Key("str", choices=("evolution", "random")), "seed": RUN["seed"],
@@ -112,6 +123,8 @@ FIDELITY = {"checkpoint": EVOLVE["checkpoint"], "run_dir": Key("str", nullable=T
             "progress": RUN["progress"], "standalone.max_steps": Key("int", low=1, nullable=True),
             "standalone.ckpt_every": RUN["ckpt_every"],
             **{f"standalone.{k}": v for k, v in RUN.items() if k.startswith("optim.")}}
+
+CONVERT = {"checkpoint": Key("str", nullable=True), "arch": Key("str", nullable=True), "out": Key("str", nullable=True)}
 
 
 def check_config(cfg: Mapping[str, Any], schema: Mapping[str, Key]) -> None:

@@ -2,6 +2,7 @@
 
     python -m supernet.retrain arch=runs/supernet_fmnist_2d/search/best_arch.json optim.epochs=30
     python -m supernet.retrain arch=... init=inherit supernet=runs/supernet_fmnist_2d/last.ckpt
+    python -m supernet.retrain arch=conf/baselines/deit_tiny.json init=pretrained pretrained=deit_tiny.pth ...
     torchrun --standalone --nproc_per_node=8 -m supernet.retrain arch=conf/baselines/deit_tiny.json \
         data=imagenet_folder data.root=...
 
@@ -45,13 +46,16 @@ def check_args(cfg: DictConfig) -> ArchSpec:
         raise UserError("arch: required, an architecture JSON (e.g. arch=runs/.../best_arch.json or "
                         "arch=conf/baselines/deit_fmnist.json)")
     arch = ArchSpec.load(Path(cfg.arch))
-    if cfg.init not in ("scratch", "inherit"):
-        raise UserError(f"init: {cfg.init!r} (allowed: scratch, inherit)")
+    if cfg.init not in ("scratch", "inherit", "pretrained"):
+        raise UserError(f"init: {cfg.init!r} (allowed: scratch, inherit, pretrained)")
     if cfg.init == "inherit" and not cfg.supernet:
         raise UserError("supernet: init=inherit needs supernet=path/to/last.ckpt")
-    if cfg.max_steps == 0 and cfg.init != "inherit":
-        raise UserError("max_steps: 0 trains nothing (allowed: >= 1; 0 only with init=inherit, to evaluate the "
-                        "inherited weights as they are)")
+    if cfg.init == "pretrained" and not cfg.pretrained:
+        raise UserError("pretrained: init=pretrained needs pretrained=FILE (a supernet.convert output or a DeiT "
+                        "checkpoint)")
+    if cfg.max_steps == 0 and cfg.init == "scratch":
+        raise UserError("max_steps: 0 trains nothing (allowed: >= 1; 0 only with init=inherit or init=pretrained, "
+                        "to evaluate the weights as they are)")
     return arch
 
 
@@ -63,13 +67,17 @@ def retrain(cfg: DictConfig) -> dict[str, Any]:
     with open_dict(cfg):
         cfg.run_dir = str(cfg.run_dir or default_run_dir(arch_path))
     with distributed(cfg.device) as env:
-        data = build_data(cfg.data, env.rank, env.world_size, env.device, test=True)
+        data = build_data(cfg.data, env.rank, env.world_size, env.device, test=True, recipe=cfg.recipe,
+                          label_smoothing=cfg.optim.label_smoothing)
         t0 = time.perf_counter()
         model, res = train_arch(arch, arch_path.stem, cfg, data, env)
         if res.stopped:
             return {}
         test_acc = top1(model, data.test, env, None, cfg.amp)
         result = result_record(arch, arch_path, cfg, res, data, env, test_acc, time.perf_counter() - t0)
+        if res.ema is not None:
+            result["test_top1_ema"] = top1(res.ema, data.test, env, None, cfg.amp)
+            result["val_top1_ema"] = res.val.get("ema")
     if env.is_main:
         out = atomic_write(Path(cfg.run_dir) / "result.json", json.dumps(result, indent=2) + "\n")
         print(f"{arch.short()}: test top-1 {test_acc:.4f} ({data.name} official test split), "
@@ -84,7 +92,8 @@ def result_record(arch: ArchSpec, arch_path: Path, cfg: DictConfig, res: FitResu
             "val_top1": res.val.get("model"), "params": params(arch), "flops_macs": macs(arch),
             "steps": res.step, "epochs": cfg.optim.epochs if cfg.max_steps is None else None,
             "dataset": data.name, "test_images": int(allreduce_sum([data.test.num_examples], env)[0]),
-            "world_size": env.world_size, "train_seconds_this_run": round(seconds, 1), "seed": cfg.seed}
+            "world_size": env.world_size, "train_seconds_this_run": round(seconds, 1), "seed": cfg.seed,
+            "recipe": cfg.recipe.name}
 
 
 @hydra.main(version_base="1.3", config_path=CONF_DIR, config_name="retrain")

@@ -125,9 +125,13 @@ def train(cfg: DictConfig) -> TrainResult:
     if cfg.distill != "none" and cfg.sampler != "sandwich":
         raise UserError(f"distill: {cfg.distill} needs sampler=sandwich (the teacher is the largest path, which "
                         "only the sandwich rule trains every step); set sampler=sandwich or distill=none")
+    if cfg.recipe.ema:
+        raise UserError("recipe.ema: the search reads the supernet's trained weights, not an average of them; "
+                        "set recipe.ema=false (the EMA is for retraining)")
     with distributed(cfg.device) as env:
         space = SearchSpace.from_config(cfg.space)
-        data = build_data(cfg.data, env.rank, env.world_size, env.device)
+        data = build_data(cfg.data, env.rank, env.world_size, env.device, recipe=cfg.recipe,
+                          label_smoothing=cfg.optim.label_smoothing)
         check_fits("space", space, data)
         torch.manual_seed(cfg.seed)
         task = SupernetTask(Supernet(space).to(env.device), cfg, data, env)

@@ -1,6 +1,6 @@
 """The data package: ``build_data`` returns the datasets and batch loaders of supernet training, evolutionary
 search and retraining (config.py: the config and loader contract, readers.py: IDX / CIFAR files, memory.py: the
-in-memory loader, folder.py: the ImageNet-style folder pipeline).
+in-memory loader, folder.py: the ImageNet-style folder pipeline, recipe.py: the training augmentation recipe).
 
 Three splits: ``train`` is the official training set minus ``val_size`` images held out with
 ``split_seed``; ``val`` is those held-out *training* images (supernet validation, the search's fitness;
@@ -43,14 +43,17 @@ from supernet.data.config import (DATASETS, DataBundle, DataConfig, DataError, D
                                   normalizer, shard_plan, split_train_val)
 from supernet.data.memory import TensorLoader, crop_flip
 from supernet.data.readers import ArrayDataset, load_cifar, load_fashion_mnist, read_idx
+from supernet.data.recipe import BatchAugment, RecipeConfig
 
 __all__ = ["DATASETS", "ArrayDataset", "DataBundle", "DataConfig", "DataError", "DatasetInfo", "Loader",
-           "TensorLoader", "build_data", "crop_flip", "load_cifar", "load_fashion_mnist", "mix_seed", "normalizer",
-           "read_idx", "shard_plan", "split_train_val"]
+           "RecipeConfig", "TensorLoader", "build_data", "crop_flip", "load_cifar", "load_fashion_mnist", "mix_seed",
+           "normalizer", "read_idx", "shard_plan", "split_train_val"]
 
 
 def build_data(cfg: DataConfig | DictConfig | Mapping[str, Any], rank: int = 0, world_size: int = 1,
-               device: torch.device | str = "cpu", test: bool = False) -> DataBundle:
+               device: torch.device | str = "cpu", test: bool = False,
+               recipe: RecipeConfig | DictConfig | Mapping[str, Any] | None = None,
+               label_smoothing: float = 0.0) -> DataBundle:
     """Loads the dataset named by the ``data`` config group and returns its sharded loaders.
 
     Args:
@@ -59,24 +62,30 @@ def build_data(cfg: DataConfig | DictConfig | Mapping[str, Any], rank: int = 0, 
         device: where batches are delivered (and where in-memory datasets are kept).
         test: also load the official test split; only retraining's final evaluation asks for it, so
             supernet training and search never open its files.
+        recipe: the training split's augmentation (the ``recipe`` group, supernet/data/recipe.py); None = light.
+        label_smoothing: of the mixed soft targets, when the recipe mixes (Mixup/CutMix).
 
     Raises:
         DataError: the dataset is missing, corrupt, or the config is invalid.
     """
     c = DataConfig.from_cfg(cfg).resolved()
+    r = RecipeConfig.from_cfg(recipe)
     if not 0 <= rank < world_size:
         raise DataError(f"rank: {rank} with world_size {world_size} (allowed: 0..{world_size - 1})")
+    r.check(in_memory=c.name != "imagenet_folder", batch_size=c.batch_size)
     if c.name == "imagenet_folder":
         from supernet.data.folder import build_imagenet_folder  # torchvision only on demand
 
-        return build_imagenet_folder(c, rank, world_size, device, test)
+        return build_imagenet_folder(c, rank, world_size, device, test, r, label_smoothing)
     info = DATASETS[c.name]
     full_train, test_set = (load_fashion_mnist(c.root, test) if c.name == "fashion_mnist"
                             else load_cifar(c.name, c.root, test))
     train_idx, val_idx = split_train_val(len(full_train), c.val_size, c.split_seed)
     common = dict(mean=info.mean, std=info.std, rank=rank, world_size=world_size, device=device)
+    augment = BatchAugment.build(r, info.num_classes, label_smoothing, device) if c.augment else None
     train = TensorLoader(full_train.subset(train_idx), c.batch_size, train=True, seed=c.seed,
-                         crop_pad=c.crop_pad if c.augment else 0, hflip=bool(c.hflip and c.augment), **common)
+                         crop_pad=c.crop_pad if c.augment else 0, hflip=bool(c.hflip and c.augment), augment=augment,
+                         repeats=r.repeated_aug, **common)
     val = TensorLoader(full_train.subset(val_idx), c.eval_batch_size, train=False, **common) if c.val_size else None
     test_loader = TensorLoader(test_set, c.eval_batch_size, train=False, **common) if test else None
     return DataBundle(c.name, train, val, test_loader, info.img_size, info.in_chans, info.num_classes)

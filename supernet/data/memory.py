@@ -11,6 +11,7 @@ import torch.nn.functional as F
 
 from supernet.data.config import DataError, mix_seed, normalizer, shard_plan
 from supernet.data.readers import ArrayDataset
+from supernet.data.recipe import BatchAugment, batch_key, repeated_order
 
 
 def crop_flip(x: torch.Tensor, pad: int, dy: torch.Tensor, dx: torch.Tensor, flip: torch.Tensor) -> torch.Tensor:
@@ -51,23 +52,32 @@ class TensorLoader:
         crop_pad: training random crop after zero-padding by this many pixels; 0 = off.
         hflip: training random horizontal flip.
         device: where batches are produced.
+        augment: the recipe's batch-level augmentation of training batches (erasing, Mixup/CutMix), or None.
+        repeats: repeated augmentation, each image this many times per epoch (timm's RepeatAugSampler); 1 = off.
     """
 
     def __init__(self, data: ArrayDataset, batch_size: int, mean: tuple[float, ...], std: tuple[float, ...], *,
                  train: bool, rank: int = 0, world_size: int = 1, seed: int = 0, crop_pad: int = 0,
-                 hflip: bool = False, device: torch.device | str = "cpu") -> None:
+                 hflip: bool = False, device: torch.device | str = "cpu", augment: BatchAugment | None = None,
+                 repeats: int = 1) -> None:
         if not 0 <= rank < world_size:
             raise DataError(f"rank: {rank} with world_size {world_size} (allowed: 0..{world_size - 1})")
         if len(mean) != data.images.shape[1] or len(std) != len(mean):
             raise DataError(f"mean/std: {len(mean)}/{len(std)} values for {data.images.shape[1]} channels")
         self.batch_size, self.train, self.rank, self.world_size = batch_size, train, rank, world_size
-        self.seed, self.crop_pad, self.hflip = seed, crop_pad, hflip
+        self.seed, self.crop_pad, self.hflip, self.augment, self.repeats = seed, crop_pad, hflip, augment, repeats
         self.device = torch.device(device)
         self.images = data.images.to(self.device)  # (N, C, H, W) uint8
         self.labels = data.labels.to(self.device)  # (N,) int64
         self._scale, self._shift = normalizer(mean, std, self.device)
         self._batches, self.num_examples, self._lo, self._hi = shard_plan(len(data), batch_size, rank, world_size,
                                                                          train)
+        if train and repeats > 1:  # the sampler's share of the repeated epoch, in whole batches
+            share = len(repeated_order(len(data), repeats, world_size, rank, seed, 0))
+            self._batches, self.num_examples = share // batch_size, share // batch_size * batch_size
+            if self._batches == 0:
+                raise DataError(f"data.batch_size: {batch_size} exceeds the {share}-image share of each rank with "
+                                f"recipe.repeated_aug={repeats} (allowed: at most {share})")
 
     def __len__(self) -> int:
         return self._batches
@@ -96,8 +106,13 @@ class TensorLoader:
         nb, B, W = len(self), self.batch_size, self.world_size
         # All draws for the whole epoch up front on the CPU: identical on any device, and resuming at
         # `start` just skips rows. The permutation ignores the rank; the augmentation does not.
-        perm = torch.randperm(len(self.labels), generator=torch.Generator().manual_seed(mix_seed(self.seed, epoch)))
-        index = perm[: nb * W * B].view(nb, W, B)[:, self.rank].to(self.device)  # (nb, B)
+        if self.repeats > 1:
+            order = repeated_order(len(self.labels), self.repeats, W, self.rank, self.seed, epoch)
+            index = torch.tensor(order[: nb * B]).view(nb, B).to(self.device)
+        else:
+            perm = torch.randperm(len(self.labels),
+                                  generator=torch.Generator().manual_seed(mix_seed(self.seed, epoch)))
+            index = perm[: nb * W * B].view(nb, W, B)[:, self.rank].to(self.device)  # (nb, B)
         aug = None
         if self.crop_pad or self.hflip:
             g = torch.Generator().manual_seed(mix_seed(self.seed, epoch, self.rank, 1))
@@ -109,7 +124,10 @@ class TensorLoader:
             x = self.images[index[i]]  # (B, C, H, W) uint8
             if aug is not None:
                 x = crop_flip(x, self.crop_pad, aug[0][i], aug[1][i], aug[2][i])
-            yield self._normalize(x), self.labels[index[i]]
+            x, y = self._normalize(x), self.labels[index[i]]
+            if self.augment is not None:
+                x, y = self.augment(x, y, batch_key(self.seed, epoch, self.rank, i))
+            yield x, y
 
     def _normalize(self, x: torch.Tensor) -> torch.Tensor:
         return torch.addcmul(self._shift, x.float(), self._scale)  # (B, C, H, W) float32

@@ -5,7 +5,9 @@ all-reduce for paths that change every step, scalar all-reduce, autocast, gracef
 from __future__ import annotations
 
 import os
+import shutil
 import signal
+import subprocess
 from collections.abc import Iterable, Iterator
 from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass
@@ -43,11 +45,21 @@ def setup_distributed(device: str = "auto") -> DistEnv:
     rank = int(os.environ.get("RANK", 0))
     world = int(os.environ.get("WORLD_SIZE", 1))
     local = int(os.environ.get("LOCAL_RANK", 0))
-    use_cuda = torch.cuda.is_available() if device == "auto" else device == "cuda"
-    if use_cuda and not torch.cuda.is_available():
-        raise UserError("device: 'cuda' requested but no CUDA device is visible (use device=cpu or device=auto)")
     if device not in ("auto", "cpu", "cuda"):
         raise UserError(f"device: {device!r} (allowed: auto, cpu, cuda)")
+    if device != "cpu" and not torch.cuda.is_available():
+        gpus = visible_gpus()
+        if gpus:  # training on the CPU beside idle GPUs is never what was meant
+            seen = f"device: {device} but {gpus} NVIDIA GPU(s) are visible (nvidia-smi) and torch {torch.__version__}"
+            if torch.version.cuda is None:
+                raise UserError(f"{seen} is a build without CUDA; install a CUDA build (make install "
+                                "TORCH_REQ=\"torch==X torchvision==Y --index-url <CUDA wheel index>\") or pass "
+                                "device=cpu to train on the CPU")
+            raise UserError(f"{seen} cannot use them (built for CUDA {torch.version.cuda}): check the NVIDIA "
+                            "driver against it, or pass device=cpu to train on the CPU")
+        if device == "cuda":
+            raise UserError("device: 'cuda' requested but no CUDA device is visible (use device=cpu or device=auto)")
+    use_cuda = device != "cpu" and torch.cuda.is_available()
     dev = torch.device("cuda", local) if use_cuda else torch.device("cpu")
     if use_cuda:
         torch.cuda.set_device(dev)
@@ -55,6 +67,25 @@ def setup_distributed(device: str = "auto") -> DistEnv:
         dist.init_process_group("nccl" if use_cuda else "gloo", rank=rank, world_size=world,
                                 device_id=dev if use_cuda else None)
     return DistEnv(rank, world, local, dev)
+
+
+def visible_gpus() -> int:
+    """NVIDIA GPUs this process may use as the driver lists them (``nvidia-smi -L``, then narrowed by
+    ``CUDA_VISIBLE_DEVICES``), whatever torch can do with them; 0 without the driver's tool."""
+    hidden = os.environ.get("CUDA_VISIBLE_DEVICES")
+    if hidden is not None and hidden.strip() in ("", "-1"):
+        return 0
+    exe = shutil.which("nvidia-smi")
+    if exe is None:
+        return 0
+    try:
+        out = subprocess.run([exe, "-L"], capture_output=True, text=True, timeout=20).stdout
+    except (OSError, subprocess.SubprocessError):
+        return 0
+    n = sum(line.startswith("GPU ") for line in out.splitlines())
+    if hidden is not None:
+        n = min(n, len([d for d in hidden.split(",") if d.strip()]))
+    return n
 
 
 def cleanup_distributed() -> None:

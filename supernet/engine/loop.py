@@ -25,10 +25,10 @@ from tqdm import tqdm
 
 from space.errors import Diverged, UserError
 from space.app import run_dir_lock
-from supernet.data import DataBundle, DataConfig, Loader
-from supernet.engine.checkpoint import CKPT_NAME, load_checkpoint, restore_training, save_checkpoint, training_state
+from supernet.data import DataBundle, DataConfig, Loader, RecipeConfig
+from supernet.engine.checkpoint import CKPT_NAME, read_checkpoint, restore_training, save_checkpoint, training_state
 from supernet.engine.distributed import (DistEnv, StopFlag, allreduce_gradients, allreduce_sum, autocast,
-                                         broadcast_parameters)
+                                         broadcast_parameters, gather_objects)
 from supernet.engine.optim import build_optimizer
 
 
@@ -39,6 +39,7 @@ class Task:
     net: nn.Module
     identity: dict[str, Any]  # the task's settings that change the result; a resume must match them exactly
     checkpoint_extras: dict[str, Any] = {}  # stored at the checkpoint's top level for its readers
+    ema: nn.Module | None = None  # the weights' moving average (recipe.ema), set by the Trainer
 
     def forward(self, x: Tensor, step: int) -> Tensor:
         """Logits of the batch ``x`` at ``step``."""
@@ -67,8 +68,9 @@ class Task:
 
 class LossBackward:
     """Forward under autocast, the training loss, and backward of ``scale`` x loss: what one path of a step
-    costs. The loss is cross-entropy with label smoothing against the labels, mixed with weight ``soft_weight``
-    with cross-entropy against ``soft`` target probabilities (in-place distillation)."""
+    costs. The loss is cross-entropy with label smoothing against the labels (or against the soft targets of a
+    mixed batch, which carry their smoothing already), mixed with weight ``soft_weight`` with cross-entropy
+    against ``soft`` target probabilities (in-place distillation)."""
 
     def __init__(self, device: torch.device, amp: bool, label_smoothing: float) -> None:
         self.device, self.amp, self.label_smoothing = device, amp, label_smoothing
@@ -78,7 +80,8 @@ class LossBackward:
         """Returns the loss and the logits, both detached."""
         with autocast(self.device, self.amp):
             logits = forward()
-            loss = F.cross_entropy(logits, y, label_smoothing=self.label_smoothing)
+            smoothing = 0.0 if y.is_floating_point() else self.label_smoothing  # Mixup/CutMix targets: smoothed
+            loss = F.cross_entropy(logits, y, label_smoothing=smoothing)
             if soft is not None:
                 loss = (1 - soft_weight) * loss + soft_weight * F.cross_entropy(logits.float(), soft)
         (loss * scale).backward()
@@ -94,6 +97,7 @@ class FitResult:
     val: dict[str, float]
     stopped: bool  # by SIGTERM/SIGINT before the end
     run_dir: Path
+    ema: nn.Module | None = None  # the moving average of the weights, with recipe.ema
 
 
 @torch.no_grad()
@@ -132,6 +136,8 @@ class Trainer:
         self.lr_history: list[dict[str, float]] = []  # peak-lr restarts (resume_lr=), kept in the checkpoint
         self.identity = run_identity(task, cfg, env)
         self.loss = LossBackward(env.device, cfg.amp, cfg.optim.label_smoothing)
+        self.recipe = RecipeConfig.from_cfg(cfg.get("recipe"))
+        self.ema: Any = None  # timm's ModelEmaV3 with recipe.ema, made once the start weights are known
         self.writer: Any = None
 
     # ----------------------------------------------------------------- named steps
@@ -143,8 +149,13 @@ class Trainer:
             UserError: the checkpoint was trained with other settings (the differing keys are named).
         """
         cfg = self.cfg
-        if cfg.resume == "auto" and self.ckpt_path.exists():
-            ck = load_checkpoint(self.ckpt_path)
+        ema_state = None
+        # Rank 0 decides whether there is a run to resume, so ranks never start at different steps (node-local
+        # run dirs, a stale network file system view); every rank then checks it holds the same checkpoint.
+        found = gather_objects(cfg.resume == "auto" and self.ckpt_path.exists() if self.env.is_main else None,
+                               self.env)[0]
+        if found:
+            ck = self._read_shared_checkpoint()
             diff = identity_diff(ck.get("identity") if isinstance(ck, dict) else None, self.identity)
             if diff:
                 raise UserError(f"resume: {self.ckpt_path} was trained with other settings: {diff}; use the same "
@@ -152,6 +163,7 @@ class Trainer:
             self.step = self.saved_step = restore_training(ck, model=self.task.net, optimizer=self.opt,
                                                            scheduler=self.sched)
             self.task.load_state_dict(ck["task_state"])
+            ema_state = ck.get("ema")
             self.lr_history = list(ck.get("lr_history", []))
             if cfg.get("resume_lr") is not None:
                 self.restart_lr(float(cfg.resume_lr))
@@ -161,6 +173,42 @@ class Trainer:
             raise UserError(f"resume_lr: {cfg.resume_lr} but there is no checkpoint to resume in {self.run_dir} "
                             "(set optim.lr for a new run)")
         broadcast_parameters(self.task.net, self.env)
+        if self.recipe.ema:  # starts as the start weights (DeiT's ModelEma); a resume restores its average
+            from timm.utils import ModelEmaV3
+
+            self.ema = ModelEmaV3(self.task.net, decay=self.recipe.ema_decay)
+            if ema_state is not None:
+                self.ema.module.load_state_dict(ema_state)
+            self.task.ema = self.ema.module
+
+    def _read_shared_checkpoint(self) -> dict[str, Any]:
+        """``run_dir/last.ckpt`` as every rank reads it, once all ranks agree they read the same bytes.
+
+        Raises:
+            UserError: on every rank alike, when a rank cannot read the checkpoint rank 0 resumes or reads
+                another one (run_dir is not one directory shared by all nodes).
+        """
+        ck, digest, problem = None, None, None
+        try:
+            ck, digest = read_checkpoint(self.ckpt_path)
+        except UserError as e:
+            problem = str(e)
+        seen = gather_objects((digest, ck.get("step") if isinstance(ck, dict) else None, problem), self.env)
+        path = gather_objects(str(self.ckpt_path), self.env)[0]  # rank 0's: the one resumed
+        if seen[0][2] is not None:
+            raise UserError(seen[0][2])
+        hint = ("run_dir must be one directory that every node sees (a shared file system), not node-local copies; "
+                "README: many machines")
+        bad = [r for r, (_, _, p) in enumerate(seen) if p is not None]
+        if bad:
+            raise UserError(f"resume: rank 0 resumes {path} but rank {bad[0]} cannot read it "
+                            f"({seen[bad[0]][2]}); {hint}")
+        other = [r for r, (d, _, _) in enumerate(seen) if d != seen[0][0]]
+        if other:
+            r = other[0]
+            raise UserError(f"resume: ranks hold different {path} files (rank 0: step {seen[0][1]}, "
+                            f"sha256 {seen[0][0][:12]}; rank {r}: step {seen[r][1]}, sha256 {seen[r][0][:12]}); {hint}")
+        return ck
 
     def restart_lr(self, peak: float) -> None:
         """Continue the schedule from the current step with ``peak`` in place of ``optim.lr`` (a way out of
@@ -191,6 +239,8 @@ class Trainer:
                 [p for p in net.parameters() if p.grad is not None], o.grad_clip))
         self.opt.step()
         self.sched.step()
+        if self.ema is not None:
+            self.ema.update(net)
         info.update(self.task.after_step(self.step))
         self.step += 1
         return loss_val, stop_votes > 0, info
@@ -220,6 +270,8 @@ class Trainer:
         state = training_state(model=self.task.net, optimizer=self.opt, scheduler=self.sched, step=self.step,
                                total_steps=self.total, identity=self.identity, task_state=self.task.state_dict(),
                                config=OmegaConf.to_container(self.cfg, resolve=True))
+        if self.ema is not None:
+            state["ema"] = self.ema.module.state_dict()
         save_checkpoint({**state, **self.task.checkpoint_extras, "lr_history": self.lr_history}, self.ckpt_path)
         self.saved_step = self.step
 
@@ -311,11 +363,16 @@ _DATA_NOT_IN_IDENTITY = ("root", "eval_batch_size", "num_workers")
 def run_identity(task: Task, cfg: DictConfig, env: DistEnv) -> dict[str, Any]:
     """Every setting that changes what a run trains: the task's own (space or architecture), the data and
     its split, the seed, the optimizer recipe, the length, the global batch (per-rank batch x world size) and
-    autocast. Progress, logging, validation and checkpoint cadence may change between runs."""
+    autocast, and the recipe unless it is ``light`` (so runs from before the recipe group still resume).
+    Progress, logging, validation and checkpoint cadence may change between runs."""
     data = asdict(DataConfig.from_cfg(cfg.data).resolved())
-    return {**task.identity, "seed": cfg.seed, "max_steps": cfg.max_steps, "world_size": env.world_size,
-            "amp": bool(cfg.amp), "optim": OmegaConf.to_container(cfg.optim, resolve=True),
-            "data": {k: v for k, v in data.items() if k not in _DATA_NOT_IN_IDENTITY}}
+    identity = {**task.identity, "seed": cfg.seed, "max_steps": cfg.max_steps, "world_size": env.world_size,
+                "amp": bool(cfg.amp), "optim": OmegaConf.to_container(cfg.optim, resolve=True),
+                "data": {k: v for k, v in data.items() if k not in _DATA_NOT_IN_IDENTITY}}
+    recipe = RecipeConfig.from_cfg(cfg.get("recipe")).identity()
+    if recipe is not None:
+        identity["recipe"] = recipe
+    return identity
 
 
 def identity_diff(saved: Any, now: dict[str, Any]) -> str:

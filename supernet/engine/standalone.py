@@ -24,12 +24,16 @@ from supernet.model.psvit import PSViT
 
 
 class RetrainTask(Task):
-    """One fixed architecture; validated on the held-out training images."""
+    """One fixed architecture; validated on the held-out training images (and its EMA weights with recipe.ema)."""
 
     def __init__(self, model: nn.Module, arch: ArchSpec, name: str, cfg: DictConfig, data: DataBundle,
-                 env: DistEnv, supernet_sha256: str | None = None) -> None:
+                 env: DistEnv, source_sha256: str | None = None) -> None:
         self.net, self.name, self.cfg, self.data, self.env = model, f"retrain {name}", cfg, data, env
-        self.identity = {"arch": arch.to_dict(), "init": cfg.init, "supernet_sha256": supernet_sha256}
+        inherit = cfg.init == "inherit"  # the start weights' file: a supernet, or pretrained weights
+        self.identity = {"arch": arch.to_dict(), "init": cfg.init,
+                         "supernet_sha256": source_sha256 if inherit else None}
+        if cfg.init == "pretrained":
+            self.identity["pretrained_sha256"] = source_sha256
 
     def forward(self, x: torch.Tensor, step: int) -> torch.Tensor:
         return self.net(x)
@@ -37,12 +41,16 @@ class RetrainTask(Task):
     def validate(self) -> dict[str, float]:
         if self.data.val is None:
             return {}
-        return {"model": top1(self.net, self.data.val, self.env, self.cfg.eval.max_batches, self.cfg.amp)}
+        res = {"model": top1(self.net, self.data.val, self.env, self.cfg.eval.max_batches, self.cfg.amp)}
+        if self.ema is not None:
+            res["ema"] = top1(self.ema, self.data.val, self.env, self.cfg.eval.max_batches, self.cfg.amp)
+        return res
 
 
 def initial_model(arch: ArchSpec, cfg: DictConfig) -> tuple[nn.Module, str | None]:
-    """A fresh ``PSViT(arch)``, or with ``init=inherit`` the path ``arch`` extracted from the supernet and the
-    sha256 of the supernet checkpoint it came from."""
+    """A fresh ``PSViT(arch)``; with ``init=inherit`` the path ``arch`` extracted from the supernet, with
+    ``init=pretrained`` ``PSViT(arch)`` holding the weights of ``cfg.pretrained`` (e.g. DeiT's, through
+    supernet/convert.py); and the sha256 of the file the weights came from."""
     need, have = params(arch) * 16, os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
     if need > have:  # weights, gradients and two AdamW moments in fp32, before a single activation
         raise UserError(f"arch: {params(arch):,} parameters need {need / 2**30:.1f} GiB for training state alone, "
@@ -50,6 +58,10 @@ def initial_model(arch: ArchSpec, cfg: DictConfig) -> tuple[nn.Module, str | Non
     torch.manual_seed(cfg.seed)
     if cfg.init == "scratch":
         return PSViT(arch), None
+    if cfg.init == "pretrained":
+        from supernet.pretrained import load_pretrained
+
+        return load_pretrained(Path(cfg.pretrained), arch)
     from supernet.engine.checkpoint import load_supernet  # the supernet is imported for init=inherit only
 
     sck = load_supernet(Path(cfg.supernet), torch.device("cpu"))
@@ -62,10 +74,11 @@ def train_arch(arch: ArchSpec, name: str, cfg: DictConfig, data: DataBundle,
     and the run's result, whose ``val`` holds the final validation unless the run was stopped or
     ``eval.every`` is 0."""
     check_fits("arch", arch, data)
-    model, supernet_sha256 = initial_model(arch, cfg)
-    task = RetrainTask(model.to(env.device), arch, name, cfg, data, env, supernet_sha256)
+    model, source_sha256 = initial_model(arch, cfg)
+    task = RetrainTask(model.to(env.device), arch, name, cfg, data, env, source_sha256)
     res = Trainer(task, data, cfg, env).fit()
     task.net.eval()
     if not res.stopped and cfg.eval.every and "model" not in res.val:  # rerun after a kill before result.json
         res.val.update(task.validate())
+    res.ema = task.ema
     return task.net, res

@@ -45,7 +45,14 @@ class ElasticLinear(nn.Linear):
 
 
 class ElasticLayerNorm(nn.LayerNorm):
-    """``nn.LayerNorm`` over the last dim, on the leading slice of its affine weights as wide as the input."""
+    """``nn.LayerNorm`` over the last dim, on the leading slice of its affine weights as wide as the input.
+
+    ``eps`` is 1e-6, DeiT's and timm's (not torch's 1e-5), for every norm of the model: DeiT weights then
+    compute in a PSViT exactly what they compute in DeiT (supernet/convert.py).
+    """
+
+    def __init__(self, dim: int, eps: float = 1e-6) -> None:
+        super().__init__(dim, eps=eps)
 
     def forward(self, x: Tensor) -> Tensor:
         """(..., C') -> (..., C')."""
@@ -122,7 +129,7 @@ class SharedAttention(nn.Module):
 
 
 class Mlp(nn.Module):
-    """The transformer MLP: fc1, GELU, fc2."""
+    """The transformer MLP: fc1, GELU (the exact erf form, as DeiT's ``nn.GELU``), fc2."""
 
     def __init__(self, dim: int, hidden: int):
         super().__init__()

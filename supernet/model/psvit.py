@@ -2,7 +2,8 @@
 
 Built from the architecture alone, no supernet code on its forward path: it assembles layers.py's modules at
 the arch's sizes and calls them at full size. With the DeiT-Ti / DeiT-S specs (conf/baselines/deit_*.json) it
-is DeiT's layer layout, parameter for parameter.
+is DeiT's layer layout, parameter for parameter, and computes what DeiT computes (LayerNorm eps 1e-6, erf GELU):
+supernet/convert.py loads DeiT's own weights into it.
 """
 
 from __future__ import annotations

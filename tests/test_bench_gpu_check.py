@@ -1,0 +1,80 @@
+"""`make gpu-check` (bench/gpu_check.py) where there is no GPU: without CUDA it prints one line and exits 0; its CPU
+dry mode runs the same code path (the launcher, a 1-process torchrun on gloo, the supernet and DeiT-Ti training
+steps, the search's scorer) and prints consistent figures; a kernel count that contradicts the model fails."""
+
+from __future__ import annotations
+
+import os
+import random
+import re
+import subprocess
+import sys
+from collections import Counter
+from pathlib import Path
+
+import pytest
+import torch
+
+from bench import gpu_check
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def test_without_cuda_it_prints_one_line_and_exits_0(run_module, monkeypatch):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    r = run_module("bench.gpu_check")
+    assert r.returncode == 0 and r.stderr == ""
+    assert r.stdout == (f"gpu-check: no CUDA device (torch {torch.__version__}, cuda available: False); "
+                        "nothing to check\n")
+
+
+def test_unknown_preset_is_refused_before_any_work(run_module):
+    r = run_module("bench.gpu_check", "--device", "cpu", "--preset", "nope")
+    assert r.returncode == 2 and r.stdout == ""
+    assert len(r.stderr.splitlines()) == 1 and r.stderr.startswith("error: --preset: 'nope' is not in conf/space "
+                                                                   "(allowed: ")
+    assert "imagenet_tiny_2d" in r.stderr
+
+
+def test_cpu_dry_mode_runs_through_the_launcher_and_prints_consistent_figures():
+    cmd = [sys.executable, "-m", "bench.gpu_check", "--device", "cpu", "--steps", "2", "--evals", "2", "--batch", "4",
+           "--preset", "cifar_2d"]  # the smallest RGB preset: the code path of imagenet_tiny_2d, in a few seconds
+    r = subprocess.run(cmd, cwd=REPO, env={**os.environ, "OMP_NUM_THREADS": "1"}, capture_output=True, text=True,
+                       timeout=240)
+    assert r.returncode == 0, r.stderr[-3000:]
+    out = r.stdout
+    assert out.startswith(f"gpu-check: CPU, 1 thread, torch {torch.__version__}")
+    assert "1-process torchrun, backend gloo (all_reduce ok)" in out
+    sdpa, basic, maps, shared, deit, blocks = map(int, re.search(
+        r"fused SDPA \(_scaled_dot_product_\w+\) (\d+) calls for (\d+) basic cells; (\d+) attention maps for (\d+) "
+        r"shared pairs; deit_tiny_patch16_224: (\d+) fused SDPA calls for (\d+) blocks", out).groups())
+    assert sdpa == basic > 0 and maps == shared > 0 and deit == blocks == 12
+    assert "2 timed steps after 1, batch 4" in out and "2 inherited-weight evaluations of 4 synthetic" in out
+    header, rule, row = out.splitlines()[-3:]
+    assert header.startswith("| device | torch | batch | supernet img/s |") and rule.startswith("| --- |")
+    cells = [c.strip() for c in row.strip("|").split("|")]
+    assert cells[:3] == ["CPU, 1 thread", torch.__version__, "4"]
+    supernet, deit_rate, ratio, evals = map(float, cells[3:])
+    assert supernet > 0 and deit_rate > 0 and evals > 0
+    assert ratio == pytest.approx(supernet / deit_rate, rel=0.02, abs=0.01)  # rates printed to 3 digits
+
+
+def test_a_math_fallback_or_a_missing_attention_map_is_a_failure():
+    from space.space import SearchSpace
+
+    space = SearchSpace.from_config(gpu_check._compose("space=cifar_2d").space)
+    arch = next(a for a in (space.sample(random.Random(s)) for s in range(100))
+                if {"basic", "shared"} <= set(gpu_check.ops_of(a)))
+    cells = gpu_check.ops_of(arch)
+
+    def figures(sdpa: int, softmax: int, deit: int) -> gpu_check.Figures:
+        fused = Counter({"_scaled_dot_product_flash_attention": sdpa} if sdpa else {})
+        run = gpu_check.Training(100.0, fused, softmax)
+        deit_run = gpu_check.Training(100.0, Counter({"_scaled_dot_product_flash_attention": deit}), 0)
+        return gpu_check.Figures("GPU", "nccl", 8, run, [arch, arch], deit_run, 12, 1.0, 8, 8, None, 1.0)
+
+    assert gpu_check.problems(figures(cells["basic"], cells["shared"], 12)) == []
+    bad = gpu_check.problems(figures(0, cells["shared"] - 1, 11))
+    assert len(bad) == 3
+    assert bad[0] == f"supernet: 0 fused SDPA calls for {cells['basic']} basic cells (none: the math fallback)"
+    assert "attention maps (softmax)" in bad[1] and bad[2].startswith("deit_tiny_patch16_224: 11 fused SDPA calls")

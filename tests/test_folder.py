@@ -1,0 +1,181 @@
+"""The image-folder path end to end on CPU: a class-folder dataset of JPEGs written here with PIL, supernet
+training on 2 gloo ranks through the launcher with a DataLoader worker per rank and ``recipe=deit`` (timm's
+RandAugment, random erasing, Mixup/CutMix, repeated augmentation), a kill -9 of the whole job then a rerun that
+ends with the weights of an uninterrupted run, the search on the folder's validation split, and retraining
+with the EMA; and the folder's bad inputs, each one line and exit 2."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from hydra import compose, initialize_config_dir
+
+REPO = Path(__file__).resolve().parents[1]
+CLASSES = ("ant", "bee", "cat")
+STEPS = 8
+
+
+def write_folder(root: Path, train: int = 20, val: int = 4, size: int = 32) -> Path:
+    """``root/{train,val}/<class>/*.jpg``: noise images whose class tints one channel, so they can be learnt."""
+    from PIL import Image
+
+    rng = np.random.default_rng(0)
+    for split, n in (("train", train), ("val", val)):
+        for c, name in enumerate(CLASSES):
+            (root / split / name).mkdir(parents=True, exist_ok=True)
+            for i in range(n):
+                image = rng.integers(0, 256, (size, size, 3), dtype=np.uint8)
+                image[..., c] //= 3
+                Image.fromarray(image).save(root / split / name / f"{i}.jpg", quality=90)
+    return root
+
+
+@pytest.fixture(scope="module")
+def folder(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return write_folder(tmp_path_factory.mktemp("folder"))
+
+
+def data_args(root: Path) -> list[str]:
+    # 60 training images - 12 held out = 48; repeated x3 over 2 ranks: 24 per rank, 3 batches of 8 per epoch
+    return ["data=imagenet_folder", f"data.root={root}", "data.img_size=32", "data.val_size=12", "data.batch_size=8",
+            "data.eval_batch_size=12", "data.num_workers=1", "device=cpu"]
+
+
+SPACE = ["space=cifar_2d", f"space.num_classes={len(CLASSES)}"]
+
+
+def supernet_args(root: Path) -> list[str]:
+    return [*SPACE, *data_args(root), "recipe=deit", f"max_steps={STEPS}", "ckpt_every=4", "eval.every=8",
+            "eval.n_random=1", "progress=false"]
+
+
+def launch(run_dir: Path, root: Path) -> subprocess.Popen:
+    """``make supernet NPROC=2``'s command."""
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)}
+    return subprocess.Popen([sys.executable, "-m", "supernet.engine.launch", "--standalone", "--nproc_per_node=2",
+                             "-m", "supernet.train", f"run_dir={run_dir}", *supernet_args(root)], cwd=REPO, env=env,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+
+
+def kill_job(pid: int) -> None:
+    """SIGKILL ``pid`` and every process below it at once (torchrun starts each rank in a session of its own,
+    so a process group does not reach them): a node going down."""
+    children: dict[int, list[int]] = {}
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            ppid = int(stat.read_text().rsplit(")", 1)[1].split()[1])
+        except (OSError, IndexError, ValueError):
+            continue
+        children.setdefault(ppid, []).append(int(stat.parent.name))
+    job, todo = [], [pid]
+    while todo:
+        job.append(todo.pop())
+        todo += children.get(job[-1], [])
+    for p in job:
+        try:
+            os.kill(p, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+
+
+def ckpt(run_dir: Path) -> dict:
+    return torch.load(run_dir / "last.ckpt", weights_only=True)
+
+
+@pytest.fixture(scope="module")
+def reference(folder: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    run = tmp_path_factory.mktemp("reference") / "run"
+    p = launch(run, folder)
+    out, err = p.communicate(timeout=280)
+    assert p.returncode == 0, err
+    return run
+
+
+@pytest.mark.slow
+def test_two_ranks_with_workers_and_the_deit_recipe_resume_exactly_after_kill_9(folder, reference, tmp_path):
+    ref = ckpt(reference)
+    assert ref["step"] == STEPS and ref["identity"]["recipe"]["repeated_aug"] == 3
+    assert ref["identity"]["world_size"] == 2 and ref["config"]["data"]["num_workers"] == 1
+    run = tmp_path / "run"
+    p = launch(run, folder)
+    deadline = time.time() + 240
+    while not (run / "last.ckpt").exists():
+        assert p.poll() is None, p.communicate()
+        assert time.time() < deadline, "no checkpoint within 240 s"
+        time.sleep(0.02)
+    kill_job(p.pid)  # the launcher, both ranks and their decoding workers
+    p.communicate()
+    assert ckpt(run)["step"] == 4
+    rerun = launch(run, folder)
+    out, err = rerun.communicate(timeout=280)
+    assert rerun.returncode == 0, err
+    assert f"resumed from {run / 'last.ckpt'} at step 4/{STEPS}" in out
+    final = ckpt(run)
+    assert final["task_state"] == ref["task_state"]  # the same paths
+    for k, v in ref["model"].items():
+        assert torch.equal(v, final["model"][k]), k  # the same images, augmentations, mixes and updates
+
+
+def _compose(app: str, *overrides: str):
+    with initialize_config_dir(config_dir=str(REPO / "conf"), version_base="1.3"):
+        return compose(app, overrides=list(overrides))
+
+
+@pytest.mark.slow
+def test_search_and_retraining_on_the_folder(folder, reference, tmp_path):
+    from search.evolve import evolve
+    from supernet.retrain import retrain
+
+    torch.set_num_threads(1)
+    search = tmp_path / "search"
+    evolve(_compose("evolve", f"checkpoint={reference / 'last.ckpt'}", f"run_dir={search}", "eval_images=12",
+                    "evolution.population=4", "evolution.topk=2", "evolution.mutations=2", "evolution.crossovers=1",
+                    "evolution.generations=2", "progress=false", "show_top=2", "device=cpu"))
+    best = search / "best_arch.json"
+    assert json.loads(best.read_text())["num_classes"] == len(CLASSES)
+    result = retrain(_compose("retrain", f"arch={best}", f"run_dir={tmp_path / 'retrain'}", *data_args(folder),
+                              "recipe=deit", "recipe.ema=true", "max_steps=3", "eval.every=3", "progress=false"))
+    assert result["test_images"] == 3 * 4 and result["dataset"] == "imagenet_folder" and result["recipe"] == "deit"
+    assert 0 <= result["test_top1"] <= 1 and 0 <= result["test_top1_ema"] <= 1
+
+
+# ----------------------------------------------------------------------------- bad folders
+def _broken(tmp_path: Path, how: str) -> Path:
+    root = tmp_path / how
+    if how == "no_classes":
+        (root / "train").mkdir(parents=True)
+        (root / "val").mkdir()
+    else:
+        write_folder(root, train=5, val=1, size=8)
+    if how == "classes_differ":
+        (root / "val" / "cat").rename(root / "val" / "dog")
+    if how == "unreadable":
+        for image in (root / "train" / "bee").iterdir():  # read for sure: 3 steps of 4 cover all 12 training images
+            image.write_bytes(b"not a jpeg")
+    return root
+
+
+@pytest.mark.parametrize("how, expected", [
+    ("no_classes", r"^error: imagenet_folder in .*/no_classes: Couldn't find any class folder in .*/train"),
+    ("classes_differ", r"^error: imagenet_folder in .*: train/ has 3 class folders, val/ 3, and they differ"),
+    ("unreadable", r"^error: data.root: cannot read image .*/train/bee/\d\.jpg \(UnidentifiedImageError: .*\); "
+                   r"remove or replace the file$"),
+])
+def test_bad_image_folder_is_one_line_exit_2(run_module, tmp_path, how, expected):
+    import re
+
+    root = _broken(tmp_path, how)
+    args = [*SPACE, *data_args(root), "data.val_size=3", "data.batch_size=4", f"run_dir={tmp_path / 'run'}",
+            "max_steps=3", "progress=false"]
+    res = run_module("supernet.train", *args)
+    assert res.returncode == 2 and len(res.stderr.strip().splitlines()) == 1, res.stderr
+    assert re.match(expected, res.stderr.strip()), res.stderr

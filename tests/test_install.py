@@ -1,0 +1,80 @@
+"""The installed torch is the one asked for, and a run notices when it is not: `make install`'s stamp covers the
+torch requirement (the same TORCH_REQ twice installs once, another one reinstalls, and the package's dependencies
+are resolved with torch and torchvision pinned to it: the real Makefile in a scratch directory whose
+`.venv/bin/python` only records how it was called); and a run on a machine whose GPUs torch cannot use refuses in
+one line instead of training on the CPU (a fake `nvidia-smi` stands for the GPUs)."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+from pathlib import Path
+
+import pytest
+import torch
+
+from space.errors import UserError
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def make_install(work: Path, torch_req: str) -> list[str]:
+    """Run the install recipe with ``TORCH_REQ``; the pip command lines it ran."""
+    log = work / "calls.log"
+    before = log.read_text().splitlines() if log.exists() else []
+    subprocess.run(["make", "--no-print-directory", ".venv/.installed", f"TORCH_REQ={torch_req}"], cwd=work,
+                   check=True, capture_output=True, text=True)
+    return log.read_text().splitlines()[len(before):] if log.exists() else []
+
+
+def test_install_stamp_follows_torch_req_and_pins_the_pair(tmp_path):
+    shutil.copy(REPO / "Makefile", tmp_path / "Makefile")
+    (tmp_path / "setup.cfg").touch()
+    (tmp_path / "pyproject.toml").touch()
+    python = tmp_path / ".venv" / "bin" / "python"
+    python.parent.mkdir(parents=True)
+    python.write_text(f'#!/bin/sh\necho "$*" >> {tmp_path / "calls.log"}\n')
+    python.chmod(0o755)
+
+    cpu = "torch==2.14.1 torchvision==0.29.1"
+    assert make_install(tmp_path, cpu) == ["-m pip install torch==2.14.1 torchvision==0.29.1",
+                                           "-m pip install -c .venv/torch-constraints.txt -e .[dev,imagenet]"]
+    assert (tmp_path / ".venv" / "torch-constraints.txt").read_text().split() == cpu.split()
+    assert make_install(tmp_path, cpu) == []  # up to date
+    cuda = "torch==2.14.1+cu128 torchvision==0.29.1+cu128 --index-url https://download.pytorch.org/whl/cu128"
+    calls = make_install(tmp_path, cuda)
+    assert calls[0] == f"-m pip install {cuda}" and len(calls) == 2
+    assert (tmp_path / ".venv" / "torch-constraints.txt").read_text().split() == cuda.split()[:2]
+    assert make_install(tmp_path, cuda) == []
+
+
+@pytest.fixture
+def two_gpus_visible(tmp_path, monkeypatch):
+    """A `nvidia-smi` listing two GPUs first on PATH; torch (this machine's) still sees none."""
+    exe = tmp_path / "bin" / "nvidia-smi"
+    exe.parent.mkdir()
+    exe.write_text("#!/bin/sh\necho 'GPU 0: NVIDIA H100 80GB HBM3 (UUID: GPU-0)'\n"
+                   "echo 'GPU 1: NVIDIA H100 80GB HBM3 (UUID: GPU-1)'\n")
+    exe.chmod(0o755)
+    monkeypatch.setenv("PATH", f"{exe.parent}:{os.environ['PATH']}")
+    monkeypatch.delenv("CUDA_VISIBLE_DEVICES", raising=False)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+
+
+def test_gpus_that_torch_cannot_use_are_refused_in_one_line(two_gpus_visible, monkeypatch):
+    from supernet.engine.distributed import setup_distributed, visible_gpus
+
+    assert visible_gpus() == 2
+    monkeypatch.setattr(torch.version, "cuda", None)  # a CPU-only build
+    with pytest.raises(UserError, match=r"^device: auto but 2 NVIDIA GPU\(s\) are visible \(nvidia-smi\) and torch "
+                                        r".* is a build without CUDA; install a CUDA build \(make install TORCH_REQ="):
+        setup_distributed("auto")
+    monkeypatch.setattr(torch.version, "cuda", "12.8")  # a CUDA build the driver cannot serve
+    with pytest.raises(UserError, match=r"cannot use them \(built for CUDA 12.8\): check the NVIDIA driver"):
+        setup_distributed("cuda")
+    assert setup_distributed("cpu").device.type == "cpu"  # asked for explicitly: allowed
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "1")
+    assert visible_gpus() == 1
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "")  # hidden on purpose: a CPU run
+    assert visible_gpus() == 0 and setup_distributed("auto").device.type == "cpu"

@@ -1,0 +1,70 @@
+"""Resuming on many nodes: rank 0 decides whether there is a run to resume, and every rank checks it reads the
+very checkpoint rank 0 resumes. With node-local run dirs (one rank sees no checkpoint, or another one) every
+rank refuses with the same one line instead of training from different steps, which would hang the gradient
+all-reduce or mix unrelated gradients. Two gloo ranks whose run_dir differs stand for two nodes."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import socket
+from pathlib import Path
+
+import torch
+from hydra import compose, initialize_config_dir
+
+from space.errors import UserError
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def _cfg(run_dir: Path, root: Path, *overrides: str):
+    with initialize_config_dir(config_dir=str(REPO / "conf"), version_base="1.3"):
+        return compose("supernet", overrides=[f"run_dir={run_dir}", f"data.root={root}", "data.batch_size=8",
+                                              "data.val_size=20", "max_steps=1", "eval.every=0", "progress=false",
+                                              "device=cpu", *overrides])
+
+
+def _worker(rank: int, port: int, tmp: str, root: str) -> None:
+    os.environ.update(RANK=str(rank), WORLD_SIZE="2", LOCAL_RANK=str(rank), MASTER_ADDR="127.0.0.1",
+                      MASTER_PORT=str(port))
+    torch.set_num_threads(1)
+    from supernet.train import train
+
+    for node_dirs in ("missing", "differ"):
+        try:
+            train(_cfg(Path(tmp) / f"{node_dirs}{rank}", Path(root)))
+            message = "trained"
+        except UserError as e:
+            message = str(e)
+        (Path(tmp) / f"{node_dirs}{rank}.txt").write_text(message)
+
+
+def test_node_local_run_dirs_are_refused_on_every_rank(tmp_path, fake_fmnist):
+    from supernet.train import train
+
+    root = fake_fmnist(tmp_path / "data", n_train=60, n_test=10)
+    torch.set_num_threads(1)
+    train(_cfg(tmp_path / "one", root))
+    ckpt = tmp_path / "one" / "last.ckpt"
+    for d in ("missing0", "differ0", "differ1"):
+        (tmp_path / d).mkdir()
+        shutil.copy(ckpt, tmp_path / d / "last.ckpt")
+    other = torch.load(ckpt, weights_only=True)
+    other["step"] = 0  # another checkpoint of the same run
+    torch.save(other, tmp_path / "differ1" / "last.ckpt")
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    torch.multiprocessing.spawn(_worker, args=(port, str(tmp_path), str(root)), nprocs=2, join=True)
+
+    hint = "run_dir must be one directory that every node sees (a shared file system), not node-local copies"
+    missing = [(tmp_path / f"missing{r}.txt").read_text() for r in (0, 1)]
+    assert missing[0] == missing[1]
+    assert missing[0].startswith(f"resume: rank 0 resumes {tmp_path / 'missing0' / 'last.ckpt'} but rank 1 cannot "
+                                 f"read it (checkpoint: {tmp_path / 'missing1' / 'last.ckpt'} does not exist); {hint}")
+    differ = [(tmp_path / f"differ{r}.txt").read_text() for r in (0, 1)]
+    assert differ[0] == differ[1]
+    assert differ[0].startswith("resume: ranks hold different ") and "(rank 0: step 1, sha256 " in differ[0]
+    assert "rank 1: step 0, sha256 " in differ[0] and hint in differ[0]
+    assert not (tmp_path / "missing1" / "last.ckpt").exists()  # nothing trained, nothing written
