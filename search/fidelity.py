@@ -256,7 +256,8 @@ def summarize(picked: Picked, inherited: dict[ArchSpec, float], standalone: dict
         agree = agreement(proxy, truth, cfg.topk, cfg.bootstrap, cfg.seed)
         ceiling = seed_to_seed_tau([standalone[a] for a in archs], cfg.bootstrap, cfg.seed)
         tau = agree["kendall_tau"].value
-        ratio = tau / ceiling.value if ceiling and ceiling.value > 0 and not math.isnan(tau) else None
+        # a ceiling whose interval reaches 0 is no measurable ceiling: a ratio to it would mean nothing
+        ratio = tau / ceiling.value if ceiling and ceiling.low > 0 and not math.isnan(tau) else None
         stats[name] = {"archs": len(archs), "macs_min": min(map(macs, archs)), "macs_max": max(map(macs, archs)),
                        **{k: v.to_dict() for k, v in agree.items()},
                        "noise_ceiling_tau": ceiling.to_dict() if ceiling else None, "tau_over_ceiling": ratio}
