@@ -25,13 +25,14 @@ def _cfg(run_dir: Path, root: Path, *overrides: str):
                                               "device=cpu", *overrides])
 
 
-def _worker(rank: int, port: int, tmp: str, root: str) -> None:
-    os.environ.update(RANK=str(rank), WORLD_SIZE="2", LOCAL_RANK=str(rank), MASTER_ADDR="127.0.0.1",
-                      MASTER_PORT=str(port))
+def _worker(rank: int, ports: list[int], tmp: str, root: str) -> None:
+    os.environ.update(RANK=str(rank), WORLD_SIZE="2", LOCAL_RANK=str(rank), MASTER_ADDR="127.0.0.1")
     torch.set_num_threads(1)
     from supernet.train import train
 
-    for node_dirs in ("missing", "differ"):
+    for node_dirs, port in zip(("missing", "differ"), ports):
+        # a port per run: a rank done with the first run must not join the other rank's store of it
+        os.environ["MASTER_PORT"] = str(port)
         try:
             train(_cfg(Path(tmp) / f"{node_dirs}{rank}", Path(root)))
             message = "trained"
@@ -53,10 +54,11 @@ def test_node_local_run_dirs_are_refused_on_every_rank(tmp_path, fake_fmnist):
     other = torch.load(ckpt, weights_only=True)
     other["step"] = 0  # another checkpoint of the same run
     torch.save(other, tmp_path / "differ1" / "last.ckpt")
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    torch.multiprocessing.spawn(_worker, args=(port, str(tmp_path), str(root)), nprocs=2, join=True)
+    with socket.socket() as a, socket.socket() as b:
+        a.bind(("127.0.0.1", 0))
+        b.bind(("127.0.0.1", 0))
+        ports = [a.getsockname()[1], b.getsockname()[1]]
+    torch.multiprocessing.spawn(_worker, args=(ports, str(tmp_path), str(root)), nprocs=2, join=True)
 
     hint = "run_dir must be one directory that every node sees (a shared file system), not node-local copies"
     missing = [(tmp_path / f"missing{r}.txt").read_text() for r in (0, 1)]
