@@ -23,7 +23,8 @@ from torch.utils.data import DataLoader, DistributedSampler, Subset
 
 from supernet.data.config import (DATASETS, DataBundle, DataConfig, DataError, mix_seed, normalizer, shard_plan,
                                   split_train_val)
-from supernet.data.recipe import LIGHT, BatchAugment, RecipeConfig, SeededItems, batch_key, repeated_order
+from supernet.data.recipe import (LIGHT, BatchAugment, RecipeConfig, SeededItems, batch_key, repeated_order,
+                                  repeated_plan)
 
 INSTALL_HINT = "install it with pip install -e '.[imagenet]'"
 
@@ -90,11 +91,7 @@ class FolderLoader:
         self._batches, self.num_examples, self._lo, self._hi = shard_plan(len(self.subset), batch_size, rank,
                                                                          world_size, train)
         if train and repeats > 1:
-            share = len(repeated_order(len(self.subset), repeats, world_size, rank, seed, 0))
-            self._batches, self.num_examples = share // batch_size, share // batch_size * batch_size
-            if self._batches == 0:
-                raise DataError(f"data.batch_size: {batch_size} exceeds the {share}-image share of each rank with "
-                                f"recipe.repeated_aug={repeats} (allowed: at most {share})")
+            self._batches, self.num_examples = repeated_plan(len(self.subset), repeats, batch_size, world_size, rank)
         elif train:
             self.sampler = DistributedSampler(self.subset, num_replicas=world_size, rank=rank, shuffle=True,
                                               seed=seed, drop_last=True)

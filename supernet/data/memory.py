@@ -11,7 +11,7 @@ import torch.nn.functional as F
 
 from supernet.data.config import DataError, mix_seed, normalizer, shard_plan
 from supernet.data.readers import ArrayDataset
-from supernet.data.recipe import BatchAugment, batch_key, repeated_order
+from supernet.data.recipe import BatchAugment, batch_key, repeated_order, repeated_plan
 
 
 def crop_flip(x: torch.Tensor, pad: int, dy: torch.Tensor, dx: torch.Tensor, flip: torch.Tensor) -> torch.Tensor:
@@ -72,12 +72,8 @@ class TensorLoader:
         self._scale, self._shift = normalizer(mean, std, self.device)
         self._batches, self.num_examples, self._lo, self._hi = shard_plan(len(data), batch_size, rank, world_size,
                                                                          train)
-        if train and repeats > 1:  # the sampler's share of the repeated epoch, in whole batches
-            share = len(repeated_order(len(data), repeats, world_size, rank, seed, 0))
-            self._batches, self.num_examples = share // batch_size, share // batch_size * batch_size
-            if self._batches == 0:
-                raise DataError(f"data.batch_size: {batch_size} exceeds the {share}-image share of each rank with "
-                                f"recipe.repeated_aug={repeats} (allowed: at most {share})")
+        if train and repeats > 1:
+            self._batches, self.num_examples = repeated_plan(len(data), repeats, batch_size, world_size, rank)
 
     def __len__(self) -> int:
         return self._batches

@@ -205,15 +205,33 @@ class BatchAugment:
         return x, y
 
 
+def _repeat_sampler(n: int, repeats: int, world_size: int, rank: int) -> Any:
+    from timm.data.distributed_sampler import RepeatAugSampler
+
+    return RepeatAugSampler(range(n), num_replicas=world_size, rank=rank, shuffle=True, num_repeats=repeats)
+
+
 def repeated_order(n: int, repeats: int, world_size: int, rank: int, seed: int, epoch: int) -> list[int]:
     """This rank's sample order for one epoch with repeated augmentation (timm's ``RepeatAugSampler``: each
     image ``repeats`` times, the copies on different ranks, about ``n / world_size`` samples per rank);
     shuffled from ``(seed, epoch)``, the same permutation on every rank."""
-    from timm.data.distributed_sampler import RepeatAugSampler
-
-    sampler = RepeatAugSampler(range(n), num_replicas=world_size, rank=rank, shuffle=True, num_repeats=repeats)
+    sampler = _repeat_sampler(n, repeats, world_size, rank)
     sampler.set_epoch(mix_seed(seed, epoch))  # timm seeds its permutation with the epoch alone: fold the seed in
     return list(sampler)
+
+
+def repeated_plan(n: int, repeats: int, batch_size: int, world_size: int, rank: int) -> tuple[int, int]:
+    """``(batches, examples)`` of one rank's epoch with repeated augmentation: the sampler's share of the
+    repeated epoch, in whole batches (the same on every rank).
+
+    Raises:
+        DataError: the batch is larger than that share.
+    """
+    share = len(_repeat_sampler(n, repeats, world_size, rank))
+    if share < batch_size:
+        raise DataError(f"data.batch_size: {batch_size} exceeds the {share}-image share of each rank with "
+                        f"recipe.repeated_aug={repeats} (allowed: at most {share})")
+    return share // batch_size, share // batch_size * batch_size
 
 
 def batch_key(seed: int, epoch: int, rank: int, batch: int) -> int:

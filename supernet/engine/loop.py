@@ -193,17 +193,18 @@ class Trainer:
             ck, digest = read_checkpoint(self.ckpt_path)
         except UserError as e:
             problem = str(e)
-        seen = gather_objects((digest, ck.get("step") if isinstance(ck, dict) else None, problem), self.env)
-        path = gather_objects(str(self.ckpt_path), self.env)[0]  # rank 0's: the one resumed
+        seen = gather_objects((digest, ck.get("step") if isinstance(ck, dict) else None, problem,
+                               str(self.ckpt_path)), self.env)
+        path = seen[0][3]  # rank 0's: the one resumed
         if seen[0][2] is not None:
             raise UserError(seen[0][2])
         hint = ("run_dir must be one directory that every node sees (a shared file system), not node-local copies; "
                 "README: many machines")
-        bad = [r for r, (_, _, p) in enumerate(seen) if p is not None]
+        bad = [r for r, (_, _, p, _) in enumerate(seen) if p is not None]
         if bad:
             raise UserError(f"resume: rank 0 resumes {path} but rank {bad[0]} cannot read it "
                             f"({seen[bad[0]][2]}); {hint}")
-        other = [r for r, (d, _, _) in enumerate(seen) if d != seen[0][0]]
+        other = [r for r, (d, _, _, _) in enumerate(seen) if d != seen[0][0]]
         if other:
             r = other[0]
             raise UserError(f"resume: ranks hold different {path} files (rank 0: step {seen[0][1]}, "
@@ -331,7 +332,8 @@ class Trainer:
         if env.is_main and stopped:
             print(f"stopped by signal at step {self.step}/{total}; checkpoint {self.ckpt_path}; rerun the same "
                   "command to resume")
-        return FitResult(self.step, total, losses, grad_norms, val, stopped, self.run_dir)
+        return FitResult(self.step, total, losses, grad_norms, val, stopped, self.run_dir,
+                         None if self.ema is None else self.ema.module)
 
     def _log(self, bar: tqdm, loss: float, img_per_s: float, info: dict[str, float]) -> None:
         lr = self.opt.param_groups[0]["lr"]

@@ -80,5 +80,4 @@ def train_arch(arch: ArchSpec, name: str, cfg: DictConfig, data: DataBundle,
     task.net.eval()
     if not res.stopped and cfg.eval.every and "model" not in res.val:  # rerun after a kill before result.json
         res.val.update(task.validate())
-    res.ema = task.ema
     return task.net, res
