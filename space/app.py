@@ -7,6 +7,8 @@ from __future__ import annotations
 
 import errno
 import fcntl
+import hashlib
+import json
 import os
 import sys
 import time
@@ -39,6 +41,11 @@ def run_app(fn: Callable[[], T]) -> T:
         print(f"error{f' (rank {rank})' if rank else ''}: " + " ".join(str(e).splitlines()), file=sys.stderr,
               flush=True)
         sys.exit(2 if isinstance(e, UserError) else 1)  # SystemExit is not an Exception: Hydra lets it through
+
+
+def config_hash(cfg: dict[str, Any]) -> str:
+    """Stable short hash of a JSON-able config (a search space: a checkpoint's ``space_hash``, a latency table's)."""
+    return hashlib.sha256(json.dumps(cfg, sort_keys=True).encode()).hexdigest()[:16]
 
 
 def check_overrides(config_name: str, argv: list[str] | None = None) -> None:

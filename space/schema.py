@@ -124,6 +124,11 @@ FIDELITY = {"checkpoint": EVOLVE["checkpoint"], "run_dir": Key("str", nullable=T
             "standalone.ckpt_every": RUN["ckpt_every"],
             **{f"standalone.{k}": v for k, v in RUN.items() if k.startswith("optim.")}}
 
+LATENCY = {"out": Key("str", nullable=True), "device": Key("str", choices=("cpu", "cuda")),
+           "threads": Key("int", low=1), "batch": Key("int", low=1), "amp": Key("bool"), "warmup": Key("int", low=0),
+           "repeats": Key("int", low=1), "calibrate": Key("int", low=0), "archs": Key("int", low=0),
+           "seed": Key("int"), "progress": Key("bool")}
+
 CONVERT = {"checkpoint": Key("str", nullable=True), "arch": Key("str", nullable=True), "out": Key("str", nullable=True)}
 
 

@@ -35,7 +35,7 @@ import hydra
 import torch
 from omegaconf import DictConfig, OmegaConf
 
-from space.app import CONF_DIR, check_overrides, check_fits, run_app
+from space.app import CONF_DIR, check_fits, check_overrides, config_hash, run_app
 from space.arch import ArchSpec
 from space.cost import macs
 from space.errors import UserError
@@ -43,7 +43,6 @@ from space.samplers import make_sampler
 from space.schema import SUPERNET, check_config
 from space.space import SearchSpace
 from supernet.data import DataBundle, build_data
-from supernet.engine.checkpoint import config_hash
 from supernet.engine.distributed import DistEnv, distributed
 from supernet.engine.loop import FitResult, LossBackward, Task, Trainer, top1
 from supernet.model.supernet import Supernet

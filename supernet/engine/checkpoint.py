@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import hashlib
 import io
-import json
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -59,11 +58,6 @@ def read_checkpoint(path: Path) -> tuple[dict[str, Any], str]:
 def load_checkpoint(path: Path) -> dict[str, Any]:
     """The checkpoint at ``path`` (see :func:`read_checkpoint`)."""
     return read_checkpoint(path)[0]
-
-
-def config_hash(cfg: dict[str, Any]) -> str:
-    """Stable short hash of a JSON-able config (e.g. the search space)."""
-    return hashlib.sha256(json.dumps(cfg, sort_keys=True).encode()).hexdigest()[:16]
 
 
 def training_state(*, model: nn.Module, optimizer: torch.optim.Optimizer,

@@ -1,0 +1,163 @@
+"""Latency as a search constraint: the lookup table measured on one device, and an architecture's predicted
+latency as the sum of its blocks (as once-for-all and HAT predict it). Pure Python, no torch: the table is
+measured by `python -m supernet.latency` (supernet/latency.py) and read here by the search.
+
+A block is what a PSViT runs once per forward at given sizes, named by a key:
+
+* ``embed:D``: patch embedding (+ CLS) + position embedding into dim D;
+* ``basic:NxD`` / ``shared:NxD``: one cell of that op on N patch tokens of dim D (heads and MLP width follow
+  from D, as the space fixes ``head_dim`` and ``mlp_ratio``);
+* ``pool:N0xD0>N1xD1``: token pooling between stages;
+* ``head:NxD``: the final norm and the classifier.
+
+Identity cells cost nothing. ``predict(arch) = overhead_ms + sum(blocks)``, where ``overhead_ms`` is what a
+whole forward costs beyond its blocks (calls between modules), measured on calibration architectures.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+from space.app import atomic_write, config_hash
+from space.arch import ArchSpec
+from space.errors import UserError
+from space.space import SearchSpace
+
+FORMAT = "psvit-latency/1"
+
+
+class LatencyError(UserError, ValueError):
+    """A latency table that cannot serve this request; the message is one line naming the field."""
+
+
+def block_keys(arch: ArchSpec) -> list[str]:
+    """The blocks ``PSViT(arch)`` runs, in forward order (identity cells left out)."""
+    s0 = arch.stages[0]
+    keys = [f"embed:{s0.dim}"]
+    for i, s in enumerate(arch.stages):
+        if i > 0:
+            p = arch.stages[i - 1]
+            keys.append(f"pool:{p.tokens}x{p.dim}>{s.tokens}x{s.dim}")
+        keys += [f"{op}:{s.tokens}x{s.dim}" for op in s.cells if op != "identity"]
+    last = arch.stages[-1]
+    keys.append(f"head:{last.tokens}x{last.dim}")
+    return keys
+
+
+def space_blocks(space: SearchSpace) -> list[str]:
+    """Every block some architecture of ``space`` runs, sorted (what a table of the space must time)."""
+    keys: set[str] = set()
+    for chain in space.chains:
+        keys.add(f"embed:{chain[0][1]}")
+        for i, (t, d) in enumerate(chain):
+            if i > 0:
+                keys.add(f"pool:{chain[i - 1][0]}x{chain[i - 1][1]}>{t}x{d}")
+            keys.update(f"{op}:{t}x{d}" for op in space.ops if op != "identity")
+        keys.add(f"head:{chain[-1][0]}x{chain[-1][1]}")
+    return sorted(keys)
+
+
+def parse_block(key: str) -> tuple[str, tuple[int, ...]]:
+    """``"pool:49x32>16x48"`` -> ``("pool", (49, 32, 16, 48))``; ``"embed:32"`` -> ``("embed", (32,))``."""
+    kind, _, sizes = key.partition(":")
+    return kind, tuple(int(v) for v in sizes.replace(">", "x").split("x"))
+
+
+@dataclass(frozen=True)
+class Accuracy:
+    """How well the table predicts whole forwards it was not calibrated on."""
+
+    archs: int  # architectures measured end to end
+    mape: float  # mean absolute percentage error of predicted vs measured, in %
+    kendall_tau: float  # rank agreement of predicted vs measured
+    max_ape: float  # the worst architecture's absolute percentage error, in %
+
+
+@dataclass(frozen=True)
+class LatencyTable:
+    """Milliseconds per block of one space on one device, and where and how they were measured."""
+
+    space: str  # the space's name
+    space_hash: str  # of its config (as a supernet checkpoint's space_hash): a table fits exactly one space
+    device: str  # "cpu" or "cuda"
+    device_name: str  # the processor or GPU model it was measured on
+    torch: str  # torch version
+    threads: int  # torch intra-op threads
+    batch: int  # images per forward
+    dtype: str  # float32, or bfloat16 (CUDA autocast)
+    overhead_ms: float  # a whole forward beyond the sum of its blocks
+    blocks: dict[str, float]  # block key -> median milliseconds
+    accuracy: Accuracy | None = None  # on architectures other than the calibration ones
+    format: str = field(default=FORMAT)
+
+    def check_space(self, space: SearchSpace, source: str = "latency_table") -> None:
+        """Raise LatencyError unless the table was measured for ``space``."""
+        if self.space_hash != config_hash(space.to_config()):
+            raise LatencyError(f"{source}: the table was measured for space {self.space!r} (hash {self.space_hash}), "
+                               f"not for {space.name!r} (hash {config_hash(space.to_config())}); measure one with "
+                               f"python -m supernet.latency space={space.name}")
+
+    def check_device(self, device: str, threads: int | None, batch: int | None,
+                     source: str = "latency_table") -> None:
+        """Raise LatencyError unless the table was measured on ``device`` with these threads and batch (the
+        setting a measured latency is compared with)."""
+        want = {"device": device, "threads": threads, "batch": batch}
+        for k, v in want.items():
+            if v is not None and getattr(self, k) != v:
+                raise LatencyError(f"{source}: measured with {k}={getattr(self, k)}, not {k}={v}; measure a table "
+                                   f"for this setting (python -m supernet.latency {k}={v} ...)")
+
+    def predict(self, arch: ArchSpec) -> float:
+        """Predicted milliseconds of one forward of ``PSViT(arch)`` at the table's batch.
+
+        Raises:
+            LatencyError: a block of ``arch`` is not in the table (an architecture of another space).
+        """
+        total = self.overhead_ms
+        for key in block_keys(arch):
+            ms = self.blocks.get(key)
+            if ms is None:
+                raise LatencyError(f"arch: block {key!r} is not in the latency table of space {self.space!r} (the "
+                                   "architecture is not in that space)")
+            total += ms
+        return total
+
+    # ----------------------------------------------------------------- JSON
+    def to_dict(self) -> dict[str, Any]:
+        d = asdict(self)
+        return {"format": d.pop("format"), **d}
+
+    def save(self, path: str | Path) -> None:
+        atomic_write(Path(path), lambda tmp: Path(tmp).write_text(json.dumps(self.to_dict(), indent=1) + "\n"))
+
+    @classmethod
+    def load(cls, path: str | Path, source: str = "latency_table") -> LatencyTable:
+        """Read a table written by :meth:`save`.
+
+        Raises:
+            LatencyError: missing file, not JSON, another format version, or a malformed field.
+        """
+        p = Path(path)
+        try:
+            d = json.loads(p.read_text())
+        except FileNotFoundError:
+            raise LatencyError(f"{source}: {p} does not exist (measure one with python -m supernet.latency)") from None
+        except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+            raise LatencyError(f"{source}: {p} is not a latency table ({type(e).__name__})") from None
+        if not isinstance(d, dict) or d.get("format") != FORMAT:
+            got = d.get("format") if isinstance(d, dict) else type(d).__name__
+            raise LatencyError(f"{source}: {p} has format {got!r}, not {FORMAT!r} (measure it again with "
+                               "python -m supernet.latency)")
+        try:
+            acc = d.get("accuracy")
+            table = cls(**{**d, "accuracy": Accuracy(**acc) if acc is not None else None})
+        except TypeError as e:
+            raise LatencyError(f"{source}: {p} is malformed ({e})") from None
+        bad = [k for k, v in table.blocks.items() if not isinstance(v, (int, float)) or not v >= 0]
+        if bad or not isinstance(table.overhead_ms, (int, float)):
+            raise LatencyError(f"{source}: {p} has a malformed time (block {bad[0] if bad else 'overhead_ms'!r})")
+        return table
+

@@ -1,0 +1,169 @@
+"""The latency model (space/latency.py, supernet/latency.py): a space's block set is exactly the blocks its
+architectures run; the blocks the app times are the network's own modules (loaded with a PSViT's weights, run in
+order, they give its logits exactly); prediction = overhead + sum of blocks; a table of another space, device,
+thread count or batch is refused; the app writes a table that predicts every architecture of its space, and bad
+input is one line, exit 2, nothing written. (How accurate a table is depends on the machine: the app reports its
+MAPE; README: latency model.)"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import random
+from pathlib import Path
+
+import pytest
+import torch
+
+from space.app import config_hash
+from space.arch import ArchSpec
+from space.cost import params
+from space.latency import FORMAT, LatencyError, LatencyTable, block_keys, parse_block, space_blocks
+from space.space import SearchSpace
+from supernet.latency import block_module
+from supernet.model.psvit import PSViT
+
+
+def tiny_space(pooling: str) -> SearchSpace:
+    """Small enough to enumerate every architecture (2 cells per stage), with several tokens and dims."""
+    tokens = [[49], [49, 16], [16, 4]] if pooling == "2d" else [[49], [49, 20], [20, 8]]
+    dims = [[16, 24], [24, 32], [32, 48]]
+    return SearchSpace.from_config({
+        "name": f"tiny_{pooling}", "pooling": pooling, "img_size": 28, "patch_size": 4, "in_chans": 1,
+        "num_classes": 10, "mlp_ratio": 2.0, "head_dim": 8, "ops": ["basic", "shared", "identity"],
+        "stages": [{"cells": 2, "tokens": t, "dims": d} for t, d in zip(tokens, dims)]})
+
+
+def table_for(space: SearchSpace, times: dict[str, float] | None = None, **kw) -> LatencyTable:
+    blocks = times if times is not None else {k: float(i + 1) for i, k in enumerate(space_blocks(space))}
+    base = dict(space=space.name, space_hash=config_hash(space.to_config()), device="cpu", device_name="test",
+                torch=torch.__version__, threads=2, batch=1, dtype="float32", overhead_ms=0.5, blocks=blocks)
+    return LatencyTable(**{**base, **kw})
+
+
+@pytest.mark.parametrize("pooling", ["1d", "2d"])
+def test_a_spaces_blocks_are_exactly_what_its_architectures_run(pooling: str) -> None:
+    space = tiny_space(pooling)
+    seen: set[str] = set()
+    for arch in space.all_archs():
+        seen.update(block_keys(arch))
+    assert seen == set(space_blocks(space))
+
+
+def psvit_parts(model: PSViT, arch: ArchSpec) -> list[dict[str, torch.Tensor]]:
+    """The PSViT's weights of each block, in ``block_keys(arch)`` order, named as the block modules name them."""
+    sd = model.state_dict()
+    parts = [{k: v for k, v in sd.items() if k.split(".")[0] in ("patch_embed", "cls_token", "pos_embed")}]
+    for i, s in enumerate(arch.stages):
+        if i > 0:
+            parts.append(model.stages[i].pool.state_dict())
+        parts += [model.stages[i].cells[j].state_dict() for j, op in enumerate(s.cells) if op != "identity"]
+    parts.append({k: v for k, v in sd.items() if k.split(".")[0] in ("norm", "head")})
+    return parts
+
+
+@pytest.mark.parametrize("pooling", ["1d", "2d"])
+def test_the_timed_blocks_are_the_networks_own_modules(pooling: str) -> None:
+    """Every block module, given the PSViT's weights of that part and run in forward order, reproduces the
+    PSViT's logits exactly, and their parameters add up to the cost model's count: the table times the very
+    computation of the network, nothing more or less."""
+    space = tiny_space(pooling)
+    rng = random.Random(0)
+    for _ in range(4):
+        arch = space.sample(rng)
+        torch.manual_seed(0)
+        model = PSViT(arch).eval()
+        x = h = torch.randn(2, 1, 28, 28)
+        total = 0
+        for key, weights in zip(block_keys(arch), psvit_parts(model, arch), strict=True):
+            module, shape = block_module(space, key)
+            module.load_state_dict(weights)
+            assert tuple(h.shape[1:]) == shape[1:], key
+            h = module.eval()(h)
+            total += sum(p.numel() for p in module.parameters())
+        assert torch.equal(h, model(x)), arch.short()
+        assert total == params(arch)
+
+
+def test_prediction_is_the_overhead_plus_the_blocks_of_the_forward() -> None:
+    space = tiny_space("2d")
+    times = {k: 2.0 ** i for i, k in enumerate(space_blocks(space))}  # every sum of distinct blocks is unique
+    table = table_for(space, times, overhead_ms=0.25)
+    arch = space.sample(random.Random(3))
+    assert table.predict(arch) == 0.25 + sum(times[k] for k in block_keys(arch))
+    # one block per shared pair and per basic cell, none per identity cell; embed, the two pools and the head
+    s0 = arch.stages[0]
+    arch = dataclasses.replace(arch, stages=(dataclasses.replace(s0, cells=("shared", "identity")), *arch.stages[1:]))
+    keys = block_keys(arch)
+    assert keys[:2] == [f"embed:{s0.dim}", f"shared:{s0.tokens}x{s0.dim}"] and keys[2].startswith("pool:")
+    n_cells = sum(op != "identity" for s in arch.stages for op in s.cells)
+    assert len(keys) == 1 + 2 + n_cells + 1 and keys[-1].startswith("head:")
+    assert table.predict(arch) == 0.25 + sum(times[k] for k in keys)
+
+
+def test_a_table_of_another_space_device_or_setting_is_refused() -> None:
+    space, other = tiny_space("2d"), tiny_space("1d")
+    table = table_for(space)
+    table.check_space(space)
+    with pytest.raises(LatencyError, match="measured for space 'tiny_2d'.*supernet.latency space=tiny_1d"):
+        table.check_space(other)
+    table.check_device("cpu", 2, 1)
+    for kw, msg in (({"device": "cuda"}, "device=cpu, not device=cuda"), ({"threads": 4}, "threads=2, not threads=4"),
+                    ({"batch": 256}, "batch=1, not batch=256")):
+        args = {"device": "cpu", "threads": 2, "batch": 1, **kw}
+        with pytest.raises(LatencyError, match=msg):
+            table.check_device(args["device"], args["threads"], args["batch"])
+    with pytest.raises(LatencyError, match=r"arch: block 'pool:49x24>20x24' is not in the latency table of space 'tiny_2d'"):
+        table.predict(other.sample(random.Random(0)))
+
+
+def test_a_table_survives_json_and_bad_files_are_one_line(tmp_path: Path) -> None:
+    space = tiny_space("1d")
+    table = table_for(space)
+    table.save(tmp_path / "t.json")
+    assert LatencyTable.load(tmp_path / "t.json") == table
+    (tmp_path / "old.json").write_text(json.dumps({**table.to_dict(), "format": "psvit-latency/0"}))
+    (tmp_path / "junk.json").write_text("{not json")
+    (tmp_path / "field.json").write_text(json.dumps({**table.to_dict(), "colour": 1}))
+    for name, msg in (("missing.json", "does not exist"), ("junk.json", "is not a latency table"),
+                      ("old.json", f"format 'psvit-latency/0', not '{FORMAT}'"), ("field.json", "is malformed")):
+        with pytest.raises(LatencyError, match=msg) as e:
+            LatencyTable.load(tmp_path / name)
+        assert "\n" not in str(e.value)
+
+
+def test_the_app_writes_a_table_that_predicts_its_space(tmp_path: Path, run_module) -> None:
+    out = tmp_path / "lat.json"
+    r = run_module("supernet.latency", "space=fmnist_1d", f"out={out}", "threads=1", "warmup=0", "repeats=1",
+                   "calibrate=1", "archs=3", "progress=false")
+    assert r.returncode == 0, r.stderr
+    table = LatencyTable.load(out)
+    space = SearchSpace.from_config(json.loads(json.dumps(_space_cfg("fmnist_1d"))))
+    table.check_space(space)
+    assert set(table.blocks) == set(space_blocks(space)) and all(v > 0 for v in table.blocks.values())
+    assert (table.device, table.threads, table.batch, table.dtype) == ("cpu", 1, 1, "float32")
+    assert table.accuracy is not None and table.accuracy.archs == 3
+    assert "MAPE" in r.stdout and r.stdout.count(" measured ") == 3
+    assert table.predict(space.sample(random.Random(7))) > 0
+
+
+def _space_cfg(name: str) -> dict:
+    import yaml
+
+    return yaml.safe_load((Path(__file__).resolve().parents[1] / "conf" / "space" / f"{name}.yaml").read_text())
+
+
+@pytest.mark.parametrize("args,fragment", [
+    ((), "out: required"),
+    (("out={tmp}",), "is a directory"),
+    (("out={tmp}/t.json", "device=cuda"), "no CUDA device"),
+    (("out={tmp}/t.json", "threads=0"), "threads"),
+])
+def test_bad_input_is_one_line_exit_2_and_writes_nothing(tmp_path: Path, run_module, args, fragment) -> None:
+    if "device=cuda" in args and torch.cuda.is_available():
+        pytest.skip("a CUDA device is visible")
+    before = sorted(tmp_path.rglob("*"))
+    r = run_module("supernet.latency", *(a.replace("{tmp}", str(tmp_path)) for a in args), cwd=tmp_path)
+    assert r.returncode == 2 and r.stdout == "", (r.returncode, r.stdout, r.stderr)
+    assert r.stderr.startswith("error: ") and r.stderr.count("\n") == 1 and fragment in r.stderr, r.stderr
+    assert sorted(tmp_path.rglob("*")) == before
