@@ -18,7 +18,7 @@ import torch
 from space.app import config_hash
 from space.arch import ArchSpec
 from space.cost import params
-from space.latency import FORMAT, LatencyError, LatencyTable, block_keys, parse_block, space_blocks
+from space.latency import FORMAT, LatencyError, LatencyTable, block_keys, space_blocks
 from space.space import SearchSpace
 from supernet.latency import block_module
 from supernet.model.psvit import PSViT
@@ -113,7 +113,7 @@ def test_a_table_of_another_space_device_or_setting_is_refused() -> None:
         args = {"device": "cpu", "threads": 2, "batch": 1, **kw}
         with pytest.raises(LatencyError, match=msg):
             table.check_device(args["device"], args["threads"], args["batch"])
-    with pytest.raises(LatencyError, match=r"arch: block 'pool:49x24>20x24' is not in the latency table of space 'tiny_2d'"):
+    with pytest.raises(LatencyError, match=r"arch: block 'pool:49x24>20x24' is not in the latency table of space"):
         table.predict(other.sample(random.Random(0)))
 
 
