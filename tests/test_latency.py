@@ -20,7 +20,7 @@ from space.arch import ArchSpec
 from space.cost import params
 from space.latency import FORMAT, LatencyError, LatencyTable, block_keys, space_blocks
 from space.space import SearchSpace
-from supernet.latency import block_module
+from supernet.timing import block_module
 from supernet.model.psvit import PSViT
 
 

@@ -1,0 +1,180 @@
+"""Timing PSViT's blocks and whole networks on this machine: what the latency table is measured with
+(`python -m supernet.latency`) and what the search measures its winner with (space/latency.py holds the table
+and the prediction, pure Python)."""
+
+from __future__ import annotations
+
+import math
+import platform
+import random
+import statistics
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from scipy.stats import kendalltau
+from torch import Tensor, nn
+from tqdm import tqdm
+
+from space.app import config_hash
+from space.arch import ArchSpec
+from space.cost import macs
+from space.latency import Accuracy, LatencyTable, parse_block, space_blocks
+from space.space import SearchSpace
+from supernet.model.layers import (BasicCell, ElasticLayerNorm, ElasticLinear, PatchEmbed, Pool1d, Pool2d,
+                                   SharedPair, classify, embed, init_weights)
+from supernet.model.psvit import PSViT
+
+
+@dataclass(frozen=True)
+class Timing:
+    """How every forward is timed."""
+
+    device: torch.device
+    batch: int
+    warmup: int  # untimed calls first (allocator, caches, lazy kernel selection)
+    repeats: int  # timed calls; the median is kept
+    amp: bool  # bf16 autocast (CUDA only)
+
+    def __call__(self, fn: Callable[[Tensor], Tensor], x: Tensor) -> float:
+        """Median milliseconds of ``fn(x)``."""
+        cuda = self.device.type == "cuda"
+        with torch.inference_mode(), torch.autocast("cuda", torch.bfloat16, enabled=cuda and self.amp):
+            for _ in range(self.warmup):
+                fn(x)
+            times = []
+            for _ in range(self.repeats):
+                if cuda:
+                    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+                    start.record()
+                    fn(x)
+                    end.record()
+                    end.synchronize()
+                    times.append(start.elapsed_time(end))
+                else:
+                    t = time.perf_counter()
+                    fn(x)
+                    times.append((time.perf_counter() - t) * 1e3)
+        return statistics.median(times)
+
+
+class _Embed(nn.Module):
+    """The stem as PSViT runs it: patch embedding, CLS (1D), position embedding."""
+
+    def __init__(self, space: SearchSpace, dim: int) -> None:
+        super().__init__()
+        grid = space.img_size // space.patch_size
+        self.patch_embed = PatchEmbed(space.in_chans, dim, space.patch_size)
+        self.cls_token = nn.Parameter(torch.zeros(1, 1, dim)) if space.pooling == "1d" else None
+        self.pos_embed = nn.Parameter(torch.zeros(1, grid * grid + (self.cls_token is not None), dim))
+
+    def forward(self, x: Tensor) -> Tensor:
+        return embed(x, self.patch_embed, self.cls_token, self.pos_embed)
+
+
+class _Head(nn.Module):
+    """The final norm and the classifier."""
+
+    def __init__(self, dim: int, num_classes: int, has_cls: bool) -> None:
+        super().__init__()
+        self.norm, self.head, self.has_cls = ElasticLayerNorm(dim), ElasticLinear(dim, num_classes), has_cls
+
+    def forward(self, x: Tensor) -> Tensor:
+        return classify(self.norm(x), self.head, self.has_cls)
+
+
+def block_module(space: SearchSpace, key: str) -> tuple[nn.Module, tuple[int, ...]]:
+    """The module of block ``key`` (space/latency.py) and the shape of its input at batch 1."""
+    kind, sizes = parse_block(key)
+    cls = 1 if space.pooling == "1d" else 0
+    if kind == "embed":
+        return _Embed(space, sizes[0]), (1, space.in_chans, space.img_size, space.img_size)
+    if kind in ("basic", "shared"):
+        tokens, dim = sizes
+        op = BasicCell if kind == "basic" else SharedPair
+        return op(dim, dim // space.head_dim, int(round(dim * space.mlp_ratio))), (1, tokens + cls, dim)
+    if kind == "pool":
+        t0, d0, t1, d1 = sizes
+        if space.pooling == "1d":
+            return Pool1d(d0, d1, t1), (1, t0 + 1, d0)
+        return Pool2d(d0, d1, 1 if math.isqrt(t0) == math.isqrt(t1) else 2), (1, t0, d0)
+    if kind == "head":
+        tokens, dim = sizes
+        return _Head(dim, space.num_classes, bool(cls)), (1, tokens + cls, dim)
+    raise ValueError(f"unknown block kind {kind!r} in {key!r}")
+
+
+def measure_blocks(space: SearchSpace, timing: Timing, progress: bool = True) -> dict[str, float]:
+    """Median milliseconds of every block of ``space``."""
+    out = {}
+    for key in tqdm(space_blocks(space), desc="blocks", disable=not progress, dynamic_ncols=True):
+        module, shape = block_module(space, key)
+        init_weights(module)
+        module.to(timing.device).eval()
+        x = torch.randn((timing.batch, *shape[1:]), device=timing.device)
+        out[key] = timing(module, x)
+    return out
+
+
+def measure_arch(arch: ArchSpec, timing: Timing) -> float:
+    """Median milliseconds of one forward of ``PSViT(arch)``."""
+    model = PSViT(arch).to(timing.device).eval()
+    x = torch.randn(timing.batch, arch.in_chans, arch.img_size, arch.img_size, device=timing.device)
+    return timing(model, x)
+
+
+def distinct_archs(space: SearchSpace, n: int, rng: random.Random, avoid: set[ArchSpec]) -> list[ArchSpec]:
+    """``n`` different random architectures of ``space``, none in ``avoid`` (stops early in a tiny space)."""
+    out: list[ArchSpec] = []
+    for _ in range(100 * n):
+        if len(out) == n:
+            break
+        a = space.sample(rng)
+        if a not in avoid and a not in out:
+            out.append(a)
+    return out
+
+
+def accuracy_of(predicted: list[float], measured: list[float]) -> Accuracy:
+    """MAPE, worst absolute percentage error and Kendall tau of predictions against measurements."""
+    ape = [abs(p - m) / m * 100 for p, m in zip(predicted, measured)]
+    return Accuracy(len(measured), statistics.fmean(ape), float(kendalltau(predicted, measured).statistic), max(ape))
+
+
+def measure_table(space: SearchSpace, timing: Timing, threads: int, calibrate: int, archs: int, seed: int,
+                  progress: bool = True) -> tuple[LatencyTable, list[dict[str, Any]]]:
+    """The latency table of ``space`` and, for each accuracy architecture, its MACs, prediction and measurement."""
+    blocks = measure_blocks(space, timing, progress)
+    rng = random.Random(f"psvit-latency:{seed}")
+    cal = distinct_archs(space, calibrate, rng, set())
+    test = distinct_archs(space, archs, rng, set(cal))
+    bar = tqdm(total=len(cal) + len(test), desc="archs", disable=not progress, dynamic_ncols=True)
+    table = LatencyTable(space=space.name, space_hash=config_hash(space.to_config()), device=timing.device.type,
+                         device_name=device_name(timing.device), torch=torch.__version__, threads=threads,
+                         batch=timing.batch,
+                         dtype="bfloat16" if timing.device.type == "cuda" and timing.amp else "float32",
+                         overhead_ms=0.0, blocks=blocks)
+    residuals = []
+    for a in cal:
+        residuals.append(measure_arch(a, timing) - table.predict(a))
+        bar.update(1)
+    table = LatencyTable(**{**vars(table), "overhead_ms": statistics.median(residuals) if residuals else 0.0})
+    rows = []
+    for a in test:
+        rows.append({"arch": a.short(), "macs": macs(a), "predicted_ms": table.predict(a),
+                     "measured_ms": measure_arch(a, timing)})
+        bar.update(1)
+    bar.close()
+    if rows:
+        acc = accuracy_of([r["predicted_ms"] for r in rows], [r["measured_ms"] for r in rows])
+        table = LatencyTable(**{**vars(table), "accuracy": acc})
+    return table, rows
+
+
+def device_name(device: torch.device) -> str:
+    """The GPU model, or the processor, that a table records and a measurement is compared against."""
+    if device.type == "cuda":
+        return torch.cuda.get_device_name(device)
+    return platform.processor() or platform.machine()
