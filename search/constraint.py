@@ -1,6 +1,7 @@
-"""What a search may return: the FLOPs / params :class:`Constraint` of one band, the fail-fast feasibility
-check, and the random proposals both use. Pure Python, no torch. FLOPs are multiply-accumulates (MACs),
-see ``space.cost``; the user-facing ``flops_*`` names are MACs.
+"""What a search may return: the FLOPs / params / predicted-latency :class:`Constraint` of one band, the
+fail-fast feasibility check, and the random proposals both use. Pure Python, no torch. FLOPs are
+multiply-accumulates (MACs), see ``space.cost``; the user-facing ``flops_*`` names are MACs. Latency is the
+prediction of a measured lookup table (space/latency.py), in milliseconds.
 """
 
 from __future__ import annotations
@@ -8,11 +9,13 @@ from __future__ import annotations
 import math
 import random
 from collections.abc import Callable
-from dataclasses import dataclass, fields
+from dataclasses import dataclass, field, fields
+from typing import Any
 
 from space.arch import ArchSpec
 from space.cost import arch_cost, fmt_macs, fmt_params
 from space.errors import UserError
+from space.latency import LatencyTable
 from space.space import SearchSpace
 
 
@@ -25,23 +28,48 @@ class Constraint:
     flops_min: int | None = None  # MACs, inclusive; None = unbounded
     flops_max: int | None = None  # MACs, inclusive; None = unbounded
     params_max: int | None = None  # parameters, inclusive; None = unbounded
+    latency_max: float | None = None  # milliseconds predicted by ``latency``, inclusive; None = unbounded
+    latency: LatencyTable | None = field(default=None, compare=False, repr=False)  # the table predicting it
 
     def __post_init__(self) -> None:
+        if self.latency_max is not None and self.latency is None:
+            raise ValueError("latency_max: needs latency_table=FILE, the lookup table that predicts latency "
+                             "(python -m supernet.latency)")
         for f in fields(self):
+            if f.name == "latency":
+                continue
             v = getattr(self, f.name)
             if v is not None and (isinstance(v, bool) or not isinstance(v, (int, float)) or not v >= 0
                                   or not math.isfinite(v)):
                 raise ValueError(f"constraint.{f.name}: {v!r} (allowed: a non-negative number or null)")
 
-    def admits(self, macs: int, params: int) -> bool:
-        """Whether an architecture with these MACs and parameters satisfies the constraint."""
+    def latency_ms(self, arch: ArchSpec) -> float | None:
+        """The predicted latency of ``arch`` (None without a table)."""
+        return None if self.latency is None else self.latency.predict(arch)
+
+    def admits(self, macs: int, params: int, latency_ms: float | None = None) -> bool:
+        """Whether an architecture with these MACs, parameters and predicted latency satisfies the constraint."""
+        if self.latency_max is not None and latency_ms is None:
+            raise ValueError("latency_max is set: pass the architecture's predicted latency")
         return ((self.flops_min is None or macs >= self.flops_min)
                 and (self.flops_max is None or macs <= self.flops_max)
-                and (self.params_max is None or params <= self.params_max))
+                and (self.params_max is None or params <= self.params_max)
+                and (self.latency_max is None or latency_ms <= self.latency_max))
 
     def __call__(self, arch: ArchSpec) -> bool:
         c = arch_cost(arch)
-        return self.admits(c.macs, c.params)
+        return self.admits(c.macs, c.params, self.latency_ms(arch))
+
+    def identity(self) -> dict[str, Any]:
+        """What a saved search must share with this one to resume it: the bounds, and the table's measurements
+        when a latency bound uses them (absent otherwise, so states of searches without one still resume)."""
+        out: dict[str, Any] = {k: getattr(self, k) for k in ("flops_min", "flops_max", "params_max")}
+        if self.latency_max is not None:
+            t = self.latency
+            out.update(latency_max=self.latency_max, latency_table={"space_hash": t.space_hash, "device": t.device,
+                       "device_name": t.device_name, "threads": t.threads, "batch": t.batch,
+                       "overhead_ms": t.overhead_ms, "blocks": t.blocks})
+        return out
 
     def describe(self) -> str:
         """One human-readable line, e.g. ``FLOPs in [1.2 G, 1.3 G] MACs, params <= 5.7 M``."""
@@ -55,6 +83,10 @@ class Constraint:
             parts.append(f"FLOPs <= {fmt_macs(hi)} MACs")
         if self.params_max is not None:
             parts.append(f"params <= {fmt_params(self.params_max)}")
+        if self.latency_max is not None:
+            t = self.latency
+            parts.append(f"latency <= {self.latency_max:g} ms (predicted: {t.device}, {t.threads} threads, "
+                         f"batch {t.batch})")
         return ", ".join(parts) or "unconstrained"
 
 
@@ -99,6 +131,12 @@ def check_feasible(space: SearchSpace, constraint: Constraint, rng: random.Rando
     if c.params_max is not None and c.params_max < plo:
         raise InfeasibleError(f"constraint params <= {c.params_max} is below the space {space.name!r}'s exact "
                               f"range [{plo}, {phi}] params ({fmt_params(plo)} to {fmt_params(phi)})")
+    if c.latency_max is not None:
+        llo, lhi = c.latency.predicted_range(space)
+        if c.latency_max < llo:
+            raise InfeasibleError(f"constraint latency <= {c.latency_max:g} ms is below the predicted range of space "
+                                  f"{space.name!r}, [{llo:.3f}, {lhi:.3f}] ms ({c.latency.device}, batch "
+                                  f"{c.latency.batch}); raise latency_max")
     found: list[tuple[ArchSpec, ...]] = []
 
     def anchors() -> tuple[ArchSpec, ...]:

@@ -119,7 +119,7 @@ class Search(ABC):
         if arch in out or arch in self._seen:
             return
         cost = arch_cost(arch)
-        if self.constraint.admits(cost.macs, cost.params):
+        if self.constraint.admits(cost.macs, cost.params, self.constraint.latency_ms(arch)):
             out[arch] = cost
 
     def _fill(self, out: Candidates, n: int, propose: Callable[[], ArchSpec]) -> None:
@@ -187,7 +187,7 @@ class Search(ABC):
     # ----------------------------------------------------------------- resume
     def _identity(self) -> dict[str, Any]:
         """What a saved state must share with this search to resume it."""
-        return {"strategy": self.strategy, "space": self.space.to_config(), "constraint": asdict(self.constraint),
+        return {"strategy": self.strategy, "space": self.space.to_config(), "constraint": self.constraint.identity(),
                 "cfg": asdict(self.cfg)}
 
     def _text(self, arch: ArchSpec) -> str:
@@ -320,7 +320,7 @@ def best_per_budget(source: Iterable[Record] | Mapping[ArchSpec, float], space: 
         lo, hi = band.flops_min, band.flops_max
         if lo is not None and hi is not None and lo > hi:
             raise ValueError(f"budgets[{i}]: flops_min {lo} > flops_max {hi}")
-        inside = [r for r in records if band.admits(r.macs, r.params)]
+        inside = [r for r in records if band.admits(r.macs, r.params, band.latency_ms(r.arch))]
         out.append(min(inside, key=_rank) if inside else None)
     return out
 

@@ -17,6 +17,7 @@ import json
 import random
 from dataclasses import dataclass
 from pathlib import Path
+from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
 import hydra
@@ -29,6 +30,7 @@ from search.report import Provenance, write_report
 from space.app import CONF_DIR, atomic_write, check_overrides, run_app, run_dir_lock
 from space.arch import ArchSpec
 from space.errors import UserError
+from space.latency import LatencyTable
 from space.schema import EVOLVE, check_config
 from space.space import SearchSpace
 from supernet.engine.distributed import DistEnv, distributed
@@ -97,17 +99,23 @@ def _num(v: Any, field: str) -> int | None:
 
 
 def constraints_of(cfg: DictConfig) -> list[Constraint]:
-    """One constraint per FLOPs band: ``flops_budgets`` if given, else the single [flops_min, flops_max]."""
+    """One constraint per FLOPs band: ``flops_budgets`` if given, else the single [flops_min, flops_max]; each
+    with the params bound and the latency bound (predicted by ``latency_table``)."""
     pmax = _num(cfg.params_max, "params_max")
+    table = LatencyTable.load(cfg.latency_table) if cfg.latency_table else None
+    if cfg.latency_max is not None and table is None:
+        raise UserError("latency_max: needs latency_table=FILE, the lookup table that predicts latency (measure one "
+                        "with python -m supernet.latency)")
+    rest = {"params_max": pmax, "latency_max": cfg.latency_max, "latency": table}
     if cfg.flops_budgets:
         out = []
         for i, band in enumerate(cfg.flops_budgets):
             if len(band) != 2:
                 raise UserError(f"flops_budgets[{i}]: {list(band)} must be [flops_min, flops_max] in MACs")
             out.append(Constraint(_num(band[0], f"flops_budgets[{i}][0]"), _num(band[1], f"flops_budgets[{i}][1]"),
-                                  pmax))
+                                  **rest))
         return out
-    return [Constraint(_num(cfg.flops_min, "flops_min"), _num(cfg.flops_max, "flops_max"), pmax)]
+    return [Constraint(_num(cfg.flops_min, "flops_min"), _num(cfg.flops_max, "flops_max"), **rest)]
 
 
 def validate(cfg: DictConfig) -> Job:
@@ -150,6 +158,8 @@ def setup(cfg: DictConfig, job: Job, env: DistEnv) -> Session:
 
     sck = load_supernet(job.checkpoint, env.device)
     space = sck.net.space
+    if job.constraints[0].latency is not None:
+        job.constraints[0].latency.check_space(space)
     if cfg.get("space") is not None:
         given = SearchSpace.from_config(cfg.space)
         if given.to_config() != space.to_config():
@@ -266,11 +276,35 @@ def finish(cfg: DictConfig, s: Session) -> dict[str, Any]:
     if s.env.is_main:
         prov = Provenance(s.job.checkpoint, s.supernet.sha256, s.scorer.images,
                           OmegaConf.to_container(cfg, resolve=True))
-        summary = write_report(s.run_dir, s.searches, s.job.constraints, prov, cfg.show_top)
+        summary = write_report(s.run_dir, s.searches, s.job.constraints, prov, cfg.show_top, winner_latency(s))
     else:
         summary = {"run_dir": str(s.run_dir), "evaluations": len(s.searches[0].cache),
                    "proposals": sum(len(x.history) for x in s.searches), "best": []}
     return {**summary, "scored": s.scorer.evaluations, "scoring_s": s.scorer.seconds}
+
+
+def winner_latency(s: Session) -> Callable[[ArchSpec], float] | None:
+    """Measures an architecture as the latency table was measured (same threads and batch), when the table's
+    device is this one (the same kind and model); None otherwise, or without a table."""
+    table = s.job.constraints[0].latency
+    if table is None:
+        return None
+    from supernet.timing import Timing, device_name, measure_arch
+
+    if (table.device, table.device_name) != (s.env.device.type, device_name(s.env.device)):
+        return None
+    timing = Timing(s.env.device, table.batch, warmup=10, repeats=50, amp=table.dtype == "bfloat16")
+
+    def measure(arch: ArchSpec) -> float:
+        import torch
+
+        threads = torch.get_num_threads()
+        torch.set_num_threads(table.threads)
+        try:
+            return measure_arch(arch, timing)
+        finally:
+            torch.set_num_threads(threads)
+    return measure
 
 
 @hydra.main(version_base="1.3", config_path=CONF_DIR, config_name="evolve")

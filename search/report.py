@@ -6,7 +6,7 @@ the output fields keep their documented names (``flops_macs``). No torch.
 from __future__ import annotations
 
 import json
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -14,6 +14,7 @@ from typing import Any
 from search.constraint import Constraint
 from search.evolution import Record, Search, best_per_budget, pareto_front, ranked
 from space.app import atomic_write
+from space.arch import ArchSpec
 from space.cost import fmt_macs, fmt_params
 
 
@@ -34,15 +35,17 @@ class Chosen:
     constraint: Constraint
     record: Record
     path: Path
+    measured_ms: float | None = None  # the winner's latency measured on this machine (a table of this device)
 
 
 def write_report(run_dir: Path, searches: list[Search], constraints: Sequence[Constraint], prov: Provenance,
-                 show_top: int) -> dict[str, Any]:
+                 show_top: int, measure: Callable[[ArchSpec], float] | None = None) -> dict[str, Any]:
     """Write best_arch.json (one per budget when several), history.jsonl and pareto.png, print the final
-    table, and return the summary of the run."""
+    table, and return the summary of the run. ``measure`` times a winner on this machine (a latency table of
+    this device)."""
     history = [r for s in searches for r in s.history]
     bests = best_per_budget(history, searches[0].space, constraints)
-    chosen = write_best_archs(run_dir, constraints, bests, prov)
+    chosen = write_best_archs(run_dir, constraints, bests, prov, measure)
     write_history(run_dir / "history.jsonl", searches)
     plot_pareto(run_dir / "pareto.png", history, constraints, [c.record for c in chosen])
     evaluated = len(searches[0].cache)  # the cache is shared by every budget
@@ -52,8 +55,9 @@ def write_report(run_dir: Path, searches: list[Search], constraints: Sequence[Co
 
 
 def write_best_archs(run_dir: Path, constraints: Sequence[Constraint], bests: list[Record | None],
-                     prov: Provenance) -> list[Chosen]:
-    """best_arch.json, or best_arch_{i}.json per budget when there are several; none for an empty budget."""
+                     prov: Provenance, measure: Callable[[ArchSpec], float] | None = None) -> list[Chosen]:
+    """best_arch.json, or best_arch_{i}.json per budget when there are several; none for an empty budget. With
+    a latency table the meta holds the predicted latency, and the measured one when ``measure`` is given."""
     out = []
     for i, (c, best) in enumerate(zip(constraints, bests)):
         if best is None:
@@ -62,8 +66,16 @@ def write_best_archs(run_dir: Path, constraints: Sequence[Constraint], bests: li
         meta = {"flops_macs": best.macs, "params": best.params, "val_acc": best.score,
                 "val_images": prov.eval_images, "constraint": c.describe(), "checkpoint": str(prov.checkpoint),
                 "checkpoint_sha256": prov.checkpoint_sha256, "search": prov.search}
+        if c.latency is not None:
+            t = c.latency
+            meta["latency_ms_predicted"] = c.latency_ms(best.arch)
+            meta["latency_table"] = {"device": t.device, "device_name": t.device_name, "threads": t.threads,
+                                     "batch": t.batch, "dtype": t.dtype, "torch": t.torch,
+                                     "mape": None if t.accuracy is None else t.accuracy.mape}
+            if measure is not None:
+                meta["latency_ms_measured"] = measure(best.arch)
         best.arch.save(path, meta=meta)
-        out.append(Chosen(c, best, path))
+        out.append(Chosen(c, best, path, meta.get("latency_ms_measured")))
     return out
 
 
@@ -71,8 +83,12 @@ def write_history(path: Path, searches: list[Search]) -> None:
     """One JSON line per candidate of every budget, in proposal order."""
     atomic_write(path, "".join(
         json.dumps({"budget": b, "generation": r.generation, "flops_macs": r.macs, "params": r.params,
-                    "val_acc": r.score, "arch": r.arch.to_dict()}) + "\n"
+                    **_latency(s.constraint, r), "val_acc": r.score, "arch": r.arch.to_dict()}) + "\n"
         for b, s in enumerate(searches) for r in s.history))
+
+
+def _latency(c: Constraint, r: Record) -> dict[str, float]:
+    return {} if c.latency is None else {"latency_ms": c.latency_ms(r.arch)}
 
 
 def print_table(run_dir: Path, strategy: str, history: list[Record], evaluated: int, chosen: list[Chosen],
@@ -85,20 +101,27 @@ def print_table(run_dir: Path, strategy: str, history: list[Record], evaluated: 
         print(f"{k + 1:>4}  {r.score:>9.4f}  {fmt_macs(r.macs):>12}  {fmt_params(r.params):>9}  {r.arch.short()}")
     for c in chosen:
         b = c.record
+        lat = "" if c.constraint.latency is None else f", {c.constraint.latency_ms(b.arch):.3f} ms predicted"
+        if c.measured_ms is not None:
+            lat += f" ({c.measured_ms:.3f} ms measured)"
         print(f"best under {c.constraint.describe()}: val top-1 {b.score:.4f}, {fmt_macs(b.macs)} MACs, "
-              f"{fmt_params(b.params)} params -> {c.path}")
+              f"{fmt_params(b.params)} params{lat} -> {c.path}")
     for name in ("history.jsonl", "pareto.png", "state.json", "tb/"):
         print(f"  {run_dir / name}")
 
 
 def plot_pareto(path: Path, history: list[Record], constraints: Sequence[Constraint], bests: list[Record]) -> None:
-    """Accuracy vs FLOPs: all candidates, the Pareto front, the constraint bands and the chosen archs."""
+    """Accuracy vs FLOPs: all candidates, the Pareto front, the constraint bands and the chosen archs; with a
+    latency table, a second panel of accuracy vs predicted latency with the latency bound."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, ax = plt.subplots(figsize=(7, 4.5), dpi=110)
+    table = constraints[0].latency
+    fig, axes = plt.subplots(1, 1 if table is None else 2, figsize=(7 if table is None else 12, 4.5), dpi=110,
+                             squeeze=False)
+    ax = axes[0][0]
     ax.scatter([r.macs / 1e6 for r in history], [r.score for r in history], s=8, alpha=0.35, label="candidates")
     front = pareto_front(history)
     ax.plot([r.macs / 1e6 for r in front], [r.score for r in front], "-o", ms=3, color="C1", label="Pareto front")
@@ -109,6 +132,18 @@ def plot_pareto(path: Path, history: list[Record], constraints: Sequence[Constra
     ax.scatter([b.macs / 1e6 for b in bests], [b.score for b in bests], marker="*", s=160, color="C3",
                zorder=5, label="chosen")
     ax.set_xlabel("FLOPs (M MACs)")
+    if table is not None:
+        lat = axes[0][1]
+        ms = constraints[0].latency_ms
+        lat.scatter([ms(r.arch) for r in history], [r.score for r in history], s=8, alpha=0.35, label="candidates")
+        lat.scatter([ms(b.arch) for b in bests], [b.score for b in bests], marker="*", s=160, color="C3", zorder=5,
+                    label="chosen")
+        for c in constraints:
+            if c.latency_max is not None:
+                lat.axvline(c.latency_max, color="C2", ls="--", label="latency_max")
+        lat.set_xlabel(f"predicted latency (ms; {table.device}, {table.threads} threads, batch {table.batch})")
+        lat.grid(alpha=0.3)
+        lat.legend(loc="best", fontsize=8)
     ax.set_ylabel("inherited-weight val top-1")
     ax.grid(alpha=0.3)
     ax.legend(loc="best", fontsize=8)

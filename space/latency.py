@@ -125,6 +125,24 @@ class LatencyTable:
             total += ms
         return total
 
+    def predicted_range(self, space: SearchSpace) -> tuple[float, float]:
+        """The exact smallest and largest prediction over ``space``: cells are chosen independently, so per
+        (tokens, dim) chain the fixed blocks plus, per stage, its cells times its fastest / slowest op."""
+        def op_ms(op: str, t: int, d: int) -> float:
+            return 0.0 if op == "identity" else self.blocks[f"{op}:{t}x{d}"]
+
+        lo = hi = None
+        for chain in space.chains:
+            (t_last, d_last) = chain[-1]
+            fixed = self.overhead_ms + self.blocks[f"embed:{chain[0][1]}"] + self.blocks[f"head:{t_last}x{d_last}"]
+            fixed += sum(self.blocks[f"pool:{a[0]}x{a[1]}>{b[0]}x{b[1]}"] for a, b in zip(chain, chain[1:]))
+            times = [[op_ms(op, t, d) for op in space.ops] for t, d in chain]
+            cells = [s.cells for s in space.stages]
+            small = fixed + sum(n * min(ts) for n, ts in zip(cells, times))
+            large = fixed + sum(n * max(ts) for n, ts in zip(cells, times))
+            lo, hi = (small, large) if lo is None else (min(lo, small), max(hi, large))
+        return lo, hi
+
     # ----------------------------------------------------------------- JSON
     def to_dict(self) -> dict[str, Any]:
         d = asdict(self)

@@ -111,7 +111,8 @@ RETRAIN = {**RUN, "arch": Key("str", nullable=True), "run_dir": Key("str", nulla
 EVOLVE = {"checkpoint": Key("str", nullable=True), "run_dir": Key("str", nullable=True), "resume": RUN["resume"],
           "strategy": Key("str", choices=("evolution", "random")), "seed": RUN["seed"],
           "flops_min": Key("float", low=0, nullable=True), "flops_max": Key("float", low=0, nullable=True),
-          "params_max": Key("float", low=0, nullable=True), "eval_images": Key("int", low=1),
+          "params_max": Key("float", low=0, nullable=True), "latency_table": Key("str", nullable=True),
+          "latency_max": Key("float", low=0, nullable=True), "eval_images": Key("int", low=1),
           "eval_batch_size": Key("int", low=1), "data_root": Key("str", nullable=True), "device": RUN["device"],
           "amp": RUN["amp"], "progress": RUN["progress"], "show_top": Key("int", low=0)}
 

@@ -285,6 +285,32 @@ def test_two_flops_bands_share_one_cache(ckpt: Path, tmp_path: Path, capsys):
     assert len(run.calls) == len(set(run.calls)) == len(distinct) <= proposals
 
 
+def test_search_under_a_latency_bound(ckpt: Path, tmp_path: Path, capsys):
+    """A table measured here (1 thread, batch 1, few repeats: the test checks the plumbing, not the machine),
+    a bound at 30% of its predicted range: every candidate's predicted latency is within it, history and
+    best_arch.json carry the prediction, and the winner is measured on this CPU."""
+    from space.latency import LatencyTable
+    from supernet.timing import Timing, measure_table
+
+    space = _space(ckpt)
+    table, _ = measure_table(space, Timing(torch.device("cpu"), 1, 1, 3, False), threads=1, calibrate=2, archs=0,
+                             seed=0, progress=False)
+    table.save(tmp_path / "lat.json")
+    lo, hi = table.predicted_range(space)
+    bound = lo + 0.3 * (hi - lo)
+    run = run_search(ckpt, tmp_path / "run", capsys, f"latency_table={tmp_path / 'lat.json'}",
+                     f"latency_max={bound}", "evolution.generations=2")
+    hist = run.history()
+    assert hist and all(h["latency_ms"] <= bound for h in hist)
+    assert all(h["latency_ms"] == table.predict(ArchSpec.from_dict(h["arch"])) for h in hist)
+    best = tmp_path / "run" / "best_arch.json"
+    meta = json.loads(best.read_text())["meta"]
+    assert meta["latency_ms_predicted"] == table.predict(ArchSpec.load(best)) <= bound
+    assert meta["latency_ms_measured"] > 0 and meta["latency_table"]["threads"] == 1
+    assert f"latency <= {bound:g} ms" in run.out and "ms measured" in run.out
+    assert LatencyTable.load(tmp_path / "lat.json") == table
+
+
 # ----------------------------------------------------------------------------- bad input
 def _snapshot(d: Path) -> dict[str, bytes] | None:
     return {str(p.relative_to(d)): p.read_bytes() for p in sorted(d.rglob("*")) if p.is_file()} if d.exists() else None
@@ -294,9 +320,20 @@ def test_bad_input_is_one_line_exit_2_and_writes_nothing(ckpt: Path, reference: 
     from search.evolve import evolve
     from space.app import run_app
 
+    from space.app import config_hash
+    from space.latency import LatencyTable, space_blocks
+    from space.space import SearchSpace
+
     corrupt = tmp_path / "corrupt.ckpt"
     corrupt.write_bytes(random.Random(0).randbytes(4096))
     lo, hi = _space(ckpt).macs_range()
+    tables = {}
+    for name in ("fmnist_1d", "fmnist_2d"):  # synthetic times: these cases stop before any timing matters
+        with initialize_config_dir(config_dir=str(REPO / "conf"), version_base="1.3"):
+            space = SearchSpace.from_config(compose("supernet", overrides=[f"space={name}"]).space)
+        tables[name] = tmp_path / f"lat_{name}.json"
+        LatencyTable(name, config_hash(space.to_config()), "cpu", "test", torch.__version__, 1, 1, "float32", 0.0,
+                     dict.fromkeys(space_blocks(space), 1.0)).save(tables[name])
     cases = {  # name: (checkpoint, overrides, expected text in the message)
         "missing": (tmp_path / "nope.ckpt", [], "does not exist"),
         "corrupt": (corrupt, [], "is not a readable checkpoint"),
@@ -305,6 +342,11 @@ def test_bad_input_is_one_line_exit_2_and_writes_nothing(ckpt: Path, reference: 
         "out_of_range": (ckpt, [f"flops_max={lo - 1}"], f"exact range [{lo}, {hi}] MACs"),
         "strategy": (ckpt, ["strategy=annealing"], "strategy: 'annealing' is not allowed (allowed: evolution, random)"),
         "eval_images": (ckpt, ["eval_images=1001"], "eval_images: 1001 but the validation split holds 1000 images"),
+        "latency_no_table": (ckpt, ["latency_max=5"], "latency_max: needs latency_table=FILE"),
+        "latency_other_space": (ckpt, [f"latency_table={tables['fmnist_1d']}", "latency_max=20"],
+                                "the table was measured for space 'fmnist_1d'"),
+        "latency_too_low": (ckpt, [f"latency_table={tables['fmnist_2d']}", "latency_max=1"],
+                            "latency <= 1 ms is below the predicted range of space 'fmnist_2d', [4.000, 22.000] ms"),
     }
     # Half of the runs point at a fresh run_dir (must stay absent), half at a finished search (must stay intact).
     dirs = {}
