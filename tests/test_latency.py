@@ -167,3 +167,38 @@ def test_bad_input_is_one_line_exit_2_and_writes_nothing(tmp_path: Path, run_mod
     assert r.returncode == 2 and r.stdout == "", (r.returncode, r.stdout, r.stderr)
     assert r.stderr.startswith("error: ") and r.stderr.count("\n") == 1 and fragment in r.stderr, r.stderr
     assert sorted(tmp_path.rglob("*")) == before
+
+
+@pytest.mark.parametrize("pooling", ["1d", "2d"])
+def test_the_predicted_range_is_exact(pooling: str) -> None:
+    """Brute force over every architecture of a small space: the range check_feasible refuses against."""
+    space = tiny_space(pooling)
+    rng = random.Random(1)
+    table = table_for(space, {k: rng.uniform(0.1, 5.0) for k in space_blocks(space)}, overhead_ms=0.3)
+    predictions = [table.predict(a) for a in space.all_archs()]
+    lo, hi = table.predicted_range(space)
+    assert lo == pytest.approx(min(predictions), rel=1e-12) and hi == pytest.approx(max(predictions), rel=1e-12)
+
+
+def test_a_latency_bound_in_a_constraint() -> None:
+    from search.constraint import Constraint, InfeasibleError, check_feasible
+
+    space = tiny_space("2d")
+    table = table_for(space)
+    lo, hi = table.predicted_range(space)
+    bound = (lo + hi) / 2
+    c = Constraint(latency_max=bound, latency=table)
+    arch = check_feasible(space, c, random.Random(0))
+    assert table.predict(arch) <= bound and c(arch)
+    archs = list(space.all_archs())[::37]
+    assert [c(a) for a in archs] == [table.predict(a) <= bound for a in archs]
+    assert "latency <= " in c.describe() and "batch 1" in c.describe()
+    with pytest.raises(ValueError, match="pass the architecture's predicted latency"):
+        c.admits(1, 1)
+    with pytest.raises(ValueError, match="latency_max: needs latency_table=FILE"):
+        Constraint(latency_max=3.0)
+    with pytest.raises(InfeasibleError, match=f"below the predicted range of space 'tiny_2d', \\[{lo:.3f}"):
+        check_feasible(space, Constraint(latency_max=lo - 0.01, latency=table), random.Random(0))
+    # a search state without a latency bound keeps the identity of older versions (it still resumes)
+    assert Constraint(flops_max=5).identity() == {"flops_min": None, "flops_max": 5, "params_max": None}
+    assert c.identity()["latency_table"]["blocks"] == table.blocks
