@@ -26,7 +26,7 @@ FMNIST := /usr/share/datasets/fashion-mnist/train-images-idx3-ubyte.gz
 PKG_INITS := $(wildcard space/__init__.py supernet/__init__.py supernet/*/__init__.py search/__init__.py)
 
 .DEFAULT_GOAL := help
-.PHONY: FORCE help install data test lint info supernet search fidelity retrain bench gpu-check demo clean distclean
+.PHONY: FORCE help install data test lint info supernet search fidelity retrain latency bench gpu-check demo clean distclean
 
 help: ## list the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | sed -E 's/^([a-z-]+):.*## /  \1\t/' | expand -t 14
@@ -76,6 +76,9 @@ fidelity: install ## ranking fidelity of a supernet vs training from scratch (ma
 retrain: install ## train an exported architecture from scratch (make retrain ARCH=path/to/arch.json)
 	@test -n "$(ARCH)" || { echo "make retrain: set ARCH=path/to/arch.json" >&2; exit 1; }
 	$(PY) -m supernet.retrain arch=$(ARCH) $(ARGS)
+
+latency: install ## measure a space's latency lookup table here (make latency ARGS="space=fmnist_2d out=lat.json")
+	$(PY) -m supernet.latency $(ARGS)
 
 bench: install ## benchmarks printing side-by-side ratios
 	$(PY) -m bench $(ARGS)
