@@ -67,15 +67,15 @@ info: install ## print a search-space summary: size, params/MACs range (make inf
 supernet: install ## train the SPOS supernet with torchrun on NPROC workers
 	$(PY) -m supernet.engine.launch --standalone --nproc_per_node=$(NPROC) -m supernet.train $(ARGS)
 
-search: install ## evolutionary search over the trained supernet
-	$(PY) -m search.evolve $(ARGS)
+search: install ## evolutionary search over the trained supernet, candidates split over NPROC workers
+	$(PY) -m supernet.engine.launch --standalone --nproc_per_node=$(NPROC) -m search.evolve $(ARGS)
 
 fidelity: install ## ranking fidelity of a supernet vs training from scratch (make fidelity ARGS="checkpoint=...")
 	$(PY) -m supernet.engine.launch --standalone --nproc_per_node=$(NPROC) -m search.fidelity $(ARGS)
 
-retrain: install ## train an exported architecture from scratch (make retrain ARCH=path/to/arch.json)
+retrain: install ## train an exported architecture from scratch on NPROC workers (make retrain ARCH=arch.json)
 	@test -n "$(ARCH)" || { echo "make retrain: set ARCH=path/to/arch.json" >&2; exit 1; }
-	$(PY) -m supernet.retrain arch=$(ARCH) $(ARGS)
+	$(PY) -m supernet.engine.launch --standalone --nproc_per_node=$(NPROC) -m supernet.retrain arch=$(ARCH) $(ARGS)
 
 latency: install ## measure a space's latency lookup table here (make latency ARGS="space=fmnist_2d out=lat.json")
 	$(PY) -m supernet.latency $(ARGS)

@@ -2,7 +2,8 @@
 
     python -m search.evolve checkpoint=runs/supernet_fmnist_2d/last.ckpt flops_max=6e6
     python -m search.evolve checkpoint=... flops_budgets='[[0,3e6],[3e6,6e6],[6e6,1e7]]'   # one best per band
-    torchrun --standalone --nproc_per_node=8 -m search.evolve checkpoint=...   # candidates split over ranks
+    torchrun --standalone --nproc_per_node=8 -m search.evolve checkpoint=...   # candidates dealt to ranks by MACs
+    (`make search NPROC=8 ARGS=...` runs the latter through supernet.engine.launch)
 
 The search space comes from the checkpoint. Candidates are scored by inherited-weight top-1 on a fixed
 subset of the held-out validation split (search/inherited.py); the loop itself is search/evolution.py and

@@ -165,23 +165,11 @@ def run_id(arch: ArchSpec, seed: int) -> str:
     return f"{hashlib.sha256(arch.to_json().encode()).hexdigest()[:16]}_seed{seed}"
 
 
-def balance(costs: list[int], world: int) -> list[list[int]]:
-    """Indices of ``costs`` split into ``world`` shares of about equal total: largest first, each to the
-    lightest share so far (the same on every rank)."""
-    shares: list[list[int]] = [[] for _ in range(world)]
-    load = [0] * world
-    for i in sorted(range(len(costs)), key=lambda i: (-costs[i], i)):
-        r = min(range(world), key=lambda r: (load[r], r))
-        shares[r].append(i)
-        load[r] += costs[i]
-    return shares
-
-
 def train_standalone(archs: list[ArchSpec], data_cfg: dict[str, Any], cfg: DictConfig, env: DistEnv,
                      run_dir: Path) -> dict[ArchSpec, list[float]] | None:
     """Each architecture's validation top-1 after training from scratch, one score per seed; None if a run
     was stopped by a signal (every finished run is kept; a rerun continues)."""
-    from supernet.engine.distributed import gather_objects
+    from supernet.engine.distributed import balance, gather_objects
 
     root = Path(cfg.standalone_dir) if cfg.standalone_dir else run_dir / "standalone"
     runs = [(a, s) for a in archs for s in range(cfg.seeds)]

@@ -18,8 +18,8 @@ DDP with a path that changes every step: parameters off the path must neither bl
 reduction nor be updated. DDP's reducer needs ``find_unused_parameters=True`` for that, which walks the
 autograd graph every step and still reduces (and hands AdamW) zero gradients for off-path weights. Since
 all ranks run the same path, the set of parameters that have a gradient is identical on every rank, so
-we all-reduce exactly those gradients, coalesced in buckets, after backward
-(engine/distributed.py, allreduce_gradients).
+we all-reduce exactly those gradients, coalesced in buckets filled in the order autograd finishes them and
+launched during the step's last backward (engine/distributed.py, GradReducer).
 Off-path weights keep ``grad is None`` and AdamW skips them. The supernet has LayerNorm only (no
 BatchNorm), so inherited-weight evaluation needs no BN recalibration.
 """
@@ -86,9 +86,10 @@ class SupernetTask(Task):
         ``distill=inplace`` every path after the first (the largest) also fits its soft predictions."""
         self.paths = self.sampler.paths(step)
         losses, teacher = [], None
-        for path in self.paths:
+        for i, path in enumerate(self.paths):
             soft = {} if teacher is None else {"soft": teacher, "soft_weight": self.cfg.distill_weight}
-            value, logits = loss(lambda p=path: self.net(x, p), y, scale=1 / len(self.paths), **soft)
+            value, logits = loss(lambda p=path: self.net(x, p), y, scale=1 / len(self.paths),
+                                 final=i == len(self.paths) - 1, **soft)
             if self.cfg.distill == "inplace" and teacher is None:
                 teacher = logits.float().softmax(-1)
             losses.append(value.float())

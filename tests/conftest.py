@@ -1,12 +1,14 @@
 """Shared pytest fixtures and hooks: repository paths, a Hypothesis profile that suits CI, small generated
-Fashion-MNIST IDX files for plumbing tests, and the `fmnist` marker: a test that needs the real dataset fails
-(never silently skips) when it is missing, unless PSVIT_ALLOW_MISSING_DATA=1."""
+Fashion-MNIST IDX files for plumbing tests, the commands the Makefile's targets run, and the `fmnist` marker: a
+test that needs the real dataset fails (never silently skips) when it is missing, unless
+PSVIT_ALLOW_MISSING_DATA=1."""
 
 from __future__ import annotations
 
 import gzip
 import os
 import runpy
+import shlex
 import subprocess
 import sys
 import warnings
@@ -125,3 +127,20 @@ def run_module(monkeypatch: pytest.MonkeyPatch,
         return subprocess.CompletedProcess([module, *args], code, out, err)
 
     return run
+
+
+@pytest.fixture(scope="session")
+def make_recipe(repo_root: Path) -> Callable[..., list[str]]:
+    """``make_recipe(target, **variables) -> argv``: the app command ``make <target>`` runs (read with
+    ``make -n``, nothing executed), with this interpreter in place of ``.venv/bin/python``, so a test runs
+    exactly the Makefile's launch line without an install."""
+
+    def recipe(target: str, **variables: str) -> list[str]:
+        out = subprocess.run(["make", "-n", "--no-print-directory", target,
+                              *(f"{k}={v}" for k, v in variables.items())],
+                             cwd=repo_root, capture_output=True, text=True, check=True).stdout
+        lines = [line for line in out.splitlines() if line.startswith(".venv/bin/python -m ")]
+        assert lines, out
+        return [sys.executable, *shlex.split(lines[-1])[1:]]
+
+    return recipe

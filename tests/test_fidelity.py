@@ -122,7 +122,7 @@ def test_band_picks_lie_in_the_band_and_a_narrow_band_is_a_user_error():
 
 
 def test_runs_are_balanced_over_ranks():
-    from search.fidelity import balance
+    from supernet.engine.distributed import balance
 
     costs = [5, 1, 9, 3, 3, 7, 2]
     shares = balance(costs, 2)

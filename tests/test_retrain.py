@@ -1,11 +1,14 @@
 """Retraining an exported architecture: result.json on the official test split, inherited init equals the
-supernet path, and one-line errors for bad input (interrupted runs: test_interrupt.py; DeiT-like baselines:
+supernet path, 2 ranks through `make retrain NPROC=2`'s launcher train what one process trains, and one-line
+errors for bad input (interrupted runs: test_interrupt.py; DeiT-like baselines:
 test_baselines.py)."""
 
 from __future__ import annotations
 
 import json
+import os
 import random
+import subprocess
 from pathlib import Path
 
 import pytest
@@ -70,6 +73,36 @@ def test_inherit_starts_from_the_supernet_path(tmp_path, supernet_ckpt):
     data = build_data(sck.data, test=True)
     expected = top1(lambda x: net(x, arch), data.test, setup_distributed("cpu"))
     assert res["test_top1"] == expected
+
+
+@pytest.mark.slow
+def test_make_retrain_on_two_ranks_trains_what_one_process_trains(tmp_path, fake_root, make_recipe):
+    """`make retrain NPROC=2` launches 2 gloo workers through supernet.engine.launch: each takes half of every
+    global batch (half the steps of one process at the per-rank batch), the gradients are averaged, and the
+    weights are those of one process at the same global batch (up to summation order, as AdamW allows:
+    test_train.py's 2-ranks test); the test split is scored in full, once."""
+    from supernet.retrain import retrain
+
+    arch = REPO / "conf" / "baselines" / "deit_fmnist.json"
+    # 50 training images, global batch 16: 3 steps; no augmentation (its draws are per rank)
+    common = [f"data.root={fake_root}", "data.val_size=10", "data.augment=false", "optim.epochs=1",
+              "optim.warmup_epochs=0", "progress=false", "device=cpu"]
+    cmd = make_recipe("retrain", NPROC="2", ARCH=str(arch),
+                      ARGS=" ".join([f"run_dir={tmp_path / 'two'}", "data.batch_size=8", *common]))
+    assert cmd[1:7] == ["-m", "supernet.engine.launch", "--standalone", "--nproc_per_node=2", "-m", "supernet.retrain"]
+    r = subprocess.run(cmd, cwd=REPO, env={**os.environ, "OMP_NUM_THREADS": "1"}, capture_output=True, text=True,
+                       timeout=240)
+    assert r.returncode == 0, r.stderr[-2000:]
+    two = json.loads((tmp_path / "two" / "result.json").read_text())
+    assert (two["world_size"], two["steps"], two["test_images"]) == (2, 3, 20)
+
+    torch.set_num_threads(1)
+    one = retrain(make_cfg("retrain", f"arch={arch}", f"run_dir={tmp_path / 'one'}", "data.batch_size=16", *common))
+    assert (one["world_size"], one["steps"], one["test_images"]) == (1, 3, 20)
+    w1, w2 = (torch.load(tmp_path / d / "last.ckpt", weights_only=True)["model"] for d in ("one", "two"))
+    for k, v in w1.items():
+        off = ~torch.isclose(v, w2[k], rtol=1e-4, atol=1e-5)
+        assert off.float().mean() <= 1e-3 and (v - w2[k]).abs().max() <= 2e-3, (k, int(off.sum()))
 
 
 @pytest.fixture(scope="module")

@@ -1,6 +1,7 @@
 """The `python -m search.evolve` app over a tiny real Fashion-MNIST supernet: outputs, no arch scored twice
-(resume included), SIGKILL resume == uninterrupted run, 2 gloo ranks == 1 process, random search, FLOPs bands
-sharing one cache, and one-line exit-2 errors that write nothing."""
+(resume included), SIGKILL resume == uninterrupted run, 2 gloo ranks == 1 process (spawned, and through
+`make search NPROC=2`'s launcher), random search, FLOPs bands sharing one cache, and one-line exit-2 errors that
+write nothing."""
 
 from __future__ import annotations
 
@@ -23,7 +24,7 @@ import torch
 from hydra import compose, initialize_config_dir
 
 from space.arch import ArchSpec
-from space.cost import arch_cost
+from space.cost import arch_cost, macs
 
 REPO = Path(__file__).resolve().parents[1]
 pytestmark = pytest.mark.fmnist  # a supernet trained on the real dataset (conftest.py fails these without it)
@@ -248,11 +249,26 @@ def test_two_gloo_ranks_score_exactly_like_one_process(ckpt: Path, reference: Ru
                                 nprocs=2, join=True)
     r0, r1 = (json.loads((tmp_path / f"rank{r}.json").read_text()) for r in (0, 1))
     assert Run(tmp_path / "run", [], "").history() == reference.history()
-    # Each candidate scored once, on one rank, and the ranks shared the work.
+    # Each candidate scored once, on one rank, and the ranks shared the work by MACs: in each generation's batch
+    # the ranks' loads differ by at most its largest candidate
     assert sorted(r0["calls"] + r1["calls"]) == sorted(reference.calls)
-    assert abs(len(r0["calls"]) - len(r1["calls"])) <= GENERATIONS
+    load = [sum(macs(ArchSpec.from_json(a)) for a in r["calls"]) for r in (r0, r1)]
+    assert r0["calls"] and r1["calls"]
+    assert abs(load[0] - load[1]) <= GENERATIONS * max(macs(ArchSpec.from_json(a)) for a in reference.calls)
     assert r0["evaluations"] == r1["evaluations"] == len(reference.calls)
     assert (r0["scored"], r1["scored"]) == (len(r0["calls"]), len(r1["calls"]))  # each rank counts its own share
+
+
+@pytest.mark.slow
+def test_make_search_on_two_ranks_scores_like_one_process(ckpt: Path, reference: Run, tmp_path: Path, make_recipe):
+    """`make search NPROC=2` launches 2 workers through supernet.engine.launch: the one-process history."""
+    args = [f"checkpoint={ckpt}", f"run_dir={tmp_path / 'run'}", *SEARCH, f"flops_max={FLOPS_MAX}"]
+    cmd = make_recipe("search", NPROC="2", ARGS=" ".join(args))
+    assert cmd[1:7] == ["-m", "supernet.engine.launch", "--standalone", "--nproc_per_node=2", "-m", "search.evolve"]
+    r = subprocess.run(cmd, cwd=REPO, env={**os.environ, "OMP_NUM_THREADS": "1"}, capture_output=True, text=True,
+                       timeout=240)
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert Run(tmp_path / "run", [], "").history() == reference.history()
 
 
 # ----------------------------------------------------------------------------- strategies and budgets

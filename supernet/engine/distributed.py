@@ -1,5 +1,6 @@
 """Process plumbing shared by training, search and retraining: distributed set-up and tear-down, gradient
-all-reduce for paths that change every step, scalar all-reduce, autocast, graceful stop on SIGTERM/SIGINT.
+all-reduce for paths that change every step (overlapped with backward), work dealt to ranks by cost, scalar
+all-reduce, autocast, graceful stop on SIGTERM/SIGINT.
 """
 
 from __future__ import annotations
@@ -15,7 +16,7 @@ from typing import Any
 
 import torch
 import torch.distributed as dist
-from torch import nn
+from torch import Tensor, nn
 
 from space.errors import UserError
 
@@ -110,7 +111,8 @@ def broadcast_parameters(module: nn.Module, env: DistEnv) -> None:
 
 
 def allreduce_gradients(params: Iterable[nn.Parameter], env: DistEnv, bucket_bytes: int = 32 << 20) -> None:
-    """Average the gradients that exist, in coalesced buckets.
+    """Average the gradients that exist, in coalesced buckets, after backward: the reference that
+    :class:`GradReducer` (what training runs) is tested against.
 
     This replaces DDP's reducer for the supernet: every rank samples the same path from (seed, step), so
     the set of parameters with a gradient is the same on all ranks and exactly these are reduced.
@@ -135,6 +137,121 @@ def allreduce_gradients(params: Iterable[nn.Parameter], env: DistEnv, bucket_byt
                 b.copy_(flat[offset:offset + b.numel()].view_as(b))
                 offset += b.numel()
             bucket, size = [], 0
+
+
+class GradReducer:
+    """Averages the gradients over ranks while the step's last backward runs, as DDP overlaps its reducer with
+    backward, for a model whose path changes every step.
+
+    Every parameter carries a post-accumulate-grad hook. During the step's final backward (:meth:`backward`
+    with ``final=True``), each hook adds its parameter's finished gradient to the open bucket, in the order the
+    hooks fire, and a bucket holding ``bucket_bytes`` is all-reduced asynchronously at once, while autograd
+    goes on with the layers below. :meth:`finish` then reduces the rest (the open bucket, and the gradients
+    accumulated by the step's earlier backward passes, e.g. the other sandwich paths, that the final one did
+    not touch), waits, divides each bucket by the world size and copies it back.
+
+    No bookkeeping across ranks is needed: every rank trains the same paths, so the same parameters get a
+    gradient on every rank and autograd fires their hooks in the same order (identical graphs), giving
+    identical buckets. Parameters off the paths keep ``grad is None`` (AdamW skips them). Only the final
+    backward may launch a bucket: a gradient that a later pass adds to is not finished yet.
+
+    On 2 ranks the gradients are bit-identical to :func:`allreduce_gradients` (a sum of two addends does not
+    depend on the order); on more ranks they agree up to the order in which the collective adds the ranks,
+    which depends on a gradient's place in its bucket.
+    """
+
+    def __init__(self, params: Iterable[nn.Parameter], env: DistEnv, bucket_bytes: int = 25 << 20) -> None:
+        """Hooks ``params`` when ``env`` is distributed (one process: nothing to reduce, no hook).
+
+        Args:
+            bucket_bytes: gradient bytes per all-reduce (DDP's default, 25 MB: large enough to keep the link
+                busy, small enough to start early).
+        """
+        self.params = [p for p in params if p.requires_grad]
+        self.env, self.bucket_bytes = env, bucket_bytes
+        self.armed = False  # inside the step's final backward: hooks launch buckets
+        self.final_done = False  # the step's final backward has run; the next backward belongs to the next step
+        self.overlapped = 0  # buckets of the last finished step launched during backward (the rest: in finish)
+        self.buckets = 0  # buckets of the last finished step
+        self._open: list[Tensor] = []  # gradients of the bucket being filled
+        self._open_bytes = 0
+        self._inflight: list[tuple[Any, Tensor, list[Tensor]]] = []  # (work, flat buffer, its gradients)
+        self._taken: set[int] = set()  # ids of the parameters whose gradient is in a bucket this step
+        if env.distributed:
+            for p in self.params:
+                p.register_post_accumulate_grad_hook(self._on_grad)
+
+    @contextmanager
+    def backward(self, final: bool) -> Iterator[None]:
+        """Around one backward pass of the step; ``final`` for its last one, the only one whose hooks reduce.
+
+        Raises:
+            RuntimeError: a backward after the step's final one before :meth:`finish` (a task that runs
+                several passes must mark all but the last ``final=False``, or their gradients would be
+                reduced before they are complete).
+        """
+        if self.final_done:
+            raise RuntimeError("GradReducer: a backward pass after the step's final one; mark the earlier passes "
+                               "final=False")
+        self.armed = final
+        try:
+            yield
+        finally:
+            self.armed, self.final_done = False, final
+
+    def _on_grad(self, p: nn.Parameter) -> None:
+        if self.armed:  # in earlier passes the gradient may still grow: finish() takes it
+            self._add(p)
+
+    def _add(self, p: nn.Parameter) -> None:
+        g = p.grad
+        if id(p) in self._taken:
+            raise RuntimeError("GradReducer: a gradient was accumulated twice in the step's final backward")
+        if self._open and g.dtype != self._open[0].dtype:  # one flat buffer holds one dtype
+            self._launch()
+        self._taken.add(id(p))
+        self._open.append(g)
+        self._open_bytes += g.numel() * g.element_size()
+        if self._open_bytes >= self.bucket_bytes:
+            self._launch()
+
+    def _launch(self) -> None:
+        flat = torch.cat([g.reshape(-1) for g in self._open])
+        self._inflight.append((dist.all_reduce(flat, async_op=True), flat, self._open))
+        self._open, self._open_bytes = [], 0
+
+    def finish(self) -> None:
+        """Reduce what the final backward did not launch, wait for every bucket and write the averages back
+        into ``.grad``; ends the step."""
+        if self.env.distributed:
+            overlapped = len(self._inflight)
+            for p in self.params:  # parameters order: the same on every rank
+                if p.grad is not None and id(p) not in self._taken:
+                    self._add(p)
+            if self._open:
+                self._launch()
+            for work, flat, grads in self._inflight:
+                work.wait()
+                flat /= self.env.world_size
+                offset = 0
+                for g in grads:
+                    g.copy_(flat[offset:offset + g.numel()].view_as(g))
+                    offset += g.numel()
+            self.overlapped, self.buckets = overlapped, len(self._inflight)
+        self._inflight, self._taken, self.final_done = [], set(), False
+
+
+def balance(costs: list[int], world: int) -> list[list[int]]:
+    """Indices of ``costs`` dealt into ``world`` shares of about equal total: largest first, each to the
+    least-loaded share so far, ties to the lower index and rank, so every rank computes the same split.
+    The shares' totals differ by at most the largest cost (round-robin can put every large item on one rank)."""
+    shares: list[list[int]] = [[] for _ in range(world)]
+    load = [0] * world
+    for i in sorted(range(len(costs)), key=lambda i: (-costs[i], i)):
+        r = min(range(world), key=lambda r: (load[r], r))
+        shares[r].append(i)
+        load[r] += costs[i]
+    return shares
 
 
 def gather_objects(obj: Any, env: DistEnv) -> list[Any]:

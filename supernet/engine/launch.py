@@ -1,8 +1,8 @@
-"""`make supernet`'s launcher: torchrun (``torch.distributed.run``, same arguments) whose exit status is the
-workers' own. A worker that stopped on a user error has printed its one ``error:`` line and exited 2; plain
-torchrun would add its ChildFailedError report and exit 1. Here the launcher prints nothing more and exits 2
-(1 for a divergence, the largest worker status otherwise); after Ctrl-C / SIGTERM, whose workers checkpoint and
-exit 0, it exits 0.
+"""The launcher of `make supernet`, `make search`, `make retrain` and `make fidelity`: torchrun
+(``torch.distributed.run``, same arguments) whose exit status is the workers' own. A worker that stopped on a
+user error has printed its one ``error:`` line and exited 2; plain torchrun would add its ChildFailedError report
+and exit 1. Here the launcher prints nothing more and exits 2 (1 for a divergence, the largest worker status
+otherwise); after Ctrl-C / SIGTERM, whose workers checkpoint and exit 0, it exits 0.
 
     python -m supernet.engine.launch --standalone --nproc_per_node=2 -m supernet.train optim.epochs=1
 """

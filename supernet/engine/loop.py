@@ -1,8 +1,8 @@
 """The training loop shared by supernet training and retraining, as named steps: ``resume``, ``train_step``,
-``validate``, ``save`` and ``fit`` around them. It owns label smoothing, gradient all-reduce across ranks,
-clipping, bf16 autocast on CUDA, the SIGTERM/SIGINT stop, the non-finite-loss stop, the checkpoint cadence,
-tqdm on rank 0 and TensorBoard scalars; the optimizer recipe is ``engine/optim.py``, the checkpoint layout
-``engine/checkpoint.py``.
+``validate``, ``save`` and ``fit`` around them. It owns label smoothing, gradient all-reduce across ranks
+(overlapped with the step's last backward), clipping, bf16 autocast on CUDA, the SIGTERM/SIGINT stop, the
+non-finite-loss stop, the checkpoint cadence, tqdm on rank 0 and TensorBoard scalars; the optimizer recipe is
+``engine/optim.py``, the checkpoint layout ``engine/checkpoint.py``.
 
 What differs between the two apps is a :class:`Task`: how a step computes logits (a sampled path or the
 fixed model), what is validated, and what identifies a run so that a resume with other settings is refused.
@@ -13,6 +13,7 @@ from __future__ import annotations
 import math
 import time
 from collections.abc import Callable
+from contextlib import nullcontext
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -27,7 +28,7 @@ from space.errors import Diverged, UserError
 from space.app import run_dir_lock
 from supernet.data import DataBundle, DataConfig, Loader, RecipeConfig
 from supernet.engine.checkpoint import CKPT_NAME, read_checkpoint, restore_training, save_checkpoint, training_state
-from supernet.engine.distributed import (DistEnv, StopFlag, allreduce_gradients, allreduce_sum, autocast,
+from supernet.engine.distributed import (DistEnv, GradReducer, StopFlag, allreduce_sum, autocast,
                                          broadcast_parameters, gather_objects)
 from supernet.engine.optim import build_optimizer
 
@@ -47,7 +48,8 @@ class Task:
 
     def backward(self, x: Tensor, y: Tensor, step: int, loss: LossBackward) -> Tensor:
         """Accumulate the gradients of step ``step`` into ``.grad``; returns the step's loss (detached).
-        One forward by default; a task that trains several paths per step overrides this."""
+        One forward by default; a task that trains several paths per step overrides this, calling ``loss``
+        with ``final=False`` for every path but the last."""
         return loss(lambda: self.forward(x, step), y)[0]
 
     def validate(self) -> dict[str, float]:
@@ -70,21 +72,25 @@ class LossBackward:
     """Forward under autocast, the training loss, and backward of ``scale`` x loss: what one path of a step
     costs. The loss is cross-entropy with label smoothing against the labels (or against the soft targets of a
     mixed batch, which carry their smoothing already), mixed with weight ``soft_weight`` with cross-entropy
-    against ``soft`` target probabilities (in-place distillation)."""
+    against ``soft`` target probabilities (in-place distillation). With a ``reducer``, the step's final
+    backward all-reduces the gradients while it runs."""
 
-    def __init__(self, device: torch.device, amp: bool, label_smoothing: float) -> None:
-        self.device, self.amp, self.label_smoothing = device, amp, label_smoothing
+    def __init__(self, device: torch.device, amp: bool, label_smoothing: float,
+                 reducer: GradReducer | None = None) -> None:
+        self.device, self.amp, self.label_smoothing, self.reducer = device, amp, label_smoothing, reducer
 
     def __call__(self, forward: Callable[[], Tensor], y: Tensor, *, soft: Tensor | None = None,
-                 soft_weight: float = 0.0, scale: float = 1.0) -> tuple[Tensor, Tensor]:
-        """Returns the loss and the logits, both detached."""
+                 soft_weight: float = 0.0, scale: float = 1.0, final: bool = True) -> tuple[Tensor, Tensor]:
+        """Returns the loss and the logits, both detached. ``final``: this is the step's last backward, whose
+        finished gradients may be reduced as they appear (an earlier pass's may still grow)."""
         with autocast(self.device, self.amp):
             logits = forward()
             smoothing = 0.0 if y.is_floating_point() else self.label_smoothing  # Mixup/CutMix targets: smoothed
             loss = F.cross_entropy(logits, y, label_smoothing=smoothing)
             if soft is not None:
                 loss = (1 - soft_weight) * loss + soft_weight * F.cross_entropy(logits.float(), soft)
-        (loss * scale).backward()
+        with self.reducer.backward(final) if self.reducer is not None else nullcontext():
+            (loss * scale).backward()
         return loss.detach(), logits.detach()
 
 
@@ -135,7 +141,8 @@ class Trainer:
         self.saved_step: int | None = None  # step of the checkpoint on disk
         self.lr_history: list[dict[str, float]] = []  # peak-lr restarts (resume_lr=), kept in the checkpoint
         self.identity = run_identity(task, cfg, env)
-        self.loss = LossBackward(env.device, cfg.amp, cfg.optim.label_smoothing)
+        self.reducer = GradReducer(task.net.parameters(), env)  # hooks the weights: reduces during backward
+        self.loss = LossBackward(env.device, cfg.amp, cfg.optim.label_smoothing, self.reducer)
         self.recipe = RecipeConfig.from_cfg(cfg.get("recipe"))
         self.ema: Any = None  # timm's ModelEmaV3 with recipe.ema, made once the start weights are known
         self.writer: Any = None
@@ -233,7 +240,7 @@ class Trainer:
         loss_val = loss_sum / self.env.world_size
         if not math.isfinite(loss_val):
             raise Diverged(f"non-finite loss {loss_val} at step {self.step}; {self._way_out()}")
-        allreduce_gradients(net.parameters(), self.env)
+        self.reducer.finish()
         info = {}
         if o.grad_clip:  # the norm of the averaged gradient, the same on every rank
             info["grad_norm"] = float(torch.nn.utils.clip_grad_norm_(
