@@ -29,7 +29,8 @@ def run_app(fn: Callable[[], T]) -> T:
     :class:`Diverged` one such line and status 1; anything else is a bug and keeps its traceback.
 
     Under torchrun every rank usually meets the same error: rank 0 reports it, and the other ranks wait a
-    moment first, in which the launcher stops them once rank 0 has exited; a rank that is still running
+    moment first (10 s: on a loaded machine the launcher took over 3 s), in which the launcher stops them once
+    rank 0 has exited; a rank that is still running
     after it (an error of its own, e.g. unreadable data on one node) then reports it, naming its rank.
     """
     try:
@@ -37,7 +38,7 @@ def run_app(fn: Callable[[], T]) -> T:
     except (UserError, Diverged) as e:
         rank = int(os.environ.get("RANK", "0") or 0)
         if rank:
-            time.sleep(3)
+            time.sleep(10)
         print(f"error{f' (rank {rank})' if rank else ''}: " + " ".join(str(e).splitlines()), file=sys.stderr,
               flush=True)
         sys.exit(2 if isinstance(e, UserError) else 1)  # SystemExit is not an Exception: Hydra lets it through
