@@ -125,6 +125,9 @@ FIDELITY = {"checkpoint": EVOLVE["checkpoint"], "run_dir": Key("str", nullable=T
             **{f"standalone.{k}": v for k, v in RUN.items() if k.startswith("optim.")}}
 
 CONVERT = {"checkpoint": Key("str", nullable=True), "arch": Key("str", nullable=True), "out": Key("str", nullable=True)}
+PREPARE = {"src": Key("str", nullable=True), "out": Key("str", nullable=True), "img_size": Key("int", low=1),
+           "short_side": Key("int", low=1, nullable=True), "interpolation": RUN["recipe.interpolation"],
+           "shards": Key("int", low=1), "workers": Key("int", low=0, nullable=True), "progress": RUN["progress"]}
 
 
 def check_config(cfg: Mapping[str, Any], schema: Mapping[str, Key]) -> None:
