@@ -119,7 +119,7 @@ def resample(x: torch.Tensor, theta: torch.Tensor, size: int, mode: str, fill: t
     out = F.grid_sample(x.float(), grid, mode=mode, padding_mode="border", align_corners=False)
     out = out.round_().clamp_(0, 255).to(torch.uint8)
     if fill is not None:
-        outside = (grid.abs() > 1).any(-1).unsqueeze(1)  # (n, 1, size, size)
+        outside = ((grid < -1) | (grid >= 1)).any(-1).unsqueeze(1)  # PIL: outside when x < 0 or x >= width
         out = torch.where(outside, fill.view(1, -1, 1, 1).to(torch.uint8), out)
     return out
 
