@@ -282,6 +282,21 @@ def test_randaugment_draws_follow_timms_parameters():
     assert aug.draws(7, 5, 36)[0].tolist() == aug.draws(7, 5, 36)[0].tolist()
 
 
+def test_posterize_to_zero_bits_is_black_on_both_paths_not_an_error(folder):
+    """timm asks Pillow 13 for 0 bits at magnitude 10, which it refuses: the folder's workers would report the image
+    as unreadable (about 1 in 660 with DeiT's recipe); both paths give a black image instead."""
+    from PIL import Image
+
+    image = Image.fromarray(np.full((8, 8, 3), 200, np.uint8))
+    data = build_data(cfg(folder, name="imagenet_folder", batch_size=4), recipe=DEIT, label_smoothing=0.1)
+    ra = next(t for t in data.train.subset.dataset.transform.transforms if hasattr(t, "ops"))
+    op = next(op for op in ra.ops if op.name == "PosterizeIncreasing")
+    op.prob, op.magnitude, op.magnitude_std = 1.0, 10, 0  # bits = 4 - int(10 / 10 * 4) = 0
+    assert np.asarray(op(image)).max() == 0
+    x = torch.full((1, 3, 8, 8), 200, dtype=torch.uint8)
+    assert lut_op("PosterizeIncreasing", x, torch.tensor([0.0])).max() == 0
+
+
 # ------------------------------------------------------------------------------------------ decoded once, kept
 def _count_reads(monkeypatch: pytest.MonkeyPatch) -> list[int]:
     reads: list[int] = []

@@ -24,8 +24,8 @@ from torch.utils.data import DataLoader, DistributedSampler, Subset
 
 from supernet.data.config import (DATASETS, Batch, DataBundle, DataConfig, DataError, cached_batches, mix_seed,
                                   normalizer, shard_plan, split_train_val)
-from supernet.data.recipe import (LIGHT, BatchAugment, RecipeConfig, SeededItems, batch_key, repeated_order,
-                                  repeated_plan)
+from supernet.data.recipe import (LIGHT, BatchAugment, RecipeConfig, SeededItems, batch_key, fix_posterize,
+                                  repeated_order, repeated_plan)
 
 INSTALL_HINT = "install it with pip install -e '.[imagenet]'"
 
@@ -170,8 +170,9 @@ def build_imagenet_folder(c: DataConfig, rank: int, world_size: int, device: tor
     common_tf: dict[str, Any] = dict(input_size=size, interpolation=recipe.interpolation, mean=info.mean,
                                      std=info.std, use_prefetcher=True)
     eval_tf = create_transform(is_training=False, crop_pct=0.875, **common_tf)
-    train_tf = create_transform(is_training=True, hflip=0.5 if c.hflip else 0.0, auto_augment=recipe.rand_augment,
-                                color_jitter=None, re_prob=0.0, **common_tf) if c.augment else eval_tf
+    train_tf = fix_posterize(create_transform(is_training=True, hflip=0.5 if c.hflip else 0.0,
+                                              auto_augment=recipe.rand_augment, color_jitter=None, re_prob=0.0,
+                                              **common_tf)) if c.augment else eval_tf
     try:
         train_set = datasets.ImageFolder(str(root / "train"), transform=train_tf)
         test_set = datasets.ImageFolder(str(root / "val"), transform=eval_tf)
