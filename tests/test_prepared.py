@@ -90,7 +90,8 @@ def test_store_holds_pil_decode_resize_crop_and_the_evaluation_crops(folder, sto
     assert meta["splits"]["train"] == {"count": 18, "side": 36, "shards": [9, 9]}
     assert meta["splits"]["val"] == {"count": 6, "side": 32, "shards": [3, 3]}
     assert re.fullmatch(r"sha256:[0-9a-f]{64}", meta["source"]["digest"])
-    square = transforms.Compose([transforms.Resize(36, transforms.InterpolationMode.BICUBIC), transforms.CenterCrop(36)])
+    bicubic = transforms.InterpolationMode.BICUBIC
+    square = transforms.Compose([transforms.Resize(36, bicubic), transforms.CenterCrop(36)])
     evaluation = create_transform(IMG, is_training=False, crop_pct=0.875, interpolation="bicubic", use_prefetcher=True)
     for split, expected in (("train", square), ("val", evaluation)):
         folder_set = datasets.ImageFolder(str(folder / split))
@@ -102,7 +103,8 @@ def test_store_holds_pil_decode_resize_crop_and_the_evaluation_crops(folder, sto
             assert np.array_equal(stored[k], pixels), path
 
 
-def test_decoding_processes_write_the_in_process_store_and_the_digest_follows_the_bytes(folder, store, tmp_path):
+def test_decoding_processes_write_the_in_process_store_and_the_digest_follows_the_bytes(folder, store, tmp_path,
+                                                                                       run_module):
     from supernet.prepare import prepare
 
     prepare(prepare_args(folder, tmp_path / "pool", workers=2, shards=4))
@@ -112,7 +114,9 @@ def test_decoding_processes_write_the_in_process_store_and_the_digest_follows_th
     digest = lambda root: json.loads((root / "meta.json").read_text())["source"]["digest"]  # noqa: E731
     assert digest(tmp_path / "pool") == digest(store)
     copy = shutil.copytree(folder, tmp_path / "copy")  # the same bytes elsewhere: the same digest
-    prepare(prepare_args(copy, tmp_path / "copy_store"))
+    res = run_module("supernet.prepare", f"src={copy}", f"out={tmp_path / 'copy_store'}", f"img_size={IMG}",
+                     "workers=0", "progress=false")
+    assert res.returncode == 0 and "3 classes, train 18 images as 36x36 squares, val 6 as 32x32 crops" in res.stdout
     assert digest(tmp_path / "copy_store") == digest(store)
     (copy / "val" / "bee" / "1.jpg").write_bytes((copy / "val" / "bee" / "0.jpg").read_bytes())
     prepare(prepare_args(copy, tmp_path / "changed_store"))
