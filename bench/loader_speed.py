@@ -6,7 +6,12 @@
 2. images/s of a supernet training step of the ImageNet presets (the engine's ``Trainer.train_step`` with the
    supernet task) on one thread of this CPU, fed with that pipeline's batches;
 3. how many decoding workers feed 2., and how many feed ``GPU_ESTIMATE`` img/s, the rate one H100 is ESTIMATED
-   (not measured) to train imagenet_tiny_2d at; `make gpu-check` measures it on a GPU.
+   (not measured) to train imagenet_tiny_2d at; `make gpu-check` measures it on a GPU;
+4. the same folder decoded once into a prepared store (``python -m supernet.prepare``, supernet/data/store.py):
+   img/s of one decoding process doing that once, and the CPU's share of ``data=imagenet_prepared`` per core
+   (copying memory-mapped uint8 squares into the batch, drawing the crop and RandAugment parameters), next to
+   the folder's worker; the rest (crop, flip, RandAugment, normalization, erasing, Mixup/CutMix) runs on the
+   device, timed here on the CPU.
 
 Both rates are per core, so their ratio carries over to machines whose cores are alike; a loaded machine (the
 load average is printed) slows both.
@@ -37,6 +42,8 @@ from bench.train_speed import CONF, _compose
 from space.cost import fmt_macs, macs
 from space.space import SearchSpace
 from supernet.data import DATASETS, DataBundle, build_data, normalizer
+from supernet.data.prepared import PreparedLoader
+from supernet.prepare import prepare
 from supernet.engine.distributed import DistEnv
 from supernet.engine.loop import Trainer
 from supernet.model.supernet import Supernet
@@ -63,6 +70,24 @@ class LoaderFigures:
     def workers_for_model(self) -> int:
         """Decoding workers that keep up with the measured training step."""
         return workers_needed(self.model, self.per_worker)
+
+
+@dataclass(frozen=True)
+class PreparedFigures:
+    """The prepared store's rates on this CPU, one core each (supernet/data/prepared.py)."""
+
+    batch_size: int
+    side: int  # of the stored training squares
+    images: int  # in the store
+    prepare: float  # img/s of one decoding process of `python -m supernet.prepare`, once per store
+    read: float  # img/s of one reading thread: memory-mapped uint8 squares into the batch buffer
+    draws_ms: float  # ms per batch of the crop, flip and RandAugment draws (on the CPU in training too)
+    device_ms: float  # ms per batch of the device side, here on this CPU
+
+    @property
+    def per_core(self) -> float:
+        """img/s one core delivers when the device side runs on a GPU: reading plus the draws."""
+        return 1.0 / (1.0 / self.read + self.draws_ms / 1e3 / self.batch_size)
 
 
 def workers_needed(rate: float, per_worker: float) -> int:
@@ -197,6 +222,50 @@ def measure(root: Path, preset: str, batch_size: int, batches: int, steps: int, 
     return LoaderFigures(preset, batch_size, per_worker, device_ms, model, path_macs, space_macs)
 
 
+def measure_prepared(root: Path, out: Path, img_size: int, batch_size: int, batches: int,
+                     reps: int) -> PreparedFigures:
+    """Decode the folder ``root`` once into the store ``out`` (one process) and time the prepared loader's parts:
+    the reader over ``batches`` batches of an epoch, the draws and the device side over ``reps`` batches."""
+    import torchvision.datasets.folder  # noqa: F401 - its import (seconds here) is not decoding time
+
+    t = time.perf_counter()
+    prepare({"src": str(root), "out": str(out), "img_size": img_size, "short_side": None, "interpolation": "bicubic",
+             "shards": 1, "workers": 0, "progress": False})
+    elapsed = time.perf_counter() - t
+    images = sum(1 for p in root.rglob("*.jpg"))
+    cfg = _compose("data=imagenet_prepared", f"data.root={out}", "data.val_size=0", f"data.img_size={img_size}",
+                   f"data.batch_size={batch_size}", "data.num_workers=0", "recipe=deit", "device=cpu")
+    loader = build_data(cfg.data, recipe=cfg.recipe, label_smoothing=cfg.optim.label_smoothing).train
+    assert isinstance(loader, PreparedLoader) and loader.augment is not None
+    rows = list(itertools.islice(itertools.cycle(loader.plan(0)), batches + 1))
+    side = loader.prefetch.split.side
+    buf = np.empty((batch_size, 3, side, side), np.uint8)
+    loader.prefetch.gather(rows[0], buf)  # warm-up: page cache, allocator
+    t = time.perf_counter()
+    for r in rows[1:]:
+        loader.prefetch.gather(r, buf)
+    read = batches * batch_size / (time.perf_counter() - t)
+    x, y = torch.from_numpy(buf), torch.from_numpy(loader.prefetch.split.labels[rows[0]].astype(np.int64))
+    keys = itertools.count()
+    draws, device = interleaved([lambda: loader.augment.draws(next(keys), batch_size, side),
+                                 lambda: loader.augmented(x, y, 0, next(keys))], reps=reps)
+    return PreparedFigures(batch_size, side, images, images / elapsed, read, draws * 1e3, device * 1e3)
+
+
+def report_prepared(p: PreparedFigures, per_worker: float, gpu_rate: float) -> None:
+    """The prepared store's lines, next to the folder's ``per_worker`` img/s."""
+    print(f"  prepared store (python -m supernet.prepare, once): {p.prepare:.1f} img/s per decoding process, "
+          f"{p.images} images")
+    print(f"    1 core reading it (memory-mapped {p.side}x{p.side} uint8 squares -> batch: {p.read:.0f} img/s; crop, "
+          f"flip and RandAugment draws: {p.draws_ms:.1f} ms/batch of {p.batch_size}): {p.per_core:.0f} img/s per core, "
+          f"x{p.per_core / per_worker:.1f} the folder's {per_worker:.1f}")
+    print(f"    device side on this CPU (crop + flip + RandAugment + normalize + erasing + Mixup/CutMix): "
+          f"{p.device_ms:.0f} ms/batch (on the GPU in training)")
+    print(f"    cores to feed {gpu_rate:.0f} img/s (ESTIMATE): ceil({gpu_rate:.0f} / {p.per_core:.0f}) = "
+          f"{workers_needed(gpu_rate, p.per_core)} with the store, against "
+          f"{workers_needed(gpu_rate, per_worker)} decoding the folder")
+
+
 def report(f: LoaderFigures, gpu_rate: float | None) -> None:
     """The preset's lines; with ``gpu_rate``, also the workers that feed that (estimated) GPU rate."""
     print(f"  {f.preset} supernet train step (Trainer.train_step: fwd+bwd+clip+AdamW), batch {f.batch_size}, "
@@ -238,6 +307,10 @@ def main(quick: bool = False) -> None:
                    None)
         print(f"    conf/data/imagenet_folder.yaml's num_workers: 8 deliver ~{8 * first.per_worker:.0f} img/s per "
               "rank at this per-worker rate")
+        img_size = OmegaConf.load(CONF / "space" / f"{presets[0]}.yaml").img_size
+        with tempfile.TemporaryDirectory(prefix="loader_store_") as store:  # not inside the folder it decodes
+            prepared = measure_prepared(root, Path(store) / "store", img_size, batch, batches, reps)
+        report_prepared(prepared, first.per_worker, GPU_ESTIMATE)
 
 
 if __name__ == "__main__":

@@ -102,6 +102,48 @@ def atomic_write(path: str | Path, data: str | bytes | Callable[[Path], None]) -
     return path
 
 
+def atomic_dir(path: str | Path, fill: Callable[[Path], None]) -> Path:
+    """Build the directory ``path`` as a whole: ``fill`` writes a hidden temp directory next to it, which is
+    renamed into place when ``fill`` returns; on any error (Ctrl-C included) the temp directory is removed, so
+    ``path`` is complete or absent. Temp directories of writers that were killed (their pid is gone) are
+    removed first.
+
+    Raises:
+        UserError: ``path`` exists, or the file system failed (full disk, read-only, ...); nothing is left.
+    """
+    import shutil
+
+    path = Path(path)
+    if path.exists():
+        raise UserError(f"{path}: already exists (remove it or choose another path); nothing was written")
+    for stale in path.parent.glob(f".{path.name}.tmp*"):
+        pid = stale.name.rsplit(".tmp", 1)[-1]
+        if pid.isdigit() and not _alive(int(pid)):
+            shutil.rmtree(stale, ignore_errors=True)
+    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
+    try:
+        tmp.mkdir(parents=True)
+        fill(tmp)
+        os.replace(tmp, path)
+    except BaseException as e:
+        shutil.rmtree(tmp, ignore_errors=True)
+        reason = _write_failure(e)
+        if reason is None:
+            raise
+        raise UserError(f"{path}: {reason} writing it; nothing was written") from None
+    return path
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # another user's live process
+        return True
+    return True
+
+
 def _write_failure(e: BaseException) -> str | None:
     """The reason a write failed, if it is the file system's (torch.save reports ENOSPC as a RuntimeError)."""
     if isinstance(e, OSError):

@@ -131,6 +131,9 @@ LATENCY = {"out": Key("str", nullable=True), "device": Key("str", choices=("cpu"
            "seed": Key("int"), "progress": Key("bool")}
 
 CONVERT = {"checkpoint": Key("str", nullable=True), "arch": Key("str", nullable=True), "out": Key("str", nullable=True)}
+PREPARE = {"src": Key("str", nullable=True), "out": Key("str", nullable=True), "img_size": Key("int", low=1),
+           "short_side": Key("int", low=1, nullable=True), "interpolation": RUN["recipe.interpolation"],
+           "shards": Key("int", low=1), "workers": Key("int", low=0, nullable=True), "progress": RUN["progress"]}
 
 
 def check_config(cfg: Mapping[str, Any], schema: Mapping[str, Key]) -> None:

@@ -1,5 +1,6 @@
 """`make bench`'s loader section (bench/loader_speed.py) on a tiny folder: its figures are positive and consistent
-(workers needed = ceil(model rate / per-worker rate)), and its generated JPEGs have ImageNet's size."""
+(workers needed = ceil(model rate / per-worker rate); the prepared store's cores = ceil(rate / per-core rate)), and
+its generated JPEGs have ImageNet's size."""
 
 from __future__ import annotations
 
@@ -48,3 +49,18 @@ def test_section_measures_positive_consistent_figures(tmp_path: Path, capsys: py
         assert int(workers) == math.ceil(float(rate) / float(per_worker))
     assert float(rates[0][1]) == pytest.approx(f.per_worker, abs=0.05)
     assert "ESTIMATE, not a measurement" in out
+
+
+def test_prepared_store_figures_are_positive_and_consistent(tmp_path: Path, capsys: pytest.CaptureFixture):
+    folder = tmp_path / "folder"
+    loader_speed.write_image_folder(folder, 4, classes=2, size=(40, 30), distinct=2)
+    p = loader_speed.measure_prepared(folder, tmp_path / "store", 16, batch_size=2, batches=2, reps=1)
+    assert (p.batch_size, p.side, p.images) == (2, 18, 6)  # 4 training + 2 val JPEGs; squares of floor(16 / 0.875)
+    assert p.prepare > 0 and p.read > 0 and p.draws_ms > 0 and p.device_ms > 0
+    assert p.per_core == pytest.approx(1 / (1 / p.read + p.draws_ms / 1e3 / 2)) and p.per_core < p.read
+    loader_speed.report_prepared(p, 100.0, 7000)
+    out = capsys.readouterr().out
+    (rate, per_core, cores), = re.findall(r"ceil\((\d+) / (\d+)\) = (\d+) with the store", out)
+    pc = float(per_core)  # printed rounded to an integer
+    assert math.ceil(7000 / (pc + 0.5)) <= int(cores) <= math.ceil(7000 / max(pc - 0.5, 1e-9)) and rate == "7000"
+    assert "against 70 decoding the folder" in out and "per decoding process" in out

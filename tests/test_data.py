@@ -363,7 +363,7 @@ def test_batch_larger_than_shard_is_an_error() -> None:
 
 # ---------------------------------------------------------------------------------------------- configs
 
-@pytest.mark.parametrize("name", ["fashion_mnist", "cifar10", "cifar100", "imagenet_folder"])
+@pytest.mark.parametrize("name", ["fashion_mnist", "cifar10", "cifar100", "imagenet_folder", "imagenet_prepared"])
 def test_config_files_compose_and_validate(conf_dir: Path, name: str) -> None:
     from hydra import compose, initialize_config_dir
 

@@ -1,6 +1,7 @@
 """The data package: ``build_data`` returns the datasets and batch loaders of supernet training, evolutionary
 search and retraining (config.py: the config and loader contract, readers.py: IDX / CIFAR files, memory.py: the
-in-memory loader, folder.py: the ImageNet-style folder pipeline, recipe.py: the training augmentation recipe).
+in-memory loader, folder.py: the ImageNet-style folder pipeline, store.py / prepared.py / device_aug.py: a folder
+decoded once into uint8 arrays, read and augmented on the device, recipe.py: the training augmentation recipe).
 
 Three splits: ``train`` is the official training set minus ``val_size`` images held out with
 ``split_seed``; ``val`` is those held-out *training* images (supernet validation, the search's fitness;
@@ -9,7 +10,8 @@ for the final evaluation of a retrained architecture -- supernet training and se
 
 Fashion-MNIST (IDX files) and CIFAR-10/100 (python pickles) live in memory as uint8 ``(N, C, H, W)``
 tensors served by :class:`TensorLoader` (no DataLoader, no workers). An ImageNet-style class folder goes
-through torchvision, imported only when asked for (``supernet/data/folder.py``).
+through torchvision, imported only when asked for (``supernet/data/folder.py``), or is decoded once by
+``python -m supernet.prepare`` into a store that ``data=imagenet_prepared`` reads (``supernet/data/prepared.py``).
 
 Usage (every loader has the same small contract: ``len()``, ``epoch(epoch, start)``, iteration)::
 
@@ -39,15 +41,15 @@ from typing import Any
 import torch
 from omegaconf import DictConfig
 
-from supernet.data.config import (DATASETS, DataBundle, DataConfig, DataError, DatasetInfo, Loader, mix_seed,
-                                  normalizer, shard_plan, split_train_val)
+from supernet.data.config import (DATASETS, FILE_DATASETS, DataBundle, DataConfig, DataError, DatasetInfo, Loader,
+                                  mix_seed, normalizer, shard_plan, split_train_val)
 from supernet.data.memory import TensorLoader, crop_flip
 from supernet.data.readers import ArrayDataset, load_cifar, load_fashion_mnist, read_idx
 from supernet.data.recipe import BatchAugment, RecipeConfig
 
-__all__ = ["DATASETS", "ArrayDataset", "DataBundle", "DataConfig", "DataError", "DatasetInfo", "Loader",
-           "RecipeConfig", "TensorLoader", "build_data", "crop_flip", "load_cifar", "load_fashion_mnist", "mix_seed",
-           "normalizer", "read_idx", "shard_plan", "split_train_val"]
+__all__ = ["DATASETS", "FILE_DATASETS", "ArrayDataset", "DataBundle", "DataConfig", "DataError", "DatasetInfo",
+           "Loader", "RecipeConfig", "TensorLoader", "build_data", "crop_flip", "load_cifar", "load_fashion_mnist",
+           "mix_seed", "normalizer", "read_idx", "shard_plan", "split_train_val"]
 
 
 def build_data(cfg: DataConfig | DictConfig | Mapping[str, Any], rank: int = 0, world_size: int = 1,
@@ -72,11 +74,15 @@ def build_data(cfg: DataConfig | DictConfig | Mapping[str, Any], rank: int = 0, 
     r = RecipeConfig.from_cfg(recipe)
     if not 0 <= rank < world_size:
         raise DataError(f"rank: {rank} with world_size {world_size} (allowed: 0..{world_size - 1})")
-    r.check(in_memory=c.name != "imagenet_folder", batch_size=c.batch_size)
+    r.check(in_memory=c.name not in FILE_DATASETS, batch_size=c.batch_size)
     if c.name == "imagenet_folder":
         from supernet.data.folder import build_imagenet_folder  # torchvision only on demand
 
         return build_imagenet_folder(c, rank, world_size, device, test, r, label_smoothing)
+    if c.name == "imagenet_prepared":
+        from supernet.data.prepared import build_imagenet_prepared
+
+        return build_imagenet_prepared(c, rank, world_size, device, test, r, label_smoothing)
     info = DATASETS[c.name]
     full_train, test_set = (load_fashion_mnist(c.root, test) if c.name == "fashion_mnist"
                             else load_cifar(c.name, c.root, test))

@@ -8,7 +8,8 @@ crop, horizontal flip and, with ``recipe=deit``, RandAugment; evaluation Resize(
 CenterCrop; both with the recipe's interpolation. Images stay uint8 through the workers (timm's prefetcher
 layout) and are normalized with the ImageNet mean/std on the device, where the recipe's random erasing and
 Mixup/CutMix run (supernet/data/recipe.py). Every image's augmentation is seeded from its position in the
-epoch, so a resumed run decodes exactly the batches of an uninterrupted one, with any number of workers.
+epoch, so a resumed run decodes exactly the batches of an uninterrupted one, with any number of workers. The
+validation split is decoded once: its uint8 batches stay on the device after the first pass (``data.cache_val``).
 """
 
 from __future__ import annotations
@@ -21,10 +22,10 @@ from typing import Any
 import torch
 from torch.utils.data import DataLoader, DistributedSampler, Subset
 
-from supernet.data.config import (DATASETS, DataBundle, DataConfig, DataError, mix_seed, normalizer, shard_plan,
-                                  split_train_val)
-from supernet.data.recipe import (LIGHT, BatchAugment, RecipeConfig, SeededItems, batch_key, repeated_order,
-                                  repeated_plan)
+from supernet.data.config import (DATASETS, Batch, DataBundle, DataConfig, DataError, cached_batches, mix_seed,
+                                  normalizer, shard_plan, split_train_val)
+from supernet.data.recipe import (LIGHT, BatchAugment, RecipeConfig, SeededItems, batch_key, fix_posterize,
+                                  repeated_order, repeated_plan)
 
 INSTALL_HINT = "install it with pip install -e '.[imagenet]'"
 
@@ -77,11 +78,13 @@ class FolderLoader:
         device: where batches are delivered.
         augment: the recipe's batch-level augmentation of training batches, or None.
         repeats: repeated augmentation (timm's RepeatAugSampler), 1 = off.
+        cache: evaluation only: keep the decoded uint8 batches on ``device`` after the first pass.
     """
 
     def __init__(self, dataset: Any, indices: list[int] | None, batch_size: int, mean: tuple[float, ...],
                  std: tuple[float, ...], *, train: bool, rank: int, world_size: int, seed: int, num_workers: int,
-                 device: torch.device | str, augment: BatchAugment | None = None, repeats: int = 1) -> None:
+                 device: torch.device | str, augment: BatchAugment | None = None, repeats: int = 1,
+                 cache: bool = False) -> None:
         self.subset = Subset(dataset, indices if indices is not None else range(len(dataset)))
         self.batch_size, self.train, self.device = batch_size, train, torch.device(device)
         self.rank, self.world_size, self.seed = rank, world_size, seed
@@ -95,6 +98,7 @@ class FolderLoader:
         elif train:
             self.sampler = DistributedSampler(self.subset, num_replicas=world_size, rank=rank, shuffle=True,
                                               seed=seed, drop_last=True)
+        self.cache: dict[int, Batch] | None = {} if cache and not train else None
         self._plan = _Plan()
         self._loader = DataLoader(SeededItems(self.subset), batch_sampler=self._plan, num_workers=num_workers,
                                   pin_memory=self.device.type == "cuda", persistent_workers=num_workers > 0,
@@ -121,23 +125,32 @@ class FolderLoader:
             keys = [mix_seed(self.seed, epoch, self.rank, p, 4) for p in range(start * B, len(self) * B)]
             batches = [list(zip(order[i * B:(i + 1) * B], keys[(i - start) * B:(i - start + 1) * B]))
                        for i in range(start, len(self))]
-        else:
-            ends = [(self._lo + i * B, min(self._lo + (i + 1) * B, self._hi)) for i in range(start, len(self))]
-            batches = [[(j, 0) for j in range(a, b)] for a, b in ends]
-        return self._run(batches, epoch, start)
+            return self._run(batches, epoch, start)
+        return self._normalized(cached_batches(self.cache, start, len(self), self._decode_eval))
 
-    def _run(self, batches: list[list[tuple[int, int]]], epoch: int,
-             start: int) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+    def _decode_eval(self, which: list[int]) -> Iterator[Batch]:
+        B = self.batch_size
+        return self._decoded([[(j, 0) for j in range(self._lo + i * B, min(self._lo + (i + 1) * B, self._hi))]
+                              for i in which])
+
+    def _decoded(self, batches: list[list[tuple[int, int]]]) -> Iterator[Batch]:
+        """The planned batches as uint8 images (B, 3, S, S) and labels on the device."""
         self._plan.batches = batches
         try:
-            for i, (x, y) in enumerate(self._loader, start):  # x: (B, 3, S, S) uint8
-                x = torch.addcmul(self._shift, x.to(self.device, non_blocking=True).float(), self._scale)
-                y = y.to(self.device, non_blocking=True)
-                if self.train and self.augment is not None:
-                    x, y = self.augment(x, y, batch_key(self.seed, epoch, self.rank, i))
-                yield x, y
+            for x, y in self._loader:
+                yield x.to(self.device, non_blocking=True), y.to(self.device, non_blocking=True)
         except DataError as e:  # from a worker, wrapped in its traceback: keep the line it was raised with
             raise DataError(str(e).strip().splitlines()[-1].split("DataError: ", 1)[-1]) from None
+
+    def _normalized(self, batches: Iterator[Batch]) -> Iterator[Batch]:
+        for x, y in batches:
+            yield torch.addcmul(self._shift, x.float(), self._scale), y
+
+    def _run(self, batches: list[list[tuple[int, int]]], epoch: int, start: int) -> Iterator[Batch]:
+        for i, (x, y) in enumerate(self._normalized(self._decoded(batches)), start):
+            if self.augment is not None:
+                x, y = self.augment(x, y, batch_key(self.seed, epoch, self.rank, i))
+            yield x, y
 
 
 def build_imagenet_folder(c: DataConfig, rank: int, world_size: int, device: torch.device | str,
@@ -157,8 +170,9 @@ def build_imagenet_folder(c: DataConfig, rank: int, world_size: int, device: tor
     common_tf: dict[str, Any] = dict(input_size=size, interpolation=recipe.interpolation, mean=info.mean,
                                      std=info.std, use_prefetcher=True)
     eval_tf = create_transform(is_training=False, crop_pct=0.875, **common_tf)
-    train_tf = create_transform(is_training=True, hflip=0.5 if c.hflip else 0.0, auto_augment=recipe.rand_augment,
-                                color_jitter=None, re_prob=0.0, **common_tf) if c.augment else eval_tf
+    train_tf = fix_posterize(create_transform(is_training=True, hflip=0.5 if c.hflip else 0.0,
+                                              auto_augment=recipe.rand_augment, color_jitter=None, re_prob=0.0,
+                                              **common_tf)) if c.augment else eval_tf
     try:
         train_set = datasets.ImageFolder(str(root / "train"), transform=train_tf)
         test_set = datasets.ImageFolder(str(root / "val"), transform=eval_tf)
@@ -175,6 +189,7 @@ def build_imagenet_folder(c: DataConfig, rank: int, world_size: int, device: tor
     augment = BatchAugment.build(recipe, len(train_set.classes), label_smoothing, device) if c.augment else None
     train = FolderLoader(train_set, train_idx.tolist(), c.batch_size, train=True, augment=augment,
                          repeats=recipe.repeated_aug, **common)
-    val = FolderLoader(val_set, val_idx.tolist(), c.eval_batch_size, train=False, **common) if c.val_size else None
+    val = (FolderLoader(val_set, val_idx.tolist(), c.eval_batch_size, train=False, cache=c.cache_val is not False,
+                        **common) if c.val_size else None)
     test_loader = FolderLoader(test_set, None, c.eval_batch_size, train=False, **common) if test else None
     return DataBundle(c.name, train, val, test_loader, size, 3, len(train_set.classes))

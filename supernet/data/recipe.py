@@ -205,6 +205,29 @@ class BatchAugment:
         return x, y
 
 
+def posterize(img: Any, bits_to_keep: int, **_: Any) -> Any:
+    """timm's ``posterize`` op, with 0 bits kept giving a black image (TensorFlow's and older Pillow's meaning):
+    Pillow 13 raises for 0 bits, which ``PosterizeIncreasing`` asks for at magnitude 10 -- with DeiT's
+    ``rand-m9-mstd0.5-inc1`` about 1 image in 660, each then reported as unreadable."""
+    from PIL import Image, ImageOps
+
+    if bits_to_keep >= 8:
+        return img
+    if bits_to_keep <= 0:
+        return Image.new(img.mode, img.size)
+    return ImageOps.posterize(img, bits_to_keep)
+
+
+def fix_posterize(transform: Any) -> Any:
+    """``transform`` (timm's composed training transform) with its RandAugment's posterize ops using
+    :func:`posterize`."""
+    for t in getattr(transform, "transforms", []):
+        for op in getattr(t, "ops", []):
+            if getattr(op, "name", "").startswith("Posterize"):
+                op.aug_fn = posterize
+    return transform
+
+
 def _repeat_sampler(n: int, repeats: int, world_size: int, rank: int) -> Any:
     from timm.data.distributed_sampler import RepeatAugSampler
 

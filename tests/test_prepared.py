@@ -1,0 +1,476 @@
+"""The prepared store (supernet/data/store.py, supernet/prepare.py) and its loaders (supernet/data/prepared.py,
+supernet/data/device_aug.py) on a tiny generated folder of non-square JPEGs: the store holds PIL's decode + resize
++ crop exactly and the folder pipeline's evaluation pixels; the loaders keep the folder loader's contract, order and
+sharding, draw every augmentation from the batch's key (resume = uninterrupted); the device augmentation is timm's
+(crop boxes, RandAugment ops against timm's PIL ops); the validation split is decoded once; and every bad input is
+one line, exit 2, nothing written."""
+
+from __future__ import annotations
+
+import json
+import re
+import shutil
+from collections import Counter
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from hydra import compose, initialize_config_dir
+from omegaconf import OmegaConf
+
+from supernet.data import DataError, build_data
+from supernet.data.device_aug import (AFFINE, BLEND, LUT, DeviceAugment, RandAugmentSpec, affine_theta, blend_op,
+                                      crop_theta, lut_op, resample, rrc_boxes)
+from supernet.data.store import SplitArrays
+
+REPO = Path(__file__).resolve().parents[1]
+CLASSES = ("ant", "bee", "cat")
+IMG = 32  # evaluation crop; the training squares are floor(32 / 0.875) = 36
+DEIT = OmegaConf.to_container(OmegaConf.load(REPO / "conf" / "recipe" / "deit.yaml"))
+MEAN = (0.485, 0.456, 0.406)
+LIGHT = {"interpolation": "bicubic"}  # recipe=light with the store's interpolation
+
+
+def write_folder(root: Path, train: int = 6, val: int = 2) -> Path:
+    """``root/{train,val}/<class>/*.jpg``, landscape and portrait JPEGs whose class tints a channel; some need no
+    resize but a centre crop at an offset of x.5 (5.5 and 6.5: torchvision rounds half to even)."""
+    from PIL import Image
+
+    rng = np.random.default_rng(0)
+    for split, n in (("train", train), ("val", val)):
+        for c, name in enumerate(CLASSES):
+            (root / split / name).mkdir(parents=True, exist_ok=True)
+            for i in range(n):
+                h, w = ((50, 37), (36, 47), (49, 36))[i % 3]
+                image = rng.integers(0, 256, (h, w, 3), dtype=np.uint8)
+                image[..., c] //= 3
+                Image.fromarray(image).save(root / split / name / f"{i}.jpg", quality=90)
+    return root
+
+
+def prepare_args(src: Path, out: Path, **kw) -> dict:
+    return {"src": str(src), "out": str(out), "img_size": IMG, "short_side": None, "interpolation": "bicubic",
+            "shards": 2, "workers": 0, "progress": False, **kw}
+
+
+@pytest.fixture(scope="module")
+def folder(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return write_folder(tmp_path_factory.mktemp("folder"))
+
+
+@pytest.fixture(scope="module")
+def store(folder: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    from supernet.prepare import prepare
+
+    out = tmp_path_factory.mktemp("stores") / "store"
+    prepare(prepare_args(folder, out))
+    return out
+
+
+def cfg(root: Path, **kw) -> dict:
+    # 18 training images - 6 held out = 12: 2 batches of 3 per rank on 2 ranks, every image once
+    return {"name": "imagenet_prepared", "root": str(root), "img_size": IMG, "val_size": 6, "batch_size": 3,
+            "eval_batch_size": 4, "num_workers": 0, **kw}
+
+
+def arrays(store: Path, split: str) -> np.ndarray:
+    return np.concatenate([np.load(p) for p in sorted((store / split).glob("images-*.npy"))])
+
+
+# ----------------------------------------------------------------------------------------------------- the store
+def test_store_holds_pil_decode_resize_crop_and_the_evaluation_crops(folder, store):
+    from PIL import Image
+    from timm.data import create_transform
+    from torchvision import datasets, transforms
+
+    meta = json.loads((store / "meta.json").read_text())
+    assert (meta["format"], meta["img_size"], meta["short_side"], meta["classes"]) == ("psvit-prepared/1", 32, 36,
+                                                                                      list(CLASSES))
+    assert meta["splits"]["train"] == {"count": 18, "side": 36, "shards": [9, 9]}
+    assert meta["splits"]["val"] == {"count": 6, "side": 32, "shards": [3, 3]}
+    assert re.fullmatch(r"sha256:[0-9a-f]{64}", meta["source"]["digest"])
+    bicubic = transforms.InterpolationMode.BICUBIC
+    square = transforms.Compose([transforms.Resize(36, bicubic), transforms.CenterCrop(36)])
+    evaluation = create_transform(IMG, is_training=False, crop_pct=0.875, interpolation="bicubic", use_prefetcher=True)
+    for split, expected in (("train", square), ("val", evaluation)):
+        folder_set = datasets.ImageFolder(str(folder / split))
+        stored, labels = arrays(store, split), np.load(store / split / "labels.npy")
+        assert labels.tolist() == folder_set.targets  # ImageFolder's order: the same held-out indices
+        for k, (path, _) in enumerate(folder_set.samples):
+            pixels = np.asarray(expected(Image.open(path).convert("RGB")))
+            pixels = pixels if split == "val" else pixels.transpose(2, 0, 1)  # timm's output is already (3, H, W)
+            assert np.array_equal(stored[k], pixels), path
+
+
+def test_decoding_processes_write_the_in_process_store_and_the_digest_follows_the_bytes(folder, store, tmp_path,
+                                                                                       run_module):
+    from supernet.prepare import prepare
+
+    prepare(prepare_args(folder, tmp_path / "pool", workers=2, shards=4))
+    assert len(list((tmp_path / "pool" / "train").glob("images-*-of-00004.npy"))) == 4
+    for split in ("train", "val"):
+        assert np.array_equal(arrays(store, split), arrays(tmp_path / "pool", split))
+    digest = lambda root: json.loads((root / "meta.json").read_text())["source"]["digest"]  # noqa: E731
+    assert digest(tmp_path / "pool") == digest(store)
+    copy = shutil.copytree(folder, tmp_path / "copy")  # the same bytes elsewhere: the same digest
+    res = run_module("supernet.prepare", f"src={copy}", f"out={tmp_path / 'copy_store'}", f"img_size={IMG}",
+                     "workers=0", "progress=false")
+    assert res.returncode == 0 and "3 classes, train 18 images as 36x36 squares, val 6 as 32x32 crops" in res.stdout
+    assert digest(tmp_path / "copy_store") == digest(store)
+    (copy / "val" / "bee" / "1.jpg").write_bytes((copy / "val" / "bee" / "0.jpg").read_bytes())
+    prepare(prepare_args(copy, tmp_path / "changed_store"))
+    assert digest(tmp_path / "changed_store") != digest(store)
+
+
+# ---------------------------------------------------------------------------------------------------- the loaders
+def test_store_and_folder_serve_the_same_images_in_the_same_batches(folder, store):
+    for recipe in (LIGHT, {**LIGHT, "repeated_aug": 3}):
+        for rank in range(2):
+            prepared = build_data(cfg(store), rank=rank, world_size=2, test=True, recipe=recipe)
+            decoded = build_data(cfg(folder, name="imagenet_folder"), rank=rank, world_size=2, test=True,
+                                 recipe=recipe)
+            assert len(prepared.train) == len(decoded.train) and prepared.num_classes == 3
+            assert [y.tolist() for _, y in prepared.train.epoch(1)] == [y.tolist() for _, y in decoded.train.epoch(1)]
+            for split in ("val", "test"):  # the evaluation pixels, exactly
+                pairs = list(zip(getattr(prepared, split), getattr(decoded, split), strict=True))
+                assert pairs and all(torch.equal(a, b) and torch.equal(ya, yb) for (a, ya), (b, yb) in pairs)
+
+
+def test_ranks_shards_are_disjoint_and_cover_the_split(store):
+    from supernet.data import split_train_val
+
+    train_idx, val_idx = (i.numpy() for i in split_train_val(18, 6, 0))
+    shards = [build_data(cfg(store), rank=r, world_size=2, recipe=LIGHT) for r in range(2)]
+    assert len(shards[0].train) == len(shards[1].train) == 2 and shards[0].train.num_examples == 6
+    rows = [s.train.plan(3).ravel() for s in shards]
+    assert not set(rows[0]) & set(rows[1]) and sorted([*rows[0], *rows[1]]) == sorted(train_idx)
+    assert not np.array_equal(shards[0].train.plan(3), shards[0].train.plan(4))  # reshuffled per epoch
+    blocks = [s.val.rows for s in shards]
+    assert np.array_equal(np.concatenate(blocks), val_idx)  # contiguous blocks, each image once
+    assert sum(s.val.num_examples for s in shards) == 6 and len(shards[0].val) == 1
+
+
+def test_batches_are_a_function_of_their_key_so_a_resume_replays_them(store):
+    data = build_data(cfg(store, num_workers=3, batch_size=4), recipe=DEIT, label_smoothing=0.1)
+    state = torch.random.get_rng_state()
+    full = list(data.train.epoch(2))
+    assert torch.equal(torch.random.get_rng_state(), state)  # the global generators are left alone
+    again = list(data.train.epoch(2))
+    tail = list(data.train.epoch(2, start=1))
+    single = list(build_data(cfg(store, batch_size=4), recipe=DEIT, label_smoothing=0.1).train.epoch(2))
+    for a, b, c in zip(full, again, single, strict=True):
+        assert torch.equal(a[0], b[0]) and torch.equal(a[1], b[1]) and torch.equal(a[0], c[0])  # any reader threads
+    assert len(tail) == len(full) - 1 and all(torch.equal(a[0], b[0]) and torch.equal(a[1], b[1])
+                                              for a, b in zip(full[1:], tail, strict=True))
+    other = next(iter(data.train.epoch(3)))
+    assert not torch.equal(other[0], full[0][0])
+
+
+def test_device_augmentation_shapes_and_value_ranges(store):
+    deit = build_data(cfg(store, batch_size=4), recipe=DEIT, label_smoothing=0.1)
+    lo = (0 - torch.tensor(MEAN)) / torch.tensor((0.229, 0.224, 0.225))
+    hi = (1 - torch.tensor(MEAN)) / torch.tensor((0.229, 0.224, 0.225))
+    for x, y in deit.train.epoch(0):
+        assert x.shape == (4, 3, IMG, IMG) and x.dtype == torch.float32 and torch.isfinite(x).all()
+        # erasing writes N(0, 1) noise; everything else stays on the normalized pixel scale
+        inside = ((x >= lo.view(1, 3, 1, 1) - 1e-5) & (x <= hi.view(1, 3, 1, 1) + 1e-5)).float().mean()
+        assert inside > 0.6
+        assert y.shape == (4, 3) and torch.allclose(y.sum(1), torch.ones(4)) and y.min() >= 0.1 / 3 - 1e-6
+    light = build_data(cfg(store, batch_size=4), recipe=LIGHT)
+    x, y = next(iter(light.train))
+    assert x.shape == (4, 3, IMG, IMG) and y.dtype == torch.int64 and set(y.tolist()) <= {0, 1, 2}
+    assert (x >= lo.view(1, 3, 1, 1) - 1e-5).all() and (x <= hi.view(1, 3, 1, 1) + 1e-5).all()
+    flat = build_data(cfg(store, batch_size=4, augment=False), recipe=LIGHT)  # no augmentation: the evaluation crop
+    u8 = torch.from_numpy(np.stack([arrays(store, "train")[r] for r in flat.train.plan(0)[0]]))
+    expected = flat.train.view(u8)
+    assert torch.equal(next(iter(flat.train))[0], torch.addcmul(flat.train._shift, expected.float(),
+                                                                flat.train._scale))
+
+
+# -------------------------------------------------------------------------------------- the device augmentation
+def test_crop_matrices_reproduce_crops_and_flips_exactly():
+    x = torch.randint(0, 256, (2, 3, 16, 16), dtype=torch.uint8)
+    one = np.ones(2)
+    for flip in (False, True):
+        theta = torch.from_numpy(crop_theta(2 * one, 3 * one, 8 * one, 8 * one, np.full(2, flip), 16))
+        crop = x[:, :, 2:10, 3:11]
+        assert torch.equal(resample(x, theta, 8, "bilinear", None), crop.flip(-1) if flip else crop)
+    whole = torch.from_numpy(crop_theta(0 * one, 0 * one, 16 * one, 16 * one, np.zeros(2, bool), 16))
+    assert torch.equal(resample(x, whole, 16, "bicubic", None), x)
+
+
+def test_random_resized_crop_boxes_follow_timm():
+    import random
+
+    from PIL import Image
+    from timm.data.transforms import RandomResizedCropAndInterpolation
+
+    top, left, h, w = rrc_boxes(np.random.default_rng(0), 4000, 256)
+    assert (top >= 0).all() and (left >= 0).all() and (top + h <= 256).all() and (left + w <= 256).all()
+    random.seed(0)
+    image = Image.new("RGB", (256, 256))
+    ref = np.array([RandomResizedCropAndInterpolation.get_params(image, (0.08, 1.0), (3 / 4, 4 / 3))[2:]
+                    for _ in range(4000)], dtype=float)
+    for ours, theirs in ((h * w / 256**2, ref[:, 0] * ref[:, 1] / 256**2), (w / h, ref[:, 1] / ref[:, 0])):
+        assert abs(ours.mean() - theirs.mean()) < 0.02 and abs(ours.std() - theirs.std()) < 0.02
+        assert ours.min() >= theirs.min() - 0.02 and ours.max() <= theirs.max() + 0.02
+
+
+def _pil_reference(name: str, image, arg: float, resample_filter):
+    from timm.data import auto_augment as aa
+
+    fn = {"AutoContrast": aa.auto_contrast, "Equalize": aa.equalize, "Invert": aa.invert, "Posterize": aa.posterize,
+          "Solarize": aa.solarize, "SolarizeAdd": aa.solarize_add, "Color": aa.color, "Contrast": aa.contrast,
+          "Brightness": aa.brightness, "Sharpness": aa.sharpness, "Rotate": aa.rotate, "ShearX": aa.shear_x,
+          "ShearY": aa.shear_y, "TranslateX": aa.translate_x_abs, "TranslateY": aa.translate_y_abs}[name]
+    if name in ("AutoContrast", "Equalize", "Invert"):
+        return fn(image)
+    if name in AFFINE:
+        return fn(image, arg, fillcolor=(124, 116, 104), resample=resample_filter)
+    return fn(image, arg)
+
+
+@pytest.mark.parametrize("name, arg", [("AutoContrast", 0), ("Equalize", 0), ("Invert", 0), ("Posterize", 2),
+                                       ("Solarize", 100), ("SolarizeAdd", 80), ("Color", 0.3), ("Contrast", 1.7),
+                                       ("Brightness", 0.4), ("Sharpness", 1.9), ("Rotate", -25.0), ("ShearX", 0.23),
+                                       ("ShearY", -0.17), ("TranslateX", 7.0), ("TranslateY", -5.0)])
+def test_randaugment_ops_match_timms_pil_ops(name, arg):
+    from PIL import Image
+
+    rng = np.random.default_rng(1)
+    smooth = np.asarray(Image.fromarray(rng.integers(0, 256, (8, 8, 3), dtype=np.uint8)).resize((32, 32),
+                                                                                                  Image.BICUBIC))
+    pixels = np.clip(smooth.astype(int) + rng.integers(-20, 20, smooth.shape), 5, 250).astype(np.uint8)
+    x = torch.from_numpy(pixels).permute(2, 0, 1)[None].contiguous()
+    fill = torch.tensor((124.0, 116.0, 104.0))
+    modes = ("nearest", "bicubic") if name in AFFINE else ("",)
+    for mode in modes:
+        filt = Image.NEAREST if mode == "nearest" else Image.BICUBIC
+        expected = torch.from_numpy(np.asarray(_pil_reference(name, Image.fromarray(pixels), arg, filt)).copy())
+        expected = expected.permute(2, 0, 1)[None].int()
+        if name in AFFINE:
+            ours = resample(x, torch.from_numpy(affine_theta(name, np.array([arg]), 32)), 32, mode, fill)
+        elif name in LUT:
+            ours = lut_op(name, x, torch.tensor([float(arg)]))
+        else:
+            ours = blend_op(name, x, torch.tensor([float(arg)]))
+        diff = (ours.int() - expected).abs()
+        if mode == "bicubic":  # PIL's bicubic kernel has a = -0.5, torch's a = -0.75
+            assert diff.float().mean() < 1.5 and diff.max() <= 12, (diff.float().mean(), diff.max())
+        else:
+            assert diff.max() == 0, (mode, diff.max())
+
+
+def test_randaugment_draws_follow_timms_parameters():
+    from timm.data.auto_augment import _RAND_INCREASING_TRANSFORMS
+
+    spec = RandAugmentSpec.parse("rand-m9-mstd0.5-inc1", 224, MEAN)
+    assert spec.ops == tuple(_RAND_INCREASING_TRANSFORMS) and set(spec.ops) <= set(AFFINE + LUT + BLEND)
+    assert (spec.num_layers, spec.prob, spec.magnitude, spec.magnitude_std, spec.magnitude_max) == (2, 0.5, 9, 0.5, 10)
+    assert (spec.fill, spec.translate_const) == ((124, 116, 104), 100.0)
+    aug = DeviceAugment(224, "bicubic", True, spec, "cpu")
+    n = 6000
+    steps = aug.plan(np.random.default_rng(0), n)
+    applied = sum(len(idx) for _, idx, _ in steps)
+    assert abs(applied / (2 * n) - 0.5) < 0.02  # each of 2 layers applies its op with p 0.5
+    counts = Counter()
+    for name, idx, _ in steps:
+        counts[name] += len(idx)
+    assert len(counts) == 15 - 5 + 1  # a layer's 5 geometric ops are one step
+    assert all(abs(counts[name] / (2 * n * 0.5 / 15) - 1) < 0.2 for name in counts if name != "affine")
+    assert abs(counts["affine"] / (2 * n * 0.5 * 5 / 15) - 1) < 0.1  # Rotate, ShearX/Y, TranslateX/YRel
+    bits = np.concatenate([arg for name, _, arg in steps if name == "PosterizeIncreasing"])
+    # 4 - floor(0.4 level) bits of N(9, 0.5) clipped to [0, 10]: 1 bit mostly, 0 when clipped (P = 2.3%)
+    assert set(np.unique(bits)) <= {0.0, 1.0, 2.0} and (bits == 1).mean() > 0.9 and 0.01 < (bits == 0).mean() < 0.04
+    assert aug.draws(7, 5, 36)[0].tolist() == aug.draws(7, 5, 36)[0].tolist()
+
+
+def test_posterize_to_zero_bits_is_black_on_both_paths_not_an_error(folder):
+    """timm asks Pillow 13 for 0 bits at magnitude 10, which it refuses: the folder's workers would report the image
+    as unreadable (about 1 in 660 with DeiT's recipe); both paths give a black image instead."""
+    from PIL import Image
+
+    image = Image.fromarray(np.full((8, 8, 3), 200, np.uint8))
+    data = build_data(cfg(folder, name="imagenet_folder", batch_size=4), recipe=DEIT, label_smoothing=0.1)
+    ra = next(t for t in data.train.subset.dataset.transform.transforms if hasattr(t, "ops"))
+    op = next(op for op in ra.ops if op.name == "PosterizeIncreasing")
+    op.prob, op.magnitude, op.magnitude_std = 1.0, 10, 0  # bits = 4 - int(10 / 10 * 4) = 0
+    assert np.asarray(op(image)).max() == 0
+    x = torch.full((1, 3, 8, 8), 200, dtype=torch.uint8)
+    assert lut_op("PosterizeIncreasing", x, torch.tensor([0.0])).max() == 0
+
+
+# ------------------------------------------------------------------------------------------ decoded once, kept
+def _count_reads(monkeypatch: pytest.MonkeyPatch) -> list[int]:
+    reads: list[int] = []
+    original = SplitArrays.read_into
+
+    def counting(self, out, rows, positions):
+        reads.append(len(rows))
+        original(self, out, rows, positions)
+    monkeypatch.setattr(SplitArrays, "read_into", counting)
+    return reads
+
+
+def test_validation_is_read_once_and_kept_on_the_device(store, folder, monkeypatch):
+    reads = _count_reads(monkeypatch)
+    data = build_data(cfg(store, eval_batch_size=2), recipe=LIGHT)
+    first = next(iter(data.val))  # a pass cut short (eval.max_batches) keeps the batch it used
+    assert list(data.val.cache) == [0] and data.val.cache[0][0].dtype == torch.uint8
+    reads.clear()
+    full = list(data.val)
+    assert reads == [2, 2] and torch.equal(full[0][0], first[0]) and len(full) == 3  # batches 1 and 2 only
+    again = list(data.val)
+    assert reads == [2, 2] and all(torch.equal(a[0], b[0]) for a, b in zip(full, again, strict=True))
+    uncached = build_data(cfg(store, cache_val=False), recipe=LIGHT)
+    list(uncached.val), list(uncached.val)
+    assert reads == [2, 2] + [4, 2] * 2 and uncached.val.cache is None
+
+    decoded = build_data(cfg(folder, name="imagenet_folder"), recipe=LIGHT)
+    kept = list(decoded.val)
+    images = decoded.val.subset.dataset
+
+    def unreadable(path):
+        raise OSError(f"{path} is gone")
+    monkeypatch.setattr(images, "loader", unreadable)
+    assert all(torch.equal(a[0], b[0]) for a, b in zip(kept, decoded.val, strict=True))  # no decoding
+    fresh = build_data(cfg(folder, name="imagenet_folder", cache_val=False), recipe=LIGHT)
+    list(fresh.val)
+    monkeypatch.setattr(fresh.val.subset.dataset, "loader", unreadable)
+    with pytest.raises(DataError, match="cannot read image"):
+        list(fresh.val)
+
+
+def test_a_reader_error_reaches_the_training_thread(store, monkeypatch):
+    data = build_data(cfg(store), recipe=LIGHT)
+
+    def broken(self, out, rows, positions):
+        raise OSError("Input/output error")
+    monkeypatch.setattr(SplitArrays, "read_into", broken)
+    with pytest.raises(OSError, match="Input/output error"):
+        list(data.train.epoch(0))
+
+
+# ---------------------------------------------------------------------------------------------- user errors
+def test_settings_the_store_cannot_serve_are_refused_in_one_line(store):
+    with pytest.raises(DataError, match=r"^recipe.rand_augment: rand-m9-t3a uses Desaturate, GaussianBlur, which "
+                                        r"data=imagenet_prepared does not apply on the device"):
+        build_data(cfg(store, batch_size=4), recipe={**DEIT, "rand_augment": "rand-m9-t3a"})
+    with pytest.raises(DataError, match=r"^recipe.interpolation: bilinear but the store .* holds evaluation crops "
+                                        r"resized with bicubic \(set recipe.interpolation=bicubic, or prepare"):
+        build_data(cfg(store))  # recipe=light crops bilinearly
+    with pytest.raises(DataError, match=r"^data.img_size: 224 but the store .* was prepared for 32 \(set "
+                                        r"data.img_size=32, or prepare a store with img_size=224\)$"):
+        build_data(cfg(store, img_size=224), recipe={"interpolation": "bicubic"})
+
+
+def _broken_folder(tmp_path: Path, folder: Path, how: str) -> Path:
+    src = tmp_path / "src"
+    if how != "missing_src":
+        shutil.copytree(folder, src)
+    if how == "no_val":
+        shutil.rmtree(src / "val")
+    if how == "empty_class":
+        for image in (src / "train" / "bee").iterdir():
+            image.unlink()
+    if how == "classes_differ":
+        (src / "val" / "cat").rename(src / "val" / "dog")
+    if how == "unreadable":  # the last file decoded: everything before it was written to the temp directory
+        (src / "val" / "cat" / "1.jpg").write_bytes(b"not a jpeg")
+    return src
+
+
+@pytest.mark.parametrize("how, args, expected", [
+    ("missing_src", [], r"^error: src: .*/src is not a directory \(pass src=DIR holding train/<class>/\* and "),
+    ("no_val", [], r"^error: src: no directory .*/src/val \(src needs train/<class>/\* and val/<class>/\*\)$"),
+    ("empty_class", [], r"^error: src: class folder .*/src/train/bee holds no image \(\.jpg, .*\); add images or "),
+    ("classes_differ", [], r"^error: src: train/ has 3 class folders, val/ 3, and they differ"),
+    ("unreadable", [], r"^error: src: cannot read image .*/src/val/cat/1\.jpg \(UnidentifiedImageError: .*\); "
+                       r"remove or replace the file$"),
+    ("unreadable", ["workers=2"], r"^error: src: cannot read image .*/val/cat/1\.jpg \(UnidentifiedImageError"),
+    ("ok", ["short_side=30"], r"^error: short_side: 30 is smaller than img_size 32 \(allowed: at least 32; null = "
+                              r"36\)$"),
+    ("ok", ["out=null"], r"^error: out: required \(e.g. out=/data/imagenet_224\)$"),
+    ("ok", ["shards=0"], r"^error: shards: 0 is not allowed \(allowed: an integer >= 1\)$"),
+    ("exists", [], r"^error: .*/out: already exists \(remove it or choose another path\); nothing was written$"),
+])
+def test_prepare_failures_are_one_line_exit_2_and_write_nothing(run_module, tmp_path, folder, how, args, expected):
+    src = _broken_folder(tmp_path, folder, how)
+    (tmp_path / "stores").mkdir()
+    out = tmp_path / "stores" / "out"
+    if how == "exists":
+        out.mkdir()
+    before = sorted(p.name for p in (tmp_path / "stores").iterdir())
+    given = {"src": str(src), "out": str(out), "img_size": IMG, "progress": "false", "workers": 0,
+             **dict(a.split("=", 1) for a in args)}
+    res = run_module("supernet.prepare", *(f"{k}={v}" for k, v in given.items()))
+    assert res.returncode == 2 and len(res.stderr.strip().splitlines()) == 1, res.stderr
+    assert re.match(expected, res.stderr.strip()), res.stderr
+    assert sorted(p.name for p in (tmp_path / "stores").iterdir()) == before  # no store, no temp directory
+
+
+def _broken_store(tmp_path: Path, store: Path, how: str) -> Path:
+    root = shutil.copytree(store, tmp_path / how)
+    meta = root / "meta.json"
+    if how == "old_format":
+        meta.write_text(meta.read_text().replace("psvit-prepared/1", "psvit-prepared/0"))
+    if how == "truncated":
+        shard = root / "train" / "images-00001-of-00002.npy"
+        shard.write_bytes(shard.read_bytes()[:-1000])
+    if how == "no_meta":
+        meta.unlink()
+    if how == "bad_json":
+        meta.write_text("{not json")
+    return root
+
+
+@pytest.mark.parametrize("how, expected", [
+    ("old_format", r"^error: data.root: .*/meta.json is format 'psvit-prepared/0' \(allowed: 'psvit-prepared/1', "
+                   r"this version's\); prepare the store again: python -m supernet.prepare src=FOLDER out=DIR$"),
+    ("truncated", r"^error: data.root: .*/train/images-00001-of-00002.npy is truncated or not a \.npy array \("),
+    ("no_meta", r"^error: data.root: no prepared store at .*/no_meta \(meta.json missing\); prepare the store again"),
+    ("bad_json", r"^error: data.root: .*/meta.json is not a valid store description \(JSONDecodeError\); "),
+])
+def test_bad_store_is_one_line_exit_2_and_writes_nothing(run_module, tmp_path, store, how, expected):
+    root = _broken_store(tmp_path, store, how)
+    res = run_module("supernet.train", "space=cifar_2d", "space.num_classes=3", "data=imagenet_prepared",
+                     f"data.root={root}", f"data.img_size={IMG}", "data.val_size=6", "data.batch_size=4",
+                     "recipe.interpolation=bicubic", f"run_dir={tmp_path / 'run'}", "max_steps=2", "progress=false")
+    assert res.returncode == 2 and len(res.stderr.strip().splitlines()) == 1, res.stderr
+    assert re.match(expected, res.stderr.strip()), res.stderr
+    assert not (tmp_path / "run").exists()
+
+
+# ------------------------------------------------------------------------------------ training resumes exactly
+SMALL = "space.stages=[{cells:2,tokens:[64],dims:[32,64]},{cells:2,tokens:[64,16],dims:[64]}]"  # a small supernet
+
+def _train_cfg(run_dir: Path, store: Path):
+    overrides = ["space=cifar_2d", "space.num_classes=3", SMALL, "data=imagenet_prepared", f"data.root={store}",
+                 f"data.img_size={IMG}", "data.val_size=6", "data.batch_size=4", "data.eval_batch_size=6",
+                 "data.num_workers=2", "recipe=deit", f"run_dir={run_dir}", "max_steps=4", "ckpt_every=2",
+                 "eval.every=4", "eval.n_random=0", "progress=false", "device=cpu"]
+    with initialize_config_dir(config_dir=str(REPO / "conf"), version_base="1.3"):
+        return compose("supernet", overrides=overrides)
+
+
+def test_supernet_training_on_the_store_resumes_exactly_after_a_crash(store, tmp_path, monkeypatch):
+    from supernet.engine.loop import Trainer
+    from supernet.train import train
+
+    torch.set_num_threads(1)
+    ref = train(_train_cfg(tmp_path / "ref", store))
+    save = Trainer.save
+
+    def crash_after_first_checkpoint(self):
+        save(self)
+        if self.step == 2:
+            raise RuntimeError("crash")  # mid-epoch: 3 batches per epoch
+    monkeypatch.setattr(Trainer, "save", crash_after_first_checkpoint)
+    with pytest.raises(RuntimeError, match="crash"):
+        train(_train_cfg(tmp_path / "run", store))
+    monkeypatch.setattr(Trainer, "save", save)
+    res = train(_train_cfg(tmp_path / "run", store))
+    assert res.losses == ref.losses[2:] and res.val == ref.val
+    a, b = (torch.load(p / "last.ckpt", weights_only=True)["model"] for p in (tmp_path / "ref", tmp_path / "run"))
+    assert all(torch.equal(a[k], b[k]) for k in a)
