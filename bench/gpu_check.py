@@ -11,7 +11,8 @@ timm's DeiT-Ti (``deit_tiny_patch16_224``, pretrained=False) through the same tr
 scores ``--evals`` architectures with the search's inherited-weight scorer on synthetic validation images; and
 prints images/s of both models, their ratio and evaluations/s as a markdown table to paste. It also counts the
 kernels one step of each model dispatches: one fused SDPA kernel per basic cell (per DeiT block) and one attention
-map per shared pair, or exit status 1 after the figures. Without CUDA it prints one line and exits 0.
+map per shared pair, and counts the host syncs of the other warm-up steps (``torch.cuda.set_sync_debug_mode``: a
+training step should make none), or exit status 1 after the figures. Without CUDA it prints one line and exits 0.
 """
 
 from __future__ import annotations

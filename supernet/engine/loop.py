@@ -310,9 +310,11 @@ class Trainer:
         """
         iv, env = self._interval, self.env
         n, first, clipped = iv.n, iv.first, bool(self.cfg.optim.grad_clip)
-        votes = torch.tensor([float(stop_requested), float(self._checkpoint_due())], dtype=torch.float64,
-                             device=iv.loss.device)
-        summed = allreduce_sum_(torch.cat([iv.loss[:n].double(), votes]), env)
+        payload = torch.empty(n + 2, dtype=torch.float64, device=iv.loss.device)
+        payload[:n] = iv.loss[:n]
+        payload[n] = float(stop_requested)  # fills with a host number: no copy to the device, which would wait
+        payload[n + 1] = float(self._checkpoint_due())
+        summed = allreduce_sum_(payload, env)
         host = (torch.cat([summed, iv.grad_norm[:n].double()]) if clipped else summed).tolist()
         iv.restart(self.step)  # the host has read the slots: they may be overwritten
         losses = [v / env.world_size for v in host[:n]]
