@@ -11,7 +11,8 @@ timm's DeiT-Ti (``deit_tiny_patch16_224``, pretrained=False) through the same tr
 scores ``--evals`` architectures with the search's inherited-weight scorer on synthetic validation images; and
 prints images/s of both models, their ratio and evaluations/s as a markdown table to paste. It also counts the
 kernels one step of each model dispatches: one fused SDPA kernel per basic cell (per DeiT block) and one attention
-map per shared pair, or exit status 1 after the figures. Without CUDA it prints one line and exits 0.
+map per shared pair, and counts the host syncs of the other warm-up steps (``torch.cuda.set_sync_debug_mode``: a
+training step should make none), or exit status 1 after the figures. Without CUDA it prints one line and exits 0.
 """
 
 from __future__ import annotations
@@ -24,6 +25,7 @@ import statistics
 import sys
 import tempfile
 import time
+import warnings
 from collections import Counter
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -145,6 +147,8 @@ class Training:
     img_per_s: float
     sdpa: Counter[str]  # fused attention kernels of the first warm-up step's forward
     softmax: int  # explicit softmax calls of that step's forward: attention maps
+    syncs: tuple[str, ...] = ()  # the synchronizing CUDA calls of the other warm-up steps (a step should make none)
+    synced_steps: int = 0  # the steps checked for them (none off CUDA)
 
 
 def _sync(device: torch.device) -> None:
@@ -159,19 +163,38 @@ def run_steps(trainer: Trainer, batches: list[Batch], steps: list[int], device: 
     t = time.perf_counter()
     for i, step in enumerate(steps):
         trainer.step = step
-        trainer.train_step(*batches[i % len(batches)], False)
+        trainer.train_step(*batches[i % len(batches)])
     _sync(device)
     return time.perf_counter() - t
 
 
+def host_syncs(trainer: Trainer, batches: list[Batch], steps: list[int]) -> tuple[str, ...]:
+    """Runs ``steps`` with CUDA's sync debug mode on; returns the message of every call that made the host wait
+    for the device (``Trainer.train_step`` should make none: the loop reads the loss at its sync points only)."""
+    with warnings.catch_warnings(record=True) as seen:
+        warnings.simplefilter("always")
+        torch.cuda.set_sync_debug_mode("warn")
+        try:
+            run_steps(trainer, batches, steps, trainer.env.device)
+        finally:
+            torch.cuda.set_sync_debug_mode("default")
+    return tuple(str(w.message).splitlines()[0] for w in seen if "synchroniz" in str(w.message))
+
+
 def timed_training(trainer: Trainer, batches: list[Batch], steps: list[int], warmup: int) -> Training:
-    """``warmup`` untimed steps, the first with its kernels counted, then the rest of ``steps`` timed."""
+    """``warmup`` untimed steps, the first with its kernels counted and on CUDA the others checked for host
+    syncs, then the rest of ``steps`` timed."""
     device = trainer.env.device
     with OpCounter() as ops:
         run_steps(trainer, batches, steps[:1], device)
-    run_steps(trainer, batches, steps[1:warmup], device)
+    if device.type == "cuda":
+        syncs, checked = host_syncs(trainer, batches, steps[1:warmup]), len(steps[1:warmup])
+    else:  # nothing to wait for: the CPU runs the ops as they come
+        run_steps(trainer, batches, steps[1:warmup], device)
+        syncs, checked = (), 0
     seconds = run_steps(trainer, batches, steps[warmup:], device)
-    return Training(len(steps[warmup:]) * len(batches[0][1]) / seconds, ops.sdpa(), ops.counts["_softmax"])
+    return Training(len(steps[warmup:]) * len(batches[0][1]) / seconds, ops.sdpa(), ops.counts["_softmax"], syncs,
+                    checked)
 
 
 def ops_of(arch: ArchSpec) -> Counter[str]:
@@ -293,6 +316,9 @@ def problems(f: Figures) -> list[str]:
         out.append(f"supernet: {f.supernet.softmax} attention maps (softmax) for {checked['shared']} shared pairs")
     if sum(f.deit.sdpa.values()) != f.deit_blocks:
         out.append(f"{DEIT}: {sum(f.deit.sdpa.values())} fused SDPA calls for {f.deit_blocks} blocks")
+    for name, t in (("supernet", f.supernet), (DEIT, f.deit)):
+        if t.syncs:
+            out.append(f"{name}: {len(t.syncs)} host syncs in {t.synced_steps} training steps (first: {t.syncs[0]})")
     return out
 
 
@@ -318,6 +344,9 @@ def report(args: argparse.Namespace, f: Figures) -> None:
     print(f"  DeiT-Ti: timm {DEIT} ({deit_macs} MACs/img at 224x224), pretrained=False, the same Trainer.train_step "
           f"(retraining's task); search: {args.evals} inherited-weight evaluations of {f.eval_images} synthetic "
           f"validation images (batch {f.eval_batch})")
+    if f.supernet.synced_steps:
+        print(f"  host syncs (torch.cuda.set_sync_debug_mode) in {f.supernet.synced_steps} warm-up steps: supernet "
+              f"{len(f.supernet.syncs)}, {DEIT} {len(f.deit.syncs)}")
     print(f"  wall {f.wall_s:.0f} s" + ("" if f.peak_gib is None else f", peak GPU memory {f.peak_gib:.1f} GiB"))
     print("| device | torch | batch | supernet img/s | DeiT-Ti img/s | supernet / DeiT-Ti | search evals/s |")
     print("| --- | --- | ---: | ---: | ---: | ---: | ---: |")

@@ -199,11 +199,11 @@ def model_rate(cfg: DictConfig, data: DataBundle, batches: list[Batch], steps: i
                                          <= 0.1), steps + 1))
         feed = [(x, F.pad(y, (0, space.num_classes - y.shape[1])) if y.is_floating_point() else y) for x, y in batches]
         trainer.step = typical[0]
-        trainer.train_step(feed[0][0][:2], feed[0][1][:2], False)  # warm-up: AdamW state, allocator
+        trainer.train_step(feed[0][0][:2], feed[0][1][:2])  # warm-up: AdamW state, allocator
         t = time.perf_counter()
         for i, step in enumerate(typical[1:]):
             trainer.step = step
-            trainer.train_step(*feed[i % len(feed)], False)
+            trainer.train_step(*feed[i % len(feed)])
         elapsed = time.perf_counter() - t
     finally:
         torch.set_num_threads(threads)

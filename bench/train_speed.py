@@ -55,8 +55,9 @@ def supernet_vs_standalone(preset: str, data: DataBundle, n_archs: int, reps: in
     """Prints the overhead of a supernet step over the stand-alone step; returns the mean supernet step (s).
 
     Both sides run the real ``Trainer.train_step`` (supernet/engine/loop.py) with their app's task: the
-    supernet's ``SupernetTask`` (path sampling, path MACs, path digest) and retraining's ``RetrainTask`` on the
-    extracted path. The supernet trainer's step counter is pinned so each pair trains the same path.
+    supernet's ``SupernetTask`` (path sampling, path digest; path MACs only on logged steps) and retraining's
+    ``RetrainTask`` on the extracted path. The supernet trainer's step counter is pinned so each pair trains the
+    same path.
     """
     cfg = _compose(f"space={preset}", "max_steps=10000")
     env = DistEnv(0, 1, 0, torch.device("cpu"))
@@ -68,7 +69,7 @@ def supernet_vs_standalone(preset: str, data: DataBundle, n_archs: int, reps: in
 
     def super_step(step: int, feed: Iterator[tuple[Tensor, Tensor]]) -> None:
         trainer.step = step  # pins the path: step t trains sampler(t)
-        trainer.train_step(*next(feed), False)
+        trainer.train_step(*next(feed))
 
     ratios, t_supers, t_subs, path_macs = [], [], [], []
     for step in range(n_archs):
@@ -80,7 +81,7 @@ def supernet_vs_standalone(preset: str, data: DataBundle, n_archs: int, reps: in
         sub_trainer = Trainer(RetrainTask(sub, arch, "bench", sub_cfg, data, env), data, sub_cfg, env)
         d_super, d_sub = itertools.cycle(batches), itertools.cycle(batches)
         t_super, t_sub = interleaved([lambda: super_step(step, d_super),
-                                      lambda: sub_trainer.train_step(*next(d_sub), False)], reps=reps)
+                                      lambda: sub_trainer.train_step(*next(d_sub))], reps=reps)
         ratios.append(t_super / t_sub)
         t_supers.append(t_super)
         t_subs.append(t_sub)
@@ -203,7 +204,7 @@ def sampler_costs(data: DataBundle, steps: int, reps: int) -> dict[str, float]:
     def run(trainer: Trainer) -> None:
         for step in range(steps):
             trainer.step = step  # the same steps' paths every repetition
-            trainer.train_step(*batch, False)
+            trainer.train_step(*batch)
 
     times = dict(zip(trainers, interleaved([lambda t=t: run(t) for t in trainers.values()], reps=reps)))
     base = times["uniform"] / steps

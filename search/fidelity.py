@@ -204,12 +204,12 @@ def standalone_run(arch: ArchSpec, seed: int, run_dir: Path, data_cfg: dict[str,
     """
     from supernet.data import build_data
     from supernet.engine.distributed import DistEnv
-    from supernet.engine.loop import top1
+    from supernet.engine.loop import DATA_NOT_IN_IDENTITY, top1
     from supernet.engine.standalone import train_arch
 
     rcfg = OmegaConf.create(standalone_cfg(cfg, data_cfg, seed, run_dir))
     setup = {k: v for k, v in OmegaConf.to_container(rcfg).items() if k in ("seed", "max_steps", "optim", "amp")}
-    setup["data"] = {k: v for k, v in rcfg.data.items() if k not in ("root", "eval_batch_size", "num_workers")}
+    setup["data"] = {k: v for k, v in rcfg.data.items() if k not in DATA_NOT_IN_IDENTITY}
     setup["arch"] = arch.to_dict()
     result_path = run_dir / "result.json"
     if result_path.exists():

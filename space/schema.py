@@ -75,6 +75,7 @@ RUN = {
     "device": Key("str", choices=("auto", "cpu", "cuda")),
     "amp": Key("bool"),
     "ckpt_every": Key("int", low=1),
+    "ckpt_minutes": Key("float", positive=True, nullable=True),
     "log_every": Key("int", low=1),
     "progress": Key("bool"),
     "optim.epochs": Key("int", low=1),

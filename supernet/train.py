@@ -95,10 +95,12 @@ class SupernetTask(Task):
             losses.append(value.float())
         return torch.stack(losses).mean()
 
-    def after_step(self, step: int) -> dict[str, float]:
+    def after_step(self, step: int, log: bool) -> dict[str, float]:
+        """Chains the step's paths into the digest; for a logged step, also their mean MACs (counting them
+        walks every layer of the path: not worth it for the steps nobody sees)."""
         for path in self.paths:
             self.paths_digest = hashlib.sha256((self.paths_digest + path.to_json()).encode()).hexdigest()
-        return {"path_macs": sum(macs(p) for p in self.paths) / len(self.paths)}
+        return {"path_macs": sum(macs(p) for p in self.paths) / len(self.paths)} if log else {}
 
     def validate(self) -> dict[str, float]:
         if self.data.val is None:

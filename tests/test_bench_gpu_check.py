@@ -59,7 +59,7 @@ def test_cpu_dry_mode_runs_through_the_launcher_and_prints_consistent_figures():
     assert ratio == pytest.approx(supernet / deit_rate, rel=0.02, abs=0.01)  # rates printed to 3 digits
 
 
-def test_a_math_fallback_or_a_missing_attention_map_is_a_failure():
+def test_a_math_fallback_a_missing_attention_map_or_a_host_sync_is_a_failure():
     from space.space import SearchSpace
 
     space = SearchSpace.from_config(gpu_check._compose("space=cifar_2d").space)
@@ -78,3 +78,7 @@ def test_a_math_fallback_or_a_missing_attention_map_is_a_failure():
     assert len(bad) == 3
     assert bad[0] == f"supernet: 0 fused SDPA calls for {cells['basic']} basic cells (none: the math fallback)"
     assert "attention maps (softmax)" in bad[1] and bad[2].startswith("deit_tiny_patch16_224: 11 fused SDPA calls")
+    f = figures(cells["basic"], cells["shared"], 12)
+    synced = gpu_check.Training(100.0, f.supernet.sdpa, f.supernet.softmax, ("called a synchronizing op",) * 2, 4)
+    assert gpu_check.problems(gpu_check.Figures(*[synced if v is f.supernet else v for v in vars(f).values()])) == \
+        ["supernet: 2 host syncs in 4 training steps (first: called a synchronizing op)"]

@@ -1,7 +1,8 @@
 """Interrupted runs of both training apps (`supernet.train`, `supernet.retrain`) through the real CLI: SIGTERM and
-SIGINT finish the step, checkpoint at the step they print and exit 0; a rerun of the same command after a signal
-or a SIGKILL resumes from the checkpoint's exact step and ends with the weights (and, for retraining, the
-result.json) of an uninterrupted run. Runs on small generated IDX files, so it needs no dataset."""
+SIGINT stop at the next sync point, checkpoint at the step they print and exit 0; a rerun of the same command after
+a signal or a SIGKILL (also one that lands while a checkpoint is being written in the background) resumes from the
+checkpoint's exact step and ends with the weights (and, for retraining, the result.json) of an uninterrupted run.
+Runs on small generated IDX files, so it needs no dataset."""
 
 from __future__ import annotations
 
@@ -48,9 +49,20 @@ def _cfg(app: str, run_dir: Path, root: Path, *overrides: str):
         return compose(app, overrides=[f"run_dir={run_dir}", f"data.root={root}", *overrides])
 
 
-def _cli(module: str, run_dir: Path, root: Path, *overrides: str) -> subprocess.Popen:
+# `python -m MODULE ARGS` whose torch.save lingers 2 s once the temp file is written: a checkpoint is in flight
+# (written in the background, not yet renamed into place) long enough for a test to kill the process then
+SLOW_WRITES = ("import runpy, sys, time, torch\n"
+               "real = torch.save\n"
+               "def slow(obj, f, *a, **k):\n    real(obj, f, *a, **k)\n    time.sleep(2)\n"
+               "torch.save = slow\n"
+               "sys.argv = sys.argv[1:]\n"
+               "runpy.run_module(sys.argv[0], run_name='__main__', alter_sys=True)\n")
+
+
+def _cli(module: str, run_dir: Path, root: Path, *overrides: str, slow_writes: bool = False) -> subprocess.Popen:
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)}
-    return subprocess.Popen([sys.executable, "-m", module, f"run_dir={run_dir}", f"data.root={root}", *overrides],
+    start = ["-c", SLOW_WRITES, module] if slow_writes else ["-m", module]
+    return subprocess.Popen([sys.executable, *start, f"run_dir={run_dir}", f"data.root={root}", *overrides],
                             cwd=run_dir.parent, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
 
 
@@ -99,15 +111,15 @@ def supernet_ref(tmp_path_factory: pytest.TempPathFactory, data_root: Path, one_
 
 
 def _stopped_by(sig: signal.Signals, run: Path, root: Path) -> int:
-    """Stop a supernet run with ``sig`` at its first checkpoint (step 5); check the stop contract and return the
-    step it stopped at. The cadence's next checkpoint (step 10) is far, so only the stop itself can have
-    written the checkpoint of that step."""
-    p = _cli("supernet.train", run, root, *SUPERNET, "ckpt_every=5")
+    """Stop a supernet run with ``sig`` at its first checkpoint (step 7); check the stop contract and return the
+    step it stopped at: the next sync point (a multiple of log_every=5, or of ckpt_every=7). At a multiple of 5
+    only (10, typically), only the stop itself can have written the checkpoint of that step."""
+    p = _cli("supernet.train", run, root, *SUPERNET, "ckpt_every=7")
     out, err = _interrupt_at_first_checkpoint(p, run, sig)
     assert p.returncode == 0 and err.strip() == "", err  # no traceback, no KeyboardInterrupt
     ck = _ckpt(run)
     at = ck["step"]
-    assert 5 < at < STEPS
+    assert 7 < at < STEPS and (at % 5 == 0 or at % 7 == 0), at
     assert f"stopped by signal at step {at}/{STEPS}; checkpoint {run / 'last.ckpt'}" in out, out
     # whole steps only: as many scheduler steps as steps, and exactly the paths of steps 0 .. at-1
     assert ck["scheduler"]["last_epoch"] == at
@@ -127,14 +139,23 @@ def test_sigterm_finishes_the_step_checkpoints_exits_0_and_a_rerun_completes(tmp
 
 
 @pytest.mark.slow
-def test_supernet_sigkill_then_rerun_equals_uninterrupted_run(tmp_path, data_root, supernet_ref):
+def test_supernet_sigkill_during_a_background_write_then_rerun_equals_uninterrupted_run(tmp_path, data_root,
+                                                                                      supernet_ref):
+    """Killed after the first checkpoint (step 4) is on disk, while the second one's write is in flight: step 4's
+    file is intact, and the rerun clears the dead writer's temp file and ends as the uninterrupted run."""
     run = tmp_path / "run"
-    killed = _cli("supernet.train", run, data_root, *SUPERNET, "ckpt_every=4")
-    _interrupt_at_first_checkpoint(killed, run, signal.SIGKILL)
+    killed = _cli("supernet.train", run, data_root, *SUPERNET, "ckpt_every=4", slow_writes=True)
+    deadline = time.time() + 240
+    while not ((run / "last.ckpt").exists() and list(run.glob(".last.ckpt.tmp*"))):
+        assert killed.poll() is None, killed.communicate()
+        assert time.time() < deadline, "no second checkpoint write within 240 s"
+        time.sleep(0.02)
+    killed.send_signal(signal.SIGKILL)
+    killed.communicate(timeout=240)
     assert killed.returncode == -signal.SIGKILL
-    at = _ckpt(run)["step"]
-    assert 4 <= at < STEPS and at % 4 == 0
-    _rerun_equals_reference(run, data_root, at, supernet_ref, "ckpt_every=4")
+    assert _ckpt(run)["step"] == 4 and list(run.glob(".last.ckpt.tmp*"))  # killed mid-write
+    _rerun_equals_reference(run, data_root, 4, supernet_ref, "ckpt_every=4")
+    assert not list(run.glob(".last.ckpt.tmp*"))
 
 
 def _rerun_equals_reference(run: Path, data_root: Path, at: int, ref: dict, *args: str) -> None:

@@ -148,26 +148,26 @@ def test_label_smoothing_is_applied_to_the_loss(tmp_path, data, eps: float):
         logp = F.log_softmax(copy.deepcopy(net)(x).double(), -1)
     nll, uniform = -logp.gather(1, y[:, None]).mean().item(), -logp.mean().item()
     assert abs(uniform - nll) > 0.01  # smoothing visibly changes the loss of this batch
-    loss, _, _ = _trainer(tmp_path, data, net, f"optim.label_smoothing={eps}").train_step(x, y, False)
-    assert loss == pytest.approx((1 - eps) * nll + eps * uniform, rel=1e-5)
+    stats = _trainer(tmp_path, data, net, f"optim.label_smoothing={eps}").train_step(x, y)
+    assert float(stats.loss) == pytest.approx((1 - eps) * nll + eps * uniform, rel=1e-5)
 
 
-def _update_norms(tmp_path: Path, data, clip: float) -> tuple[float, dict[str, float]]:
-    """The global norm of the gradient AdamW is handed in the first step, and the step's scalars."""
+def _update_norms(tmp_path: Path, data, clip: float) -> tuple[float, float | None]:
+    """The global norm of the gradient AdamW is handed in the first step, and the step's reported norm."""
     tr = _trainer(tmp_path, data, _net(), f"optim.grad_clip={clip}")
     seen = []
     tr.opt.register_step_pre_hook(lambda opt, *_: seen.append(math.sqrt(sum(
         float(p.grad.double().pow(2).sum()) for g in opt.param_groups for p in g["params"] if p.grad is not None))))
     x, y = next(iter(data[1].train.epoch(0)))
-    _, _, info = tr.train_step(x, y, False)
-    return seen[0], info
+    stats = tr.train_step(x, y)
+    return seen[0], None if stats.grad_norm is None else float(stats.grad_norm)
 
 
 def test_gradient_clipping_caps_the_global_norm_and_reports_it_before_clipping(tmp_path, data):
-    natural, info = _update_norms(tmp_path, data, 0)
-    assert "grad_norm" not in info and natural > 0.5  # clipping off: the raw gradient, no norm computed
-    clipped, info = _update_norms(tmp_path, data, 0.05)
+    natural, reported = _update_norms(tmp_path, data, 0)
+    assert reported is None and natural > 0.5  # clipping off: the raw gradient, no norm computed
+    clipped, reported = _update_norms(tmp_path, data, 0.05)
     assert clipped == pytest.approx(0.05, rel=1e-4)
-    assert info["grad_norm"] == pytest.approx(natural, rel=1e-4)  # TensorBoard's train/grad_norm: before clipping
-    loose, info = _update_norms(tmp_path, data, 1e6)
+    assert reported == pytest.approx(natural, rel=1e-4)  # TensorBoard's train/grad_norm: before clipping
+    loose, _ = _update_norms(tmp_path, data, 1e6)
     assert loose == pytest.approx(natural, rel=1e-6)  # a cap above the norm changes nothing

@@ -1,6 +1,6 @@
-"""The checkpoint layout, in one place: what a training checkpoint holds, how it is written (atomically) and
-read (``weights_only``: no pickle can run code), and how a trained supernet is loaded back for search and
-inherited-weight retraining.
+"""The checkpoint layout, in one place: what a training checkpoint holds, how it is written (atomically, from a
+background thread that never stalls training) and read (``weights_only``: no pickle can run code), and how a
+trained supernet is loaded back for search and inherited-weight retraining.
 
 A training checkpoint (``run_dir/last.ckpt``) is a dict:
 
@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import hashlib
 import io
+import threading
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -33,6 +34,77 @@ SUPERNET_KEYS = frozenset({"model", "space", "space_hash", "config"})
 def save_checkpoint(state: dict[str, Any], path: Path) -> None:
     """``torch.save`` through a temp file and a rename: a crash never leaves half a checkpoint."""
     atomic_write(path, lambda tmp: torch.save(state, tmp))
+
+
+def host_snapshot(obj: Any) -> tuple[Any, torch.cuda.Event | None]:
+    """A copy of ``obj`` (nested dicts / lists / tuples of tensors and plain values) whose tensors live in host
+    memory of their own, so training may go on updating the originals in place; and, when some came from a CUDA
+    device, the event after which the copies hold their values.
+
+    CUDA tensors are copied without waiting (``non_blocking`` into pinned memory, which the caching host
+    allocator reuses from one checkpoint to the next): the copies are queued on the current stream before any
+    later kernel, so they read exactly the state of this moment while the host goes on queueing steps.
+    """
+    cuda = False
+
+    def copy(x: Any) -> Any:
+        nonlocal cuda
+        if isinstance(x, torch.Tensor):
+            if x.device.type == "cuda":
+                cuda = True
+                out = torch.empty(x.shape, dtype=x.dtype, device="cpu", pin_memory=True)
+                return out.copy_(x.detach(), non_blocking=True)
+            return x.detach().to("cpu", copy=True)
+        if isinstance(x, dict):
+            return {k: copy(v) for k, v in x.items()}
+        if isinstance(x, (list, tuple)):
+            return type(x)(copy(v) for v in x)
+        return x  # numbers, strings, None: immutable
+
+    out = copy(obj)
+    if not cuda:
+        return out, None
+    ready = torch.cuda.Event()
+    ready.record()
+    return out, ready
+
+
+class CheckpointWriter:
+    """Writes checkpoints with :func:`save_checkpoint` from a background thread, one at a time: ``submit``
+    snapshots the state to host memory at once (:func:`host_snapshot`) and returns; the next ``submit`` and
+    ``wait`` first wait for the write in flight, and re-raise its error (e.g. the one-line full-disk
+    :class:`UserError`) in the training thread. The write stays atomic: a kill -9 during it leaves the previous
+    file, and a temp file that ``run_dir_lock`` removes at the next start.
+    """
+
+    def __init__(self) -> None:
+        self._thread: threading.Thread | None = None
+        self._error: BaseException | None = None
+
+    def submit(self, state: dict[str, Any], path: Path) -> None:
+        """Snapshot ``state`` now and write it to ``path`` in the background."""
+        self.wait()
+        snapshot, ready = host_snapshot(state)
+        self._thread = threading.Thread(target=self._write, args=(snapshot, ready, Path(path)),
+                                        name="checkpoint-writer", daemon=True)
+        self._thread.start()
+
+    def _write(self, snapshot: dict[str, Any], ready: torch.cuda.Event | None, path: Path) -> None:
+        try:
+            if ready is not None:
+                ready.synchronize()  # the device-to-host copies have landed
+            save_checkpoint(snapshot, path)
+        except BaseException as e:  # noqa: BLE001 - handed to the training thread by wait()
+            self._error = e
+
+    def wait(self) -> None:
+        """Block until the write in flight (if any) is on disk; raise its error, if it failed."""
+        if self._thread is not None:
+            self._thread.join()
+            self._thread = None
+        if self._error is not None:
+            error, self._error = self._error, None
+            raise error
 
 
 def read_checkpoint(path: Path) -> tuple[dict[str, Any], str]:

@@ -272,6 +272,14 @@ def allreduce_sum(values: list[float], env: DistEnv) -> list[float]:
     return t.tolist()
 
 
+def allreduce_sum_(t: torch.Tensor, env: DistEnv) -> torch.Tensor:
+    """Sum ``t`` over ranks in place and return it, without reading it on the host (on NCCL the collective is
+    queued on the device like a kernel; the caller decides when to read the result)."""
+    if env.distributed:
+        dist.all_reduce(t)
+    return t
+
+
 def autocast(device: torch.device, enabled: bool = True) -> Any:
     """bf16 autocast on CUDA (no loss scaling needed), nothing on CPU."""
     if enabled and device.type == "cuda":

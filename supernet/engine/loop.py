@@ -1,8 +1,13 @@
 """The training loop shared by supernet training and retraining, as named steps: ``resume``, ``train_step``,
-``validate``, ``save`` and ``fit`` around them. It owns label smoothing, gradient all-reduce across ranks
-(overlapped with the step's last backward), clipping, bf16 autocast on CUDA, the SIGTERM/SIGINT stop, the
-non-finite-loss stop, the checkpoint cadence, tqdm on rank 0 and TensorBoard scalars; the optimizer recipe is
-``engine/optim.py``, the checkpoint layout ``engine/checkpoint.py``.
+``sync``, ``validate``, ``save`` and ``fit`` around them. It owns label smoothing, gradient all-reduce across
+ranks (overlapped with the step's last backward), clipping, bf16 autocast on CUDA, the SIGTERM/SIGINT stop, the
+non-finite-loss stop, the checkpoint cadence (steps and minutes), tqdm on rank 0 and TensorBoard scalars; the
+optimizer recipe is ``engine/optim.py``, the checkpoint layout and its background writer ``engine/checkpoint.py``.
+
+A step never waits for the device: its loss and gradient norm stay there. The host reads them at sync points
+only (every ``log_every`` steps, before every checkpoint, at the end), where one collective agrees on the mean
+losses of the interval (a non-finite one stops the run, naming its step), the stop votes and the checkpoint
+decision.
 
 What differs between the two apps is a :class:`Task`: how a step computes logits (a sampled path or the
 fixed model), what is validated, and what identifies a run so that a resume with other settings is refused.
@@ -12,9 +17,10 @@ from __future__ import annotations
 
 import math
 import time
+from collections import deque
 from collections.abc import Callable
 from contextlib import nullcontext
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -27,8 +33,8 @@ from tqdm import tqdm
 from space.errors import Diverged, UserError
 from space.app import run_dir_lock
 from supernet.data import DataBundle, DataConfig, Loader, RecipeConfig
-from supernet.engine.checkpoint import CKPT_NAME, read_checkpoint, restore_training, save_checkpoint, training_state
-from supernet.engine.distributed import (DistEnv, GradReducer, StopFlag, allreduce_sum, autocast,
+from supernet.engine.checkpoint import CKPT_NAME, CheckpointWriter, read_checkpoint, restore_training, training_state
+from supernet.engine.distributed import (DistEnv, GradReducer, StopFlag, allreduce_sum_, autocast,
                                          broadcast_parameters, gather_objects)
 from supernet.engine.optim import build_optimizer
 
@@ -56,8 +62,9 @@ class Task:
         """Name -> top-1 on the validation split (the net is in eval mode)."""
         return {}
 
-    def after_step(self, step: int) -> dict[str, float]:
-        """Called on every rank after each optimizer step; returns extra TensorBoard scalars of the step."""
+    def after_step(self, step: int, log: bool) -> dict[str, float]:
+        """Called on every rank after each optimizer step. ``log``: the step's scalars are logged (decided by the
+        step number, so the same on every rank); only then does it return its extra TensorBoard scalars."""
         return {}
 
     def state_dict(self) -> dict[str, Any]:
@@ -94,12 +101,53 @@ class LossBackward:
         return loss.detach(), logits.detach()
 
 
+KEPT_STEPS = 10_000  # FitResult keeps the losses and gradient norms of at most this many last steps
+
+
+@dataclass
+class StepStats:
+    """What one optimizer step leaves for the loop, on the device: reading a tensor on the host waits for the
+    device, so the loop reads them once per sync point for all the steps since the previous one."""
+
+    loss: Tensor  # this rank's loss of the step (0-dim)
+    grad_norm: Tensor | None  # global gradient norm before clipping, the same on every rank; None without clipping
+    scalars: dict[str, float]  # the task's extra scalars, for a logged step only
+
+
+@dataclass(frozen=True)
+class SyncPoint:
+    """What every rank agrees on at a sync point, from one collective."""
+
+    losses: list[float]  # mean over ranks of the loss of each step since the previous sync point
+    grad_norms: list[float]  # gradient norm before clipping of each of those steps (empty without clipping)
+    stop: bool  # a rank was asked to stop (SIGTERM / SIGINT)
+    checkpoint: bool  # rank 0's clock says a checkpoint is due (ckpt_minutes)
+
+
+class _Interval:
+    """The losses and gradient norms of the steps since the last sync point, written on the device in place."""
+
+    def __init__(self, size: int, device: torch.device, first: int) -> None:
+        self.loss = torch.zeros(size, device=device)
+        self.grad_norm = torch.zeros(size, device=device)
+        self.restart(first)
+
+    def restart(self, first: int) -> None:
+        self.first, self.n = first, 0  # the step of slot 0, slots filled
+
+    def add(self, stats: StepStats) -> None:
+        self.loss[self.n] = stats.loss  # a device copy, no host read
+        if stats.grad_norm is not None:
+            self.grad_norm[self.n] = stats.grad_norm
+        self.n += 1
+
+
 @dataclass
 class FitResult:
     step: int
     total_steps: int
-    losses: list[float]  # mean loss over ranks of every step this call ran
-    grad_norms: list[float]  # global gradient norm before clipping of every step this call ran (clipping on)
+    losses: list[float]  # mean loss over ranks of each step this call ran, the last KEPT_STEPS of them
+    grad_norms: list[float]  # gradient norm before clipping of those steps (clipping on)
     val: dict[str, float]
     stopped: bool  # by SIGTERM/SIGINT before the end
     run_dir: Path
@@ -109,22 +157,24 @@ class FitResult:
 @torch.no_grad()
 def top1(forward: Callable[[Tensor], Tensor], loader: Loader, env: DistEnv, max_batches: int | None = None,
          amp: bool = True) -> float:
-    """Top-1 accuracy of ``forward(x) -> logits`` over this rank's share of ``loader``, all-reduced."""
-    correct = total = 0
+    """Top-1 accuracy of ``forward(x) -> logits`` over this rank's share of ``loader``, all-reduced. The counts
+    add up on the device and the host reads them once, at the end."""
+    counts = torch.zeros(2, dtype=torch.int64, device=env.device)  # correct, total
     for i, (x, y) in enumerate(loader):
         if max_batches is not None and i >= max_batches:
             break
         with autocast(env.device, amp):
             pred = forward(x).argmax(-1)
-        correct += int((pred == y).sum())
-        total += y.numel()
-    correct, total = allreduce_sum([correct, total], env)
+        counts[0] += (pred == y).sum()
+        counts[1] += y.numel()
+    correct, total = allreduce_sum_(counts, env).tolist()
     return correct / max(total, 1)
 
 
 class Trainer:
     """Trains ``task.net`` on ``data.train`` as ``cfg`` says (``optim``, ``run_dir``, ``resume``, ``max_steps``,
-    ``ckpt_every``, ``log_every``, ``eval.every``, ``amp``, ``progress``), resuming from ``run_dir/last.ckpt``."""
+    ``ckpt_every``, ``ckpt_minutes``, ``log_every``, ``eval.every``, ``amp``, ``progress``), resuming from
+    ``run_dir/last.ckpt``."""
 
     def __init__(self, task: Task, data: DataBundle, cfg: DictConfig, env: DistEnv) -> None:
         self.task, self.data, self.cfg, self.env = task, data, cfg, env
@@ -146,6 +196,14 @@ class Trainer:
         self.recipe = RecipeConfig.from_cfg(cfg.get("recipe"))
         self.ema: Any = None  # timm's ModelEmaV3 with recipe.ema, made once the start weights are known
         self.writer: Any = None
+        self.checkpoints = CheckpointWriter()  # rank 0 writes in the background, one checkpoint at a time
+        self.ckpt_minutes: float | None = cfg.get("ckpt_minutes")  # absent from configs that predate it
+        self._last_save = 0.0  # clock() at the last checkpoint (or the start of fit)
+        self._interval = _Interval(0, env.device, 0)  # the steps since the last sync point (set by fit)
+
+    def clock(self) -> float:
+        """Seconds on a monotonic clock; what ``ckpt_minutes`` is measured with on rank 0."""
+        return time.monotonic()
 
     # ----------------------------------------------------------------- named steps
     def resume(self) -> None:
@@ -229,29 +287,54 @@ class Trainer:
             group["lr"] = base * fn(self.sched.last_epoch)
         self.lr_history.append({"step": self.step, "peak_lr": peak})
 
-    def train_step(self, x: Tensor, y: Tensor, stop_requested: bool) -> tuple[float, bool, dict[str, float]]:
-        """One optimizer step on the batch; returns the mean loss over ranks, whether any rank asked to stop,
-        and the step's extra scalars (the task's, and ``grad_norm`` when clipping is on)."""
+    def train_step(self, x: Tensor, y: Tensor, log: bool = False) -> StepStats:
+        """One optimizer step on the batch, queued on the device without waiting for it: the loss and the
+        gradient norm stay there (the loop reads them at its sync points, see :meth:`sync`). ``log``: the step's
+        scalars go to TensorBoard, so the task computes its extra ones."""
         net, o = self.task.net, self.cfg.optim
         self.opt.zero_grad(set_to_none=True)
         loss = self.task.backward(x, y, self.step, self.loss)
-        # one collective agrees on the mean loss and on stopping (a signal may reach ranks a step apart)
-        loss_sum, stop_votes = allreduce_sum([loss.item(), float(stop_requested)], self.env)
-        loss_val = loss_sum / self.env.world_size
-        if not math.isfinite(loss_val):
-            raise Diverged(f"non-finite loss {loss_val} at step {self.step}; {self._way_out()}")
         self.reducer.finish()
-        info = {}
+        grad_norm = None
         if o.grad_clip:  # the norm of the averaged gradient, the same on every rank
-            info["grad_norm"] = float(torch.nn.utils.clip_grad_norm_(
-                [p for p in net.parameters() if p.grad is not None], o.grad_clip))
+            grad_norm = torch.nn.utils.clip_grad_norm_([p for p in net.parameters() if p.grad is not None],
+                                                       o.grad_clip)
         self.opt.step()
         self.sched.step()
         if self.ema is not None:
             self.ema.update(net)
-        info.update(self.task.after_step(self.step))
+        scalars = self.task.after_step(self.step, log)
         self.step += 1
-        return loss_val, stop_votes > 0, info
+        return StepStats(loss.detach(), grad_norm, scalars)
+
+    def sync(self, stop_requested: bool) -> SyncPoint:
+        """The sync point: one collective sums over ranks the losses of the steps since the previous sync point,
+        the stop votes (a signal may reach ranks steps apart) and rank 0's vote for a checkpoint by time, so
+        every rank agrees on all of them; the host then reads the sums and the gradient norms in one copy.
+
+        Raises:
+            Diverged: a loss of the interval is not finite (the first such step is named).
+        """
+        iv, env = self._interval, self.env
+        n, first, clipped = iv.n, iv.first, bool(self.cfg.optim.grad_clip)
+        payload = torch.empty(n + 2, dtype=torch.float64, device=iv.loss.device)
+        payload[:n] = iv.loss[:n]
+        payload[n] = float(stop_requested)  # fills with a host number: no copy to the device, which would wait
+        payload[n + 1] = float(self._checkpoint_due())
+        summed = allreduce_sum_(payload, env)
+        host = (torch.cat([summed, iv.grad_norm[:n].double()]) if clipped else summed).tolist()
+        iv.restart(self.step)  # the host has read the slots: they may be overwritten
+        losses = [v / env.world_size for v in host[:n]]
+        bad = next((i for i, v in enumerate(losses) if not math.isfinite(v)), None)
+        if bad is not None:
+            raise Diverged(f"non-finite loss {losses[bad]} at step {first + bad}; {self._way_out()}")
+        return SyncPoint(losses, host[n + 2:], host[n] > 0, host[n + 1] > 0)
+
+    def _checkpoint_due(self) -> bool:
+        """Rank 0's vote: ``ckpt_minutes`` have passed since the last checkpoint (the other ranks' clocks are
+        not asked, so that one collective makes every rank save at the same step)."""
+        return (self.ckpt_minutes is not None and self.env.is_main
+                and self.clock() - self._last_save >= 60 * self.ckpt_minutes)
 
     def validate(self) -> dict[str, float]:
         """The task's validation in eval mode, logged on rank 0."""
@@ -265,26 +348,33 @@ class Trainer:
         return res
 
     def save(self) -> None:
-        """Checkpoint (rank 0 only; every rank holds the same weights). Never writes non-finite weights or
-        optimizer state: the previous checkpoint stays the last good one.
+        """Checkpoint this step, called on every rank at the same step (they hold the same weights, so they
+        find the same answer to the check below). Rank 0 copies the state to host memory now and writes it in
+        the background (engine/checkpoint.py ``CheckpointWriter``), after the previous write is done. Never writes
+        non-finite weights or optimizer state: the previous checkpoint stays the last good one.
 
         Raises:
             Diverged: a weight or an optimizer moment is NaN or infinite.
+            UserError: the previous checkpoint's write failed (e.g. a full disk).
         """
-        if not self.env.is_main:
-            return
         if not all_finite(self.task.net, self.opt):
             raise Diverged(f"non-finite weights or optimizer state at step {self.step}; {self._way_out()}")
-        state = training_state(model=self.task.net, optimizer=self.opt, scheduler=self.sched, step=self.step,
-                               total_steps=self.total, identity=self.identity, task_state=self.task.state_dict(),
-                               config=OmegaConf.to_container(self.cfg, resolve=True))
-        if self.ema is not None:
-            state["ema"] = self.ema.module.state_dict()
-        save_checkpoint({**state, **self.task.checkpoint_extras, "lr_history": self.lr_history}, self.ckpt_path)
+        if self.env.is_main:
+            state = training_state(model=self.task.net, optimizer=self.opt, scheduler=self.sched, step=self.step,
+                                   total_steps=self.total, identity=self.identity,
+                                   task_state=self.task.state_dict(),
+                                   config=OmegaConf.to_container(self.cfg, resolve=True))
+            if self.ema is not None:
+                state["ema"] = self.ema.module.state_dict()
+            self.checkpoints.submit({**state, **self.task.checkpoint_extras, "lr_history": self.lr_history},
+                                    self.ckpt_path)
         self.saved_step = self.step
+        self._last_save = self.clock()
 
     def _way_out(self) -> str:
-        """What to run after a divergence: resume the last good checkpoint with a tenth of the peak lr."""
+        """What to run after a divergence: resume the last good checkpoint with a tenth of the peak lr (once its
+        write is done: a failed write raises its own error instead)."""
+        self.checkpoints.wait()
         if self.saved_step is None:
             return f"no checkpoint was written; start over with a lower optim.lr (e.g. {self.cfg.optim.lr / 10:g})"
         peak = self.lr_history[-1]["peak_lr"] if self.lr_history else self.cfg.optim.lr
@@ -307,46 +397,84 @@ class Trainer:
             self.run_dir.mkdir(parents=True, exist_ok=True)
             self.writer = SummaryWriter(str(self.run_dir / "tb"), purge_step=self.step)
         self.task.net.train()
-        losses: list[float] = []
-        grad_norms: list[float] = []
-        val: dict[str, float] = {}
+        # at most min(log_every, ckpt_every) steps lie between two sync points
+        self._interval = _Interval(max(1, min(cfg.log_every, cfg.ckpt_every, total - self.step)), env.device,
+                                   self.step)
+        self._last_save = self.clock()
         bar = tqdm(total=total, initial=self.step, disable=not env.is_main or not cfg.progress, desc=self.task.name,
                    dynamic_ncols=True)
-        meter = _Throughput()
-        stopped = False
-        with StopFlag() as stop:
-            while self.step < total and not stopped:
-                epoch, first = divmod(self.step, self.steps_per_epoch)
-                for x, y in self.data.train.epoch(epoch, start=first):
-                    loss, stopped, info = self.train_step(x, y, stop.requested)
-                    losses.append(loss)
-                    if "grad_norm" in info:
-                        grad_norms.append(info["grad_norm"])
-                    meter.add(x.shape[0] * env.world_size)
-                    bar.update(1)
-                    step = self.step
-                    if self.writer is not None and (step % cfg.log_every == 0 or step == total):
-                        self._log(bar, loss, meter.rate(), info)
-                    if stopped or step == total or step % cfg.ckpt_every == 0:
-                        self.save()
-                    if cfg.eval.every and (step % cfg.eval.every == 0 or step == total) and not stopped:
-                        val = self.validate()
-                    if stopped or step == total:
-                        break
+        run = _Run(deque(maxlen=KEPT_STEPS), deque(maxlen=KEPT_STEPS), bar)
+        try:
+            with StopFlag() as stop:
+                while self.step < total and not run.stopped:
+                    epoch, first = divmod(self.step, self.steps_per_epoch)
+                    for x, y in self.data.train.epoch(epoch, start=first):
+                        if self._step_in_loop(x, y, stop, run):
+                            break
+        finally:
+            self.checkpoints.wait()  # the last checkpoint is on disk when fit returns (or raises)
         bar.close()
         if self.writer is not None:
             self.writer.close()
-        if env.is_main and stopped:
+        if env.is_main and run.stopped:
             print(f"stopped by signal at step {self.step}/{total}; checkpoint {self.ckpt_path}; rerun the same "
                   "command to resume")
-        return FitResult(self.step, total, losses, grad_norms, val, stopped, self.run_dir,
-                         None if self.ema is None else self.ema.module)
+        return FitResult(self.step, total, list(run.losses), list(run.grad_norms), run.val, run.stopped,
+                         self.run_dir, None if self.ema is None else self.ema.module)
 
-    def _log(self, bar: tqdm, loss: float, img_per_s: float, info: dict[str, float]) -> None:
-        lr = self.opt.param_groups[0]["lr"]
-        bar.set_postfix(loss=f"{loss:.3f}", lr=f"{lr:.2e}", img_s=f"{img_per_s:.0f}")
-        for k, v in {"loss": loss, "lr": lr, "img_per_s": img_per_s, **info}.items():
+    def _step_in_loop(self, x: Tensor, y: Tensor, stop: StopFlag, run: _Run) -> bool:
+        """One step of ``fit``, and at a sync point what depends on it: the log, the stop, the checkpoint;
+        validation on its cadence. Returns whether the loop ends here (stopped, or the last step)."""
+        cfg, total = self.cfg, self.total
+        step = self.step + 1  # the step count once this step is done
+        logged = step % cfg.log_every == 0 or step == total  # a function of the step: the same on every rank
+        stats = self.train_step(x, y, log=logged)
+        self._interval.add(stats)
+        run.meter.add(x.shape[0] * self.env.world_size)
+        run.bar.update(1)
+        if logged or step % cfg.ckpt_every == 0:
+            point = self.sync(stop.requested)
+            run.losses.extend(point.losses)
+            run.grad_norms.extend(point.grad_norms)
+            self._log(run, point, stats.scalars if logged else None)
+            run.stopped = point.stop
+            if point.stop or step == total or step % cfg.ckpt_every == 0 or point.checkpoint:
+                self.save()
+        if cfg.eval.every and (step % cfg.eval.every == 0 or step == total) and not run.stopped:
+            run.val = self.validate()
+        return run.stopped or step == total
+
+    def _log(self, run: _Run, point: SyncPoint, scalars: dict[str, float] | None) -> None:
+        """Adds the sync point's steps to the TensorBoard point in the making; at a logged step (``scalars``: the
+        task's of that step) writes it on rank 0: the mean loss and gradient norm since the previous point."""
+        run.since_log[0] += sum(point.losses)
+        run.since_log[1] += sum(point.grad_norms)
+        run.since_log[2] += len(point.losses)
+        if scalars is None:
+            return
+        (loss_sum, norm_sum, steps), run.since_log = run.since_log, [0.0, 0.0, 0]
+        if self.writer is None:
+            return
+        loss, lr, img_per_s = loss_sum / steps, self.opt.param_groups[0]["lr"], run.meter.rate()
+        run.bar.set_postfix(loss=f"{loss:.3f}", lr=f"{lr:.2e}", img_s=f"{img_per_s:.0f}")
+        values = {"loss": loss, "lr": lr, "img_per_s": img_per_s, **scalars}
+        if point.grad_norms:
+            values["grad_norm"] = norm_sum / steps
+        for k, v in values.items():
             self.writer.add_scalar(f"train/{k}", v, self.step)
+
+
+@dataclass
+class _Run:
+    """What one call of ``fit`` gathers as it goes."""
+
+    losses: deque[float]  # bounded: the last KEPT_STEPS
+    grad_norms: deque[float]
+    bar: tqdm
+    meter: _Throughput = field(default_factory=lambda: _Throughput())
+    val: dict[str, float] = field(default_factory=dict)
+    stopped: bool = False
+    since_log: list[float] = field(default_factory=lambda: [0.0, 0.0, 0])  # loss sum, norm sum, steps
 
 
 class _Throughput:
@@ -365,8 +493,9 @@ class _Throughput:
         return ips
 
 
-# Data settings that do not change what is trained: where the files are, evaluation batch, decoding workers.
-_DATA_NOT_IN_IDENTITY = ("root", "eval_batch_size", "num_workers")
+# Data settings that do not change what is trained: where the files are, evaluation batch, decoding workers, and
+# whether decoded validation batches stay on the device.
+DATA_NOT_IN_IDENTITY = ("root", "eval_batch_size", "num_workers", "cache_val")
 
 
 def run_identity(task: Task, cfg: DictConfig, env: DistEnv) -> dict[str, Any]:
@@ -377,7 +506,7 @@ def run_identity(task: Task, cfg: DictConfig, env: DistEnv) -> dict[str, Any]:
     data = asdict(DataConfig.from_cfg(cfg.data).resolved())
     identity = {**task.identity, "seed": cfg.seed, "max_steps": cfg.max_steps, "world_size": env.world_size,
                 "amp": bool(cfg.amp), "optim": OmegaConf.to_container(cfg.optim, resolve=True),
-                "data": {k: v for k, v in data.items() if k not in _DATA_NOT_IN_IDENTITY}}
+                "data": {k: v for k, v in data.items() if k not in DATA_NOT_IN_IDENTITY}}
     recipe = RecipeConfig.from_cfg(cfg.get("recipe")).identity()
     if recipe is not None:
         identity["recipe"] = recipe
@@ -409,7 +538,11 @@ def _flat(d: dict[str, Any], prefix: str = "") -> dict[str, Any]:
 
 @torch.no_grad()
 def all_finite(net: nn.Module, opt: torch.optim.Optimizer) -> bool:
-    """Whether every weight and every floating optimizer state tensor is finite."""
+    """Whether every weight and every floating optimizer state tensor is finite; one host read per device
+    holding some (AdamW keeps its step counts on the CPU unless it is fused)."""
     tensors = list(net.parameters()) + [t for st in opt.state.values() for t in st.values()
                                         if isinstance(t, Tensor) and t.is_floating_point()]
-    return all(bool(torch.isfinite(t).all()) for t in tensors)
+    flags: dict[torch.device, list[Tensor]] = {}
+    for t in tensors:
+        flags.setdefault(t.device, []).append(torch.isfinite(t).all())
+    return all(bool(torch.stack(f).all()) for f in flags.values())

@@ -15,6 +15,8 @@ parameter of the subnet.
 
 from __future__ import annotations
 
+from collections import OrderedDict
+
 import torch
 from torch import Tensor, nn
 
@@ -59,6 +61,8 @@ class SuperStage(nn.Module):
 class Supernet(nn.Module):
     """Every path of ``space`` in one set of weights: ``forward(x, arch)`` runs one, ``extract(arch)`` copies it."""
 
+    checked_paths = 4096  # paths whose check is remembered, the most recently used (training draws a new one a step)
+
     def __init__(self, space: SearchSpace):
         super().__init__()
         self.space = space
@@ -83,17 +87,22 @@ class Supernet(nn.Module):
         nn.init.trunc_normal_(self.pos_embed, std=0.02)
         if self.cls_token is not None:
             nn.init.trunc_normal_(self.cls_token, std=0.02)
-        self._checked: set[ArchSpec] = set()
+        self._checked: OrderedDict[ArchSpec, None] = OrderedDict()  # an LRU: bounded over any number of steps
 
     def no_weight_decay(self) -> set[str]:
         """Parameters trained without weight decay besides biases and norms (timm's convention)."""
         return {"pos_embed", "cls_token"}
 
     def check(self, arch: ArchSpec) -> None:
-        """Raise ArchError naming the field if ``arch`` is not a path of this supernet (memoized)."""
-        if arch not in self._checked:
-            self.space.check(arch)
-            self._checked.add(arch)
+        """Raise ArchError naming the field if ``arch`` is not a path of this supernet (remembered for the last
+        ``checked_paths`` paths)."""
+        if arch in self._checked:
+            self._checked.move_to_end(arch)
+            return
+        self.space.check(arch)
+        self._checked[arch] = None
+        if len(self._checked) > self.checked_paths:
+            self._checked.popitem(last=False)
 
     def forward(self, x: Tensor, arch: ArchSpec) -> Tensor:
         """Logits of the path ``arch``; x is (B, in_chans, img, img)."""
