@@ -1,6 +1,7 @@
 """`make gpu-check`: the training and search code on one CUDA GPU in about a minute, with figures for the README.
 
-    python -m bench.gpu_check                      # CUDA: 50 supernet steps, 50 DeiT-Ti steps, 20 search evaluations
+    python -m bench.gpu_check                      # CUDA: 50 supernet steps (eager, then compiled), 50 DeiT-Ti steps,
+                                                   #       20 search evaluations
     python -m bench.gpu_check --device cpu --steps 2 --evals 2 --batch 4     # the same code path on the CPU (gloo)
 
 It launches itself as a 1-process torchrun (supernet/engine/launch.py, what `make supernet` runs) and joins the
@@ -9,8 +10,11 @@ then trains ``--preset`` supernet paths that hold both a basic cell (fused ``sca
 shared pair (an explicit attention map that its second layer reuses), bf16 autocast, synthetic batches; trains
 timm's DeiT-Ti (``deit_tiny_patch16_224``, pretrained=False) through the same training step at the same batch;
 scores ``--evals`` architectures with the search's inherited-weight scorer on synthetic validation images; and
-prints images/s of both models, their ratio and evaluations/s as a markdown table to paste. It also counts the
-kernels one step of each model dispatches: one fused SDPA kernel per basic cell (per DeiT block) and one attention
+prints images/s of both models, their ratio and evaluations/s as a markdown table to paste. With ``--compile``
+(auto: on CUDA) the supernet's cells are then compiled as ``compile=true`` compiles them in the apps
+(supernet/engine/compile.py) and the same timed steps run again, after one untimed pass over every step that
+compiles each call shape they meet (its seconds are printed). It also counts the kernels one step of each model
+dispatches: one fused SDPA kernel per basic cell (per DeiT block) and one attention
 map per shared pair, and counts the host syncs of the other warm-up steps (``torch.cuda.set_sync_debug_mode``: a
 training step should make none), or exit status 1 after the figures. Without CUDA it prints one line and exits 0.
 """
@@ -43,6 +47,7 @@ from space.cost import fmt_macs, macs
 from space.errors import UserError
 from space.space import SearchSpace
 from supernet.data import DATASETS, DataBundle, normalizer
+from supernet.engine.compile import compile_cells, compile_wanted
 from supernet.engine.distributed import DistEnv, distributed
 from supernet.engine.loop import Trainer
 from supernet.engine.standalone import RetrainTask
@@ -75,6 +80,9 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     p.add_argument("--evals", type=_positive, default=20, help="timed search evaluations")
     p.add_argument("--eval-images", type=_positive, default=None,
                    help="validation images per evaluation (default conf/evolve.yaml's eval_images; --batch on the CPU)")
+    p.add_argument("--compile", choices=("auto", "true", "false"), default="auto",
+                   help="also time the supernet with compiled cells (auto: on CUDA only; inductor is slow to compile "
+                        "on a CPU)")
     p.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)  # the torchrun worker
     args = p.parse_args(argv)
     if not (CONF / "space" / f"{args.preset}.yaml").is_file():
@@ -82,6 +90,7 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
         p.error(f"--preset: {args.preset!r} is not in conf/space (allowed: {presets})")
     if args.warmup is None:
         args.warmup = 5 if args.device == "cuda" else 1
+    args.compile = {"true": True, "false": False}.get(args.compile, args.compile)
     return args
 
 
@@ -151,6 +160,16 @@ class Training:
     synced_steps: int = 0  # the steps checked for them (none off CUDA)
 
 
+@dataclass(frozen=True)
+class Compiled:
+    """The supernet's training figures with compiled cells."""
+
+    img_per_s: float
+    warmup_s: float  # the untimed pass over every step, which compiles each call shape it meets
+    graphs: int  # graphs compiled in that pass (forward and backward count once)
+    shapes: dict[str, int]  # the space's call shapes per class, which sized the recompile limit
+
+
 def _sync(device: torch.device) -> None:
     if device.type == "cuda":
         torch.cuda.synchronize(device)
@@ -209,9 +228,9 @@ def mixed_steps(task: SupernetTask, n: int) -> list[int]:
 
 
 def train_supernet(args: argparse.Namespace, data: DataBundle, env: DistEnv,
-                   tmp: str) -> tuple[Training, Supernet, list[ArchSpec]]:
+                   tmp: str) -> tuple[Training, Trainer, list[int]]:
     """The supernet's training step on ``args.preset`` paths with basic cells and shared pairs; returns the figures,
-    the net and the paths (the kernel-checked one, then the timed ones).
+    the trainer and the steps run (the kernel-checked one, the warm-up ones, then the timed ones).
 
     Built as ``supernet.train.train`` builds it, then driven through ``Trainer.train_step``, the step `make supernet`
     runs on every batch (path sampling, bf16 autocast, gradient all-reduce, clipping, AdamW, lr schedule), as
@@ -226,8 +245,21 @@ def train_supernet(args: argparse.Namespace, data: DataBundle, env: DistEnv,
     trainer = Trainer(task, data, cfg, env)
     task.net.train()
     steps = mixed_steps(task, total)
-    figures = timed_training(trainer, data.train.batches, steps, args.warmup)
-    return figures, task.net, [task.sampler(t) for t in steps[:1] + steps[args.warmup:]]
+    return timed_training(trainer, data.train.batches, steps, args.warmup), trainer, steps
+
+
+def compiled_training(trainer: Trainer, batches: list[Batch], steps: list[int], warmup: int) -> Compiled:
+    """The same steps with the supernet's cells compiled: one untimed pass over all of ``steps`` compiles every call
+    shape of their paths, then the steps after the first ``warmup`` are timed as in :func:`timed_training`."""
+    from torch._dynamo.utils import counters
+
+    device = trainer.env.device
+    plan = compile_cells(trainer.task.net.train(), True, device)
+    graphs = counters["stats"]["unique_graphs"]
+    warmup_s = run_steps(trainer, batches, steps, device)
+    seconds = run_steps(trainer, batches, steps[warmup:], device)
+    return Compiled(len(steps[warmup:]) * len(batches[0][1]) / seconds, warmup_s,
+                    counters["stats"]["unique_graphs"] - graphs, plan.shapes)
 
 
 def train_deit(args: argparse.Namespace, space: SearchSpace, data: DataBundle, env: DistEnv,
@@ -296,6 +328,7 @@ class Figures:
     backend: str
     batch: int
     supernet: Training
+    compiled: Compiled | None  # the supernet with compiled cells (--compile)
     paths: list[ArchSpec]  # the kernel-checked path, then the timed ones
     deit: Training
     deit_blocks: int
@@ -347,11 +380,23 @@ def report(args: argparse.Namespace, f: Figures) -> None:
     if f.supernet.synced_steps:
         print(f"  host syncs (torch.cuda.set_sync_debug_mode) in {f.supernet.synced_steps} warm-up steps: supernet "
               f"{len(f.supernet.syncs)}, {DEIT} {len(f.deit.syncs)}")
-    print(f"  wall {f.wall_s:.0f} s" + ("" if f.peak_gib is None else f", peak GPU memory {f.peak_gib:.1f} GiB"))
-    print("| device | torch | batch | supernet img/s | DeiT-Ti img/s | supernet / DeiT-Ti | search evals/s |")
-    print("| --- | --- | ---: | ---: | ---: | ---: | ---: |")
+    c = f.compiled
+    if c is None:
+        print(f"  compiled cells: not measured (--compile {args.compile}; auto compiles on CUDA only)")
+    else:
+        shapes = ", ".join(f"{n} {name}" for name, n in c.shapes.items())
+        print(f"  compiled cells (torch.compile per cell and pooling, dynamic=False): {c.graphs} graphs compiled in "
+              f"an untimed pass of {c.warmup_s:.0f} s over the {args.warmup + args.steps} steps' paths (the space "
+              f"has {shapes} call shapes), then the same {args.steps} timed steps: "
+              f"{c.img_per_s / f.supernet.img_per_s:.2f}x eager")
+    print(f"  wall {f.wall_s:.0f} s" + ("" if f.peak_gib is None else f", peak GPU memory {f.peak_gib:.1f} GiB "
+                                         "(eager)"))
+    print("| device | torch | batch | supernet img/s | compiled img/s | DeiT-Ti img/s | supernet / DeiT-Ti | "
+          "search evals/s |")
+    print("| --- | --- | ---: | ---: | ---: | ---: | ---: | ---: |")
     print(f"| {f.device} | {torch.__version__} | {f.batch} | {_rate(f.supernet.img_per_s)} | "
-          f"{_rate(f.deit.img_per_s)} | {f.supernet.img_per_s / f.deit.img_per_s:.2f} | {f.evals_per_s:.1f} |")
+          f"{'-' if c is None else _rate(c.img_per_s)} | {_rate(f.deit.img_per_s)} | "
+          f"{f.supernet.img_per_s / f.deit.img_per_s:.2f} | {f.evals_per_s:.1f} |")
 
 
 def worker(args: argparse.Namespace) -> int:
@@ -363,14 +408,18 @@ def worker(args: argparse.Namespace) -> int:
         loader = SyntheticLoader(synthetic_batches([args.batch] * 2, space, env.device, seed=0),
                                  args.warmup + args.steps)
         data = DataBundle("synthetic", loader, None, None, space.img_size, space.in_chans, space.num_classes)
-        supernet, net, paths = train_supernet(args, data, env, tmp)
+        supernet, trainer, steps = train_supernet(args, data, env, tmp)
+        paths = [trainer.task.sampler(t) for t in steps[:1] + steps[args.warmup:]]
         deit, blocks = train_deit(args, space, data, env, tmp)
-        evals_per_s, images, per_batch = search_rate(net, space, args, env)
+        evals_per_s, images, per_batch = search_rate(trainer.task.net, space, args, env)
         cuda, threads = env.device.type == "cuda", torch.get_num_threads()
         name = torch.cuda.get_device_name(env.device) if cuda else f"CPU, {threads} thread{'s' * (threads > 1)}"
         peak = torch.cuda.max_memory_allocated(env.device) / 2**30 if cuda else None
-        f = Figures(name, backend, args.batch, supernet, paths, deit, blocks, evals_per_s, images, per_batch, peak,
-                    time.perf_counter() - start)
+        compiled = None
+        if compile_wanted(args.compile, env.device):  # last: the search above scored the eager supernet
+            compiled = compiled_training(trainer, data.train.batches, steps, args.warmup)
+        f = Figures(name, backend, args.batch, supernet, compiled, paths, deit, blocks, evals_per_s, images,
+                    per_batch, peak, time.perf_counter() - start)
         if not env.is_main:
             return 0
         report(args, f)

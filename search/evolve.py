@@ -170,7 +170,7 @@ def setup(cfg: DictConfig, job: Job, env: DistEnv) -> Session:
     if cfg.data_root is not None:
         data_cfg["root"] = str(cfg.data_root)
     batches = validation_batches(data_cfg, cfg.eval_images, cfg.eval_batch_size, env.device)
-    scorer = InheritedAccuracy(sck.net, batches, env, amp=cfg.amp)
+    scorer = InheritedAccuracy(sck.net, batches, env, amp=cfg.amp, compile=cfg.compile)
     cache: dict[ArchSpec, float] = {}  # one shared cache: no architecture is evaluated twice, across budgets too
     searches = [job.strategy(space, scorer, random.Random(f"psvit-search:{cfg.seed}:{i}"), c, job.evolution, cache)
                 for i, c in enumerate(job.constraints)]

@@ -137,7 +137,7 @@ def standalone_cfg(cfg: DictConfig, data_cfg: dict[str, Any], seed: int, run_dir
     s = cfg.standalone
     return {"arch": None, "init": "scratch", "supernet": None, "run_dir": str(run_dir), "resume": "auto",
             "resume_lr": None, "seed": seed, "device": cfg.device, "amp": cfg.amp, "max_steps": s.max_steps,
-            "ckpt_every": s.ckpt_every, "log_every": 50, "progress": False,
+            "ckpt_every": s.ckpt_every, "log_every": 50, "progress": False, "compile": cfg.compile,
             "optim": OmegaConf.to_container(s.optim, resolve=True), "eval": {"every": 0, "max_batches": None},
             "data": {**data_cfg, "seed": seed}}
 
@@ -150,7 +150,7 @@ def score_inherited(archs: list[ArchSpec], sck: SupernetCheckpoint, data_cfg: di
     from search.inherited import InheritedAccuracy, validation_batches
 
     batches = validation_batches(data_cfg, None, cfg.eval_batch_size, env.device)
-    scorer = InheritedAccuracy(sck.net, batches, env, amp=cfg.amp)
+    scorer = InheritedAccuracy(sck.net, batches, env, amp=cfg.amp, compile=cfg.compile)
     out: dict[ArchSpec, float] = {}
     bar = tqdm(total=len(archs), desc="inherited", disable=not env.is_main or not cfg.progress, dynamic_ncols=True)
     for i in range(0, len(archs), env.world_size):

@@ -21,6 +21,7 @@ from space.arch import ArchSpec
 from space.cost import macs
 from space.errors import UserError
 from supernet.data import build_data
+from supernet.engine.compile import compile_cells
 from supernet.engine.distributed import DistEnv, autocast, balance
 from supernet.model.supernet import Supernet
 
@@ -53,8 +54,10 @@ class InheritedAccuracy:
     """``evaluate(archs) -> top-1 accuracies`` with inherited supernet weights; counts what it does, so a
     caller (the search app's summary, the benchmark) can report evaluations and time without wrapping it."""
 
-    def __init__(self, net: Supernet, batches: Batches, env: DistEnv, amp: bool = True) -> None:
+    def __init__(self, net: Supernet, batches: Batches, env: DistEnv, amp: bool = True,
+                 compile: bool | str = False) -> None:
         self.net, self.batches, self.env, self.amp = net, batches, env, amp
+        compile_cells(net, compile, env.device, announce=env.is_main)  # the apps' ``compile`` setting
         self.images = sum(len(y) for _, y in batches)
         self.evaluations = 0  # architectures scored by this rank
         self.seconds = 0.0  # wall time inside __call__ on this rank, the all-reduce included

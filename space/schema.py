@@ -19,7 +19,7 @@ from space.errors import UserError
 class Key:
     """What one config key accepts."""
 
-    kind: str  # "int", "float", "bool", "str", "betas"
+    kind: str  # "int", "float", "bool", "str", "betas", "switch" (true, false or auto)
     low: float | None = None  # inclusive lower bound
     positive: bool = False  # strictly above zero
     high: float | None = None  # exclusive upper bound
@@ -34,6 +34,7 @@ class Key:
         ok = {"int": isinstance(v, int) and not isinstance(v, bool),
               "float": isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v),
               "bool": isinstance(v, bool),
+              "switch": isinstance(v, bool) or v == "auto",
               "str": isinstance(v, str) and v != "",
               "betas": _betas(v)}[self.kind]
         if ok and self.choices and v not in self.choices:
@@ -52,6 +53,8 @@ class Key:
             text = "a non-empty string"
         elif self.kind == "bool":
             text = "true or false"
+        elif self.kind == "switch":
+            text = "auto, true or false"
         elif self.low is not None and self.most is not None:
             text = f"{'an integer' if self.kind == 'int' else 'a number'} in [{self.low:g}, {self.most:g}]"
         else:
@@ -74,6 +77,7 @@ RUN = {
     "seed": Key("int", low=0),
     "device": Key("str", choices=("auto", "cpu", "cuda")),
     "amp": Key("bool"),
+    "compile": Key("switch"),
     "ckpt_every": Key("int", low=1),
     "ckpt_minutes": Key("float", positive=True, nullable=True),
     "log_every": Key("int", low=1),
@@ -115,15 +119,15 @@ EVOLVE = {"checkpoint": Key("str", nullable=True), "run_dir": Key("str", nullabl
           "params_max": Key("float", low=0, nullable=True), "latency_table": Key("str", nullable=True),
           "latency_max": Key("float", low=0, nullable=True), "eval_images": Key("int", low=1),
           "eval_batch_size": Key("int", low=1), "data_root": Key("str", nullable=True), "device": RUN["device"],
-          "amp": RUN["amp"], "progress": RUN["progress"], "show_top": Key("int", low=0)}
+          "amp": RUN["amp"], "compile": RUN["compile"], "progress": RUN["progress"], "show_top": Key("int", low=0)}
 
 FIDELITY = {"checkpoint": EVOLVE["checkpoint"], "run_dir": Key("str", nullable=True),
             "standalone_dir": Key("str", nullable=True), "seed": RUN["seed"], "archs": Key("int", low=3),
             "band_archs": Key("int", low=3), "seeds": Key("int", low=1), "topk": Key("int", low=1),
             "bootstrap": Key("int", low=100), "eval_batch_size": Key("int", low=1),
             "data_root": Key("str", nullable=True), "device": RUN["device"], "amp": RUN["amp"],
-            "progress": RUN["progress"], "standalone.max_steps": Key("int", low=1, nullable=True),
-            "standalone.ckpt_every": RUN["ckpt_every"],
+            "compile": RUN["compile"], "progress": RUN["progress"],
+            "standalone.max_steps": Key("int", low=1, nullable=True), "standalone.ckpt_every": RUN["ckpt_every"],
             **{f"standalone.{k}": v for k, v in RUN.items() if k.startswith("optim.")}}
 
 LATENCY = {"out": Key("str", nullable=True), "device": Key("str", choices=("cpu", "cuda")),

@@ -43,6 +43,7 @@ from space.samplers import make_sampler
 from space.schema import SUPERNET, check_config
 from space.space import SearchSpace
 from supernet.data import DataBundle, build_data
+from supernet.engine.compile import compile_cells
 from supernet.engine.distributed import DistEnv, distributed
 from supernet.engine.loop import FitResult, LossBackward, Task, Trainer, top1
 from supernet.model.supernet import Supernet
@@ -137,6 +138,7 @@ def train(cfg: DictConfig) -> TrainResult:
         check_fits("space", space, data)
         torch.manual_seed(cfg.seed)
         task = SupernetTask(Supernet(space).to(env.device), cfg, data, env)
+        compile_cells(task.net, cfg.compile, env.device, announce=env.is_main)
         res = Trainer(task, data, cfg, env).fit()
         return TrainResult(**vars(res), paths_digest=task.paths_digest, model=task.net)
 

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import random
+import warnings
+from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
@@ -142,3 +144,63 @@ def test_from_json_round_trip(tmp_path):
     (tmp_path / "bad.json").write_text('{"format": "psvit-arch/1"')
     with pytest.raises(ArchError, match="bad.json: <json>: malformed JSON"):
         PSViT.from_json(tmp_path / "bad.json")
+
+
+@contextmanager
+def softmax_in_fp32_under_cpu_autocast():
+    """CUDA autocast's policy for softmax (``fp32_set_opt_dtype``: fp32 unless a dtype is given) on the CPU, whose
+    autocast leaves softmax alone: what the model meets under CUDA bf16 autocast, on a machine without a GPU."""
+    lib = torch.library.Library("aten", "IMPL")
+    below = torch._C.DispatchKeySet(torch._C.DispatchKey.AutocastCPU)
+
+    def softmax(x, dim, dtype=None):
+        with torch._C._ExcludeDispatchKeyGuard(below):
+            return torch.ops.aten.softmax.int(x, dim, torch.float32 if dtype is None else dtype)
+
+    with warnings.catch_warnings():  # "overriding a previously registered kernel": that is the point
+        warnings.simplefilter("ignore", UserWarning)
+        lib.impl("softmax.int", softmax, "AutocastCPU")
+    try:
+        yield
+    finally:
+        lib._destroy()
+
+
+def saved_maps(run, n: int) -> tuple[int, set[torch.dtype]]:
+    """Bytes and dtypes of the distinct (..., n, n) tensors autograd keeps for backward while ``run()`` runs."""
+    kept: dict[int, torch.Tensor] = {}
+
+    def pack(t):
+        if t.dim() == 4 and t.shape[-2:] == (n, n):
+            kept[t.untyped_storage().data_ptr()] = t
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        run()
+    return sum(t.untyped_storage().nbytes() for t in kept.values()), {t.dtype for t in kept.values()}
+
+
+def test_shared_pair_keeps_one_attention_map_in_the_compute_dtype():
+    """Under bf16 autocast, also where softmax would run in fp32 (CUDA's policy), a shared pair forms one bf16 map
+    that its second layer and backward reuse (no fp32 map, no bf16 copies), close to the fp32 map; without autocast
+    the map and the pair's output are what they were, bit for bit."""
+    from supernet.model.layers import SharedPair
+
+    torch.manual_seed(0)
+    B, N, C, heads = 2, 7, 32, 4
+    pair = SharedPair(C, heads, 64)
+    x = torch.randn(B, N, C)
+    # The fp32 reference, written out: per-head q, k from the qkv rows, scaled scores, softmax over keys.
+    q, k, _ = pair.first.attn.qkv(pair.first.norm1(x)).view(B, N, heads, 3, C // heads).permute(3, 0, 2, 1, 4)
+    ref = ((q * (C // heads) ** -0.5) @ k.transpose(-2, -1)).softmax(dim=-1)
+    x1, attn = pair.first(x, need_map=True)
+    assert attn.dtype == torch.float32 and torch.equal(attn, ref)
+    assert torch.equal(pair(x), pair.second(x1, ref))
+    assert saved_maps(lambda: pair(x.requires_grad_()).sum().backward(), N) == (B * heads * N * N * 4,
+                                                                               {torch.float32})
+    with softmax_in_fp32_under_cpu_autocast(), torch.autocast("cpu", dtype=torch.bfloat16):
+        _, attn16 = pair.first(x, need_map=True)
+        assert attn16.dtype == torch.bfloat16
+        torch.testing.assert_close(attn16.float(), ref, atol=1e-2, rtol=0)
+        nbytes, dtypes = saved_maps(lambda: pair(x).float().sum().backward(), N)
+    assert (nbytes, dtypes) == (B * heads * N * N * 2, {torch.bfloat16})  # one bf16 map, not fp32 + bf16 copies

@@ -18,6 +18,7 @@ from space.arch import ArchSpec
 from space.cost import params
 from space.errors import UserError
 from supernet.data import DataBundle
+from supernet.engine.compile import compile_cells
 from supernet.engine.distributed import DistEnv
 from supernet.engine.loop import FitResult, Task, Trainer, top1
 from supernet.model.psvit import PSViT
@@ -76,6 +77,7 @@ def train_arch(arch: ArchSpec, name: str, cfg: DictConfig, data: DataBundle,
     check_fits("arch", arch, data)
     model, source_sha256 = initial_model(arch, cfg)
     task = RetrainTask(model.to(env.device), arch, name, cfg, data, env, source_sha256)
+    compile_cells(task.net, cfg.compile, env.device, announce=env.is_main)
     res = Trainer(task, data, cfg, env).fit()
     task.net.eval()
     if not res.stopped and cfg.eval.every and "model" not in res.val:  # rerun after a kill before result.json

@@ -87,8 +87,9 @@ class Attention(nn.Module):
         Args:
             x: tokens (B, N, C), C <= dim.
             num_heads: active heads (None: all); the head dim is ``C / num_heads``.
-            need_map: also return the attention map (B, heads, N, N) for the second layer of a shared pair;
-                otherwise the fused ``scaled_dot_product_attention`` kernel is used and no map is formed.
+            need_map: also return the attention map (B, heads, N, N), in the compute dtype (q's: bf16 under
+                autocast), for the second layer of a shared pair; otherwise the fused
+                ``scaled_dot_product_attention`` kernel is used and no map is formed.
         """
         B, N, C = x.shape
         heads = num_heads or self.num_heads
@@ -97,7 +98,10 @@ class Attention(nn.Module):
         q, k, v = qkv.unbind(0)
         if need_map:
             attn = (q * hd ** -0.5) @ k.transpose(-2, -1)  # (B, H, N, N)
-            attn = attn.softmax(dim=-1)
+            # In q's dtype (bf16 under autocast; the kernel accumulates in fp32): CUDA autocast would otherwise
+            # run softmax in fp32 and keep that map for backward beside the bf16 copy ``attn @ v`` makes of it,
+            # both of them (B, H, N, N). Without autocast the dtype is the input's: fp32 is unchanged.
+            attn = attn.softmax(dim=-1, dtype=q.dtype)
             out = attn @ v
         else:
             attn = None
