@@ -12,6 +12,10 @@ F1  ranking fidelity of each (`python -m search.fidelity`): 24 architectures ove
 F2  search vs random after retraining: evolution inside the band on the default supernet; the found
     architecture is trained with F1's stand-alone recipe and seeds, and its official test top-1 is compared
     with F1's random band architectures trained the same way.
+F3  what pooling + sharing buy: the same search without them, and DeiT-like nets at equal FLOPs / params.
+F4  latency: the latency tables of fmnist_2d and imagenet_tiny_2d on this CPU (batch 1, 2 threads) and their
+    accuracy, then the F2 search again under a latency bound equal to the F2 winner's predicted latency; both
+    winners measured and retrained. Run it on a quiet machine: it times things.
 """
 
 from __future__ import annotations
@@ -140,9 +144,10 @@ def loop_seconds(run_dir: Path) -> float:
 
 
 # ----------------------------------------------------------------------------- F2/F3 helpers
-def trained_test_top1(archs: dict[str, ArchSpec], checkpoint: str, data_cfg: dict) -> dict[str, list[float]]:
+def trained_test_top1(archs: dict[str, ArchSpec], checkpoint: str, data_cfg: dict,
+                      root: Path = OUT / "standalone") -> dict[str, list[float]]:
     """Official test top-1 of each architecture per seed, trained from scratch with F1's stand-alone recipe
-    through the fidelity app's own function (runs already done by F1 are reused, not retrained)."""
+    through the fidelity app's own function (runs already in ``root``, e.g. F1's, are reused, not retrained)."""
     import torch
     from hydra import compose, initialize_config_dir
 
@@ -158,7 +163,7 @@ def trained_test_top1(archs: dict[str, ArchSpec], checkpoint: str, data_cfg: dic
     env = DistEnv(0, 1, 0, torch.device("cpu"))
     data_cfg = {**data_cfg, "eval_batch_size": 1000}
     test = build_data(data_cfg, 0, 1, env.device, test=True).test
-    root, out = OUT / "standalone", {}
+    out = {}
     for name, a in archs.items():
         out[name] = []
         for seed in range(cfg.seeds):
@@ -217,8 +222,81 @@ def main() -> None:
                 "DeiT-like, FLOPs-matched": deit_like(macs(best), **like),
                 "DeiT-like, params-matched": deit_like(params(best), by="params", **like)}
     f3 = measured("f3_test.json", "F3 retrain + test", lambda: trained_test_top1(f3_archs, ckpt, data))
+    f4 = latency_study(default, best, ckpt, data)
     write_page(fids, default, {"archs": {"searched": best, **band}, "test": f2},
-               {"archs": f3_archs, "test": f3}, json.loads(TIMES.read_text()))
+               {"archs": f3_archs, "test": f3}, f4, json.loads(TIMES.read_text()))
+
+
+# ----------------------------------------------------------------------------- F4
+LATENCY = {"fmnist_2d": ["repeats=50"], "imagenet_tiny_2d": ["repeats=20", "warmup=5"]}
+
+
+def latency_study(supernet: str, flops_best: ArchSpec, ckpt: str, data: dict) -> dict:
+    """F4: tables of both spaces, the latency-bound search at the FLOPs winner's predicted latency, and the two
+    winners measured (batch 1, 2 threads) and retrained with F1's recipe."""
+    from space.latency import LatencyTable
+
+    tables = {}
+    for space, extra in LATENCY.items():
+        path = OUT / f"latency_{space}_cpu.json"
+        if not path.exists():
+            timed(f"F4 latency table {space}", lambda space=space, path=path, extra=extra: run(
+                [PY, "-m", "supernet.latency", f"space={space}", "threads=2", "batch=1", f"out={path}",
+                 "progress=false", *(["archs=3", "calibrate=1", "repeats=2"] if SMOKE else extra)],
+                log=f"latency_{space}"))
+        tables[space] = LatencyTable.load(path)
+    table_path = OUT / "latency_fmnist_2d_cpu.json"
+    bound = tables["fmnist_2d"].predict(flops_best)
+    search_dir = OUT / f"search_{supernet}_latency"
+    if not (search_dir / "best_arch.json").exists():
+        args = [a for a in SEARCH_ARGS if not a.startswith("flops_")]
+        timed("F4 search under latency", lambda: run(
+            [PY, "-m", "search.evolve", f"checkpoint={OUT / f'supernet_{supernet}' / 'last.ckpt'}",
+             f"run_dir={search_dir}", f"latency_table={table_path}", f"latency_max={bound}", *args],
+            log=f"search_{supernet}_latency"))
+    archs = {"FLOPs-bound (F2)": flops_best, "latency-bound": ArchSpec.load(search_dir / "best_arch.json")}
+    # both trained now, in their own directory: F1's runs predate the current code (LayerNorm eps, torch)
+    test = measured("f4_test.json", "F4 retrain + test",
+                    lambda: trained_test_top1(archs, ckpt, data, OUT / "standalone_f4"))
+    ms = measured("f4_latency.json", "F4 measured latency", lambda: measure_latency(archs))
+    return {"tables": tables, "bound": bound, "archs": archs, "test": test, "measured_ms": ms}
+
+
+def measure_latency(archs: dict[str, ArchSpec]) -> dict[str, float]:
+    import torch
+
+    from supernet.timing import Timing, measure_arch
+
+    torch.set_num_threads(2)
+    timing = Timing(torch.device("cpu"), 1, warmup=20, repeats=2 if SMOKE else 200, amp=False)
+    return {k: measure_arch(a, timing) for k, a in archs.items()}
+
+
+def latency_section(f4: dict) -> list[str]:
+    out = ["\n## F4. Measured latency: the latency model, and a search under a latency bound\n",
+           "Latency tables measured by `python -m supernet.latency threads=2 batch=1` on this CPU (each block the "
+           "median of its repeats; the overhead calibrated on 10 random networks), and their accuracy on 30 other "
+           "random networks timed end to end:\n",
+           "| space | blocks | overhead | MAPE | worst | Kendall τ | repeats |", "|---|---:|---:|---:|---:|---:|---:|"]
+    for space, t in f4["tables"].items():
+        a = t.accuracy
+        out.append(f"| {space} | {len(t.blocks)} | {t.overhead_ms:.3f} ms | {a.mape:.1f}% | {a.max_ape:.1f}% | "
+                   f"{a.kendall_tau:.3f} | {LATENCY[space][0].split('=')[1]} |")
+    t, test, ms = f4["tables"]["fmnist_2d"], f4["test"], f4["measured_ms"]
+    out += [f"\nThe F2 search again on the same supernet with the same evolution, its FLOPs band replaced by "
+            f"`latency_max` = the F2 winner's predicted latency ({f4['bound']:.3f} ms). Both winners measured here "
+            "(batch 1, 2 threads, median of 200) and trained with F1's recipe (seeds 0 and 1), official test split:\n",
+            "| bound | architecture | FLOPs | params | predicted | measured | test top-1 seed 0 | seed 1 | mean |",
+            "|---|---|---:|---:|---:|---:|---:|---:|---:|"]
+    for k, a in f4["archs"].items():
+        scores = " | ".join(f"{x:.4f}" for x in test[k])
+        out.append(f"| {k} | `{a.short()}` | {fmt_macs(macs(a))} | {fmt_params(params(a))} | {t.predict(a):.3f} ms | "
+                   f"{ms[k]:.3f} ms | {scores} | {statistics.mean(test[k]):.4f} |")
+    spread = statistics.mean(abs(test[k][0] - test[k][1]) for k in f4["archs"])
+    d = statistics.mean(test["latency-bound"]) - statistics.mean(test["FLOPs-bound (F2)"])
+    out.append(f"\nLatency-bound minus FLOPs-bound: {d:+.4f} test top-1; mean seed-to-seed difference {spread:.4f}"
+               + (" (not larger than that: no evidence either way)." if abs(d) <= spread else "."))
+    return out
 
 
 def data_cfg_of(name: str) -> dict:
@@ -235,7 +313,7 @@ def ci(e: dict | None) -> str:
     return f"{e['value']:.3f} [{e['low']:.3f}, {e['high']:.3f}]"
 
 
-def write_page(fids: dict, default: str, f2: dict, f3: dict, times: dict) -> None:
+def write_page(fids: dict, default: str, f2: dict, f3: dict, f4: dict, times: dict) -> None:
     """docs/results.md, and the fidelity plots and JSON copied to docs/fidelity/."""
     import torch
 
@@ -258,6 +336,7 @@ def write_page(fids: dict, default: str, f2: dict, f3: dict, times: dict) -> Non
     lines += fidelity_section(fids)
     lines += retrained_section(f2, default, fids[default]["standalone"]["max_steps"])
     lines += fair_section(f3, default)
+    lines += latency_section(f4)
     lines += ["\n## Timings\n"] + [f"- {k}: {v / 60:.1f} min" for k, v in times.items()]
     if SMOKE:
         print("\n".join(lines))
