@@ -125,6 +125,9 @@ FIDELITY = {"checkpoint": EVOLVE["checkpoint"], "run_dir": Key("str", nullable=T
             **{f"standalone.{k}": v for k, v in RUN.items() if k.startswith("optim.")}}
 
 CONVERT = {"checkpoint": Key("str", nullable=True), "arch": Key("str", nullable=True), "out": Key("str", nullable=True)}
+EXPORT = {"arch": Key("str", nullable=True), "checkpoint": Key("str", nullable=True),
+          "format": Key("str", choices=("onnx", "torchscript", "pt2")), "out": Key("str", nullable=True),
+          "batch": Key("int", low=1, nullable=True), "atol": Key("float", low=0), "seed": RUN["seed"]}
 
 
 def check_config(cfg: Mapping[str, Any], schema: Mapping[str, Key]) -> None:
