@@ -91,14 +91,13 @@ def _batch_dim(dynamic: bool) -> tuple[dict[int, Any], ...] | None:
 def _write_onnx(model: nn.Module, example: Tensor, path: Path, dynamic: bool, arch_json: str) -> None:
     program = torch.onnx.export(
         model, (example,), dynamo=True, input_names=[INPUT], output_names=[OUTPUT],
-        dynamic_shapes=_batch_dim(dynamic), verbose=False,
+        dynamic_shapes=_batch_dim(dynamic), verbose=False,  # the batch axis is named after its Dim: "batch"
         custom_translation_table={torch.ops.aten.adaptive_max_pool2d.default: onnx_adaptive_max_pool})
     # The exporter annotates every node with its Python stack trace: this machine's source paths, and more
-    # bytes than the weights of a small model. A deployment file needs none of it.
+    # bytes than the weights of a small model. A deployment file needs none of it. (TorchScript files keep
+    # their debug info: torch.jit.save has no switch for it.)
     for node in program.model.graph.all_nodes():
         node.metadata_props.clear()
-    if dynamic:  # the exporter names the batch axis after its symbol (s77); runtimes show the name
-        program.rename_axes({program.model.graph.inputs[0].shape[0]: "batch"})
     program.model.metadata_props[ARCH_KEY] = arch_json
     program.save(path, external_data=False)  # one self-contained file (protobuf's limit: 2 GB)
 
@@ -112,6 +111,8 @@ def _write_torchscript(model: nn.Module, example: Tensor, path: Path, dynamic: b
 
 def _write_pt2(model: nn.Module, example: Tensor, path: Path, dynamic: bool, arch_json: str) -> None:
     program = torch.export.export(model, (example,), dynamic_shapes=_batch_dim(dynamic))
+    for node in program.graph.nodes:  # as for ONNX: no source paths of this machine in the file
+        node.meta.pop("stack_trace", None)
     torch.export.save(program, path, extra_files={ARCH_KEY: arch_json})
 
 
