@@ -7,7 +7,7 @@ Formats (``FORMATS``), each holding the architecture JSON under ``ARCH_KEY`` for
   by onnxruntime. 1D token pooling's adaptive max-pooling has no ONNX operator and no decomposition in the
   exporter, so :func:`onnx_adaptive_max_pool` translates it exactly (a gather of each window, then a max).
 * ``torchscript``: ``torch.jit.trace``, loaded by ``torch.jit.load`` or libtorch (C++); deprecated by torch
-  (FutureWarning since 2.10) but still the format C++ deployments read.
+  (torch 2.14 warns so) but still the format C++ deployments read.
 * ``pt2``: a ``torch.export`` program (``torch.export.save``), loaded by ``torch.export.load``: torch's successor
   to TorchScript.
 

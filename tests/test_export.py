@@ -11,6 +11,7 @@ import sys
 import tempfile
 import zipfile
 from pathlib import Path
+from unittest import mock
 
 import numpy as np
 import onnxruntime as ort
@@ -18,9 +19,12 @@ import pytest
 import torch
 import torch.nn.functional as F
 from hydra import compose, initialize_config_dir
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 from omegaconf import OmegaConf
 
 from space.arch import ArchSpec, StageSpec
+from space.errors import UserError
 from space.schema import EXPORT
 from space.space import SearchSpace
 from supernet import deploy
@@ -298,3 +302,29 @@ def test_a_file_that_fails_its_check_is_not_kept(ckpts, run_module, tmp_path: Pa
     assert sorted(p.name for p in tmp_path.iterdir()) == ["m.pt", "scratch"]
     res = export(config(arch=str(ckpts["2d"]), format="torchscript", out=str(out), atol=1e-2))
     assert res.ok and 0.9e-3 <= res.check.max_diff <= 1.1e-3 and out.read_bytes() != b"an earlier export"
+
+
+class _Reached(Exception):
+    """The app got past its checks to loading weights."""
+
+
+@settings(max_examples=120, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(data=st.data())
+def test_fuzz_config_is_one_line_or_passes_the_checks(data, tmp_path_factory) -> None:
+    """Any value of any key: a one-line UserError, or the app gets to its work; either way nothing is written."""
+    d = tmp_path_factory.getbasetemp() / "fuzz"
+    d.mkdir(exist_ok=True)
+    ARCHS["2d"].save(d / "2d.json")
+    cfg = config(arch=str(d / "2d.json"), format="torchscript", out=str(d / "m.pt"))
+    cfg[data.draw(st.sampled_from(sorted(EXPORT)))] = data.draw(st.one_of(
+        st.none(), st.booleans(), st.integers(-10**6, 10**6), st.floats(allow_nan=True), st.text(max_size=8),
+        st.lists(st.floats(allow_nan=True), max_size=3)))
+    before = _ls(d)
+    with mock.patch("supernet.export.load_weights", side_effect=_Reached):
+        try:
+            export(cfg)
+        except _Reached:
+            pass
+        except UserError as e:
+            assert "\n" not in str(e) and str(e).strip(), repr(e)
+    assert _ls(d) == before
