@@ -141,6 +141,12 @@ def _from_supernet(arch: ArchSpec, path: Path) -> tuple[PSViT, str]:
     return model.eval(), f"weights of supernet {path} (step {sck.step}, path extracted)"
 
 
+def random_images(arch: ArchSpec, batches: tuple[int, ...], seed: int) -> list[torch.Tensor]:
+    """Standard-normal images (B, in_chans, img, img) for each batch size, as the normalized inputs look."""
+    g = torch.Generator().manual_seed(seed)
+    return [torch.randn(b, arch.in_chans, arch.img_size, arch.img_size, generator=g) for b in batches]
+
+
 def export(cfg: DictConfig | Mapping[str, Any]) -> Exported:
     """Write ``cfg.arch`` as ``cfg.format`` with the weights of ``cfg.checkpoint`` to ``cfg.out`` if the file
     computes what PyTorch computes within ``cfg.atol``; the result says whether it did. Raises UserError (one
@@ -157,10 +163,8 @@ def export(cfg: DictConfig | Mapping[str, Any]) -> Exported:
     check_packages(fmt)
     model, weights = load_weights(arch, cfg["checkpoint"], cfg["seed"])
     batch = cfg["batch"]
-    g = torch.Generator().manual_seed(cfg["seed"])
-    images = lambda b: torch.randn(b, arch.in_chans, arch.img_size, arch.img_size, generator=g)  # noqa: E731
     batches = CHECK_BATCHES if batch is None else (batch,)
-    example, inputs = images(batch or EXAMPLE_BATCH), [images(b) for b in batches]
+    example, *inputs = random_images(arch, (batch or EXAMPLE_BATCH, *batches), cfg["seed"])
     with tempfile.TemporaryDirectory(prefix="psvit-export-") as scratch:
         tmp = Path(scratch) / out.name
         write(fmt, model, example, tmp, batch is None, arch.to_json())

@@ -92,13 +92,13 @@ def test_onnx_adaptive_max_pooling_is_exact(tmp_path: Path) -> None:
 
 @pytest.fixture(scope="module")
 def exported(tmp_path_factory: pytest.TempPathFactory) -> dict[tuple[str, str], tuple[Path, object]]:
-    """Every (pooling, format) written with fresh weights by `export`; the 2D program for batch 1 only."""
+    """Every (pooling, format) written with fresh weights by `export`; 2D's ONNX and program for batch 1 only."""
     d = tmp_path_factory.mktemp("exported")
     out = {}
     for pooling, arch in ARCHS.items():
         arch.save(d / f"{pooling}.json")
         for fmt in SUFFIX:
-            batch = 1 if (pooling, fmt) == ("2d", "pt2") else None
+            batch = 1 if (pooling, fmt) in (("2d", "onnx"), ("2d", "pt2")) else None
             res = export(config(arch=str(d / f"{pooling}.json"), format=fmt, batch=batch))
             out[pooling, fmt] = res.out, res
     return out
@@ -124,9 +124,10 @@ def test_every_format_holds_the_arch_and_matches_pytorch(exported) -> None:
     assert exported["1d", "onnx"][1].batches == (1, 3)
     inputs = ort.InferenceSession(str(exported["1d", "onnx"][0])).get_inputs()
     assert inputs[0].shape == ["batch", 1, 28, 28]
-    fixed, _ = deploy.load(deploy.FORMATS["pt2"], exported["2d", "pt2"][0])
-    with pytest.raises(Exception, match="batch|size|shape|Expected"):  # batch=1 means batch 1 only
-        fixed(images(2))
+    for fmt in ("onnx", "pt2"):  # batch=1 means batch 1 only
+        fixed, _ = deploy.load(deploy.FORMATS[fmt], exported["2d", fmt][0])
+        with pytest.raises(Exception, match=r"[Ii]nvalid dimensions|size\(\)\[0\] == 1"):
+            fixed(images(2))
 
 
 SCRIPT = """
@@ -149,7 +150,7 @@ print(sorted(m for m in sys.modules if m.split(".")[0] in ("space", "supernet", 
 @pytest.mark.slow
 def test_files_run_where_this_project_cannot_be_imported(exported, tmp_path: Path) -> None:
     """One isolated interpreter (-I, another cwd, the project's packages blocked) runs every file at batch 4
-    (the batch-1 program at 1) and its logits match PyTorch's."""
+    (the batch-1 files at 1) and its logits match PyTorch's."""
     args = []
     for batch in (1, 4):
         np.save(tmp_path / f"x{batch}.npy", images(batch, seed=batch).numpy())
