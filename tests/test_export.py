@@ -239,6 +239,7 @@ def test_retraining_checkpoint_exports_its_weights(ckpts, tmp_path: Path) -> Non
     ("out_is_dir", "error: out: {tmp} is a directory"),
     ("out_other_format", "error: out: {tmp}/m.pt has the extension of format=torchscript, not format=onnx (name it "
                          "m.onnx or pass format=torchscript)"),
+    ("out_is_arch", "error: out: {tmp}/2d.json is the arch file itself (write the onnx file to another name)"),
     ("no_onnxruntime", "error: format: onnx needs onnxruntime, which is not installed (pip install -e '.[export]'"),
 ])
 def test_bad_input_is_one_line_exit_2_and_writes_nothing(ckpts, run_module, tmp_path: Path, monkeypatch, case: str,
@@ -270,6 +271,9 @@ def test_bad_input_is_one_line_exit_2_and_writes_nothing(ckpts, run_module, tmp_
         args["out"] = str(tmp_path)
     elif case == "out_other_format":
         args["out"] = str(tmp_path / "m.pt")
+    elif case == "out_is_arch":
+        args["arch"] = args["out"] = str(tmp_path / "2d.json")
+        ARCHS["2d"].save(args["arch"])
     elif case == "no_onnxruntime":
         monkeypatch.setitem(sys.modules, "onnxruntime", None)  # import fails as when the extra is missing
     before = _ls(tmp_path, ckpts["supernet"].parent, ckpts["retrain"].parent.parent)
