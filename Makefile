@@ -44,7 +44,7 @@ install: .venv/.installed data ## create .venv and install the package with the 
 	test -x $(PY) || $(PYTHON) -m venv .venv
 	$(PIP) install $(TORCH_REQ)
 	for t in $(TORCH_REQ); do case $$t in *==*) echo $$t;; esac; done > .venv/torch-constraints.txt
-	$(PIP) install -c .venv/torch-constraints.txt -e '.[dev,imagenet]'
+	$(PIP) install -c .venv/torch-constraints.txt -e '.[dev,imagenet,export]'
 	touch $@
 
 data: ## make sure Fashion-MNIST is in /usr/share/datasets (Debian package); never fails
@@ -79,6 +79,11 @@ retrain: install ## train an exported architecture from scratch on NPROC workers
 
 latency: install ## measure a space's latency lookup table here (make latency ARGS="space=fmnist_2d out=lat.json")
 	$(PY) -m supernet.latency $(ARGS)
+
+.PHONY: export
+export: install ## an architecture as a checked ONNX / TorchScript file (make export ARCH=arch.json ARGS="checkpoint=...")
+	@test -n "$(ARCH)" || { echo "make export: set ARCH=path/to/arch.json" >&2; exit 1; }
+	$(PY) -m supernet.export arch=$(ARCH) $(ARGS)
 
 bench: install ## benchmarks printing side-by-side ratios
 	$(PY) -m bench $(ARGS)

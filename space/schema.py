@@ -140,6 +140,10 @@ PREPARE = {"src": Key("str", nullable=True), "out": Key("str", nullable=True), "
            "short_side": Key("int", low=1, nullable=True), "interpolation": RUN["recipe.interpolation"],
            "shards": Key("int", low=1), "workers": Key("int", low=0, nullable=True), "progress": RUN["progress"]}
 
+EXPORT = {"arch": Key("str", nullable=True), "checkpoint": Key("str", nullable=True),
+          "format": Key("str", choices=("onnx", "torchscript", "pt2")), "out": Key("str", nullable=True),
+          "batch": Key("int", low=1, nullable=True), "atol": Key("float", low=0), "seed": RUN["seed"]}
+
 
 def check_config(cfg: Mapping[str, Any], schema: Mapping[str, Key]) -> None:
     """Raise a one-line :class:`UserError` for the first key of ``schema`` whose value ``cfg`` gets wrong."""

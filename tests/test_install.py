@@ -39,7 +39,7 @@ def test_install_stamp_follows_torch_req_and_pins_the_pair(tmp_path):
 
     cpu = "torch==2.14.1 torchvision==0.29.1"
     assert make_install(tmp_path, cpu) == ["-m pip install torch==2.14.1 torchvision==0.29.1",
-                                           "-m pip install -c .venv/torch-constraints.txt -e .[dev,imagenet]"]
+                                           "-m pip install -c .venv/torch-constraints.txt -e .[dev,imagenet,export]"]
     assert (tmp_path / ".venv" / "torch-constraints.txt").read_text().split() == cpu.split()
     assert make_install(tmp_path, cpu) == []  # up to date
     cuda = "torch==2.14.1+cu128 torchvision==0.29.1+cu128 --index-url https://download.pytorch.org/whl/cu128"

@@ -15,7 +15,7 @@ import pytest
 REPO = Path(__file__).resolve().parents[1]
 PACKAGES = ("space", "supernet", "search")
 APPS = ("supernet.train", "supernet.retrain", "search.evolve", "search.fidelity", "space.info",
-        "space.baselines", "supernet.convert", "supernet.latency", "supernet.prepare")
+        "space.baselines", "supernet.convert", "supernet.latency", "supernet.prepare", "supernet.export")
 MAX_FUNCTION_LINES = 60
 
 
