@@ -68,7 +68,7 @@ class Constraint:
             t = self.latency
             out.update(latency_max=self.latency_max, latency_table={"space_hash": t.space_hash, "device": t.device,
                        "device_name": t.device_name, "threads": t.threads, "batch": t.batch,
-                       "overhead_ms": t.overhead_ms, "blocks": t.blocks})
+                       "overhead_ms": t.overhead_ms, "scale": t.scale, "blocks": t.blocks})
         return out
 
     def describe(self) -> str:

@@ -10,8 +10,9 @@ A block is what a PSViT runs once per forward at given sizes, named by a key:
 * ``pool:N0xD0>N1xD1``: token pooling between stages;
 * ``head:NxD``: the final norm and the classifier.
 
-Identity cells cost nothing. ``predict(arch) = overhead_ms + sum(blocks)``, where ``overhead_ms`` is what a
-whole forward costs beyond its blocks (calls between modules), measured on calibration architectures.
+Identity cells cost nothing. ``predict(arch) = overhead_ms + scale * sum(blocks)``: a block timed alone is not
+exactly what it costs inside a network (calls between modules, caches, threads waking), so ``overhead_ms`` and
+``scale`` are fitted by least squares on calibration architectures timed end to end.
 """
 
 from __future__ import annotations
@@ -90,6 +91,7 @@ class LatencyTable:
     dtype: str  # float32, or bfloat16 (CUDA autocast)
     overhead_ms: float  # a whole forward beyond the sum of its blocks
     blocks: dict[str, float]  # block key -> median milliseconds
+    scale: float = 1.0  # milliseconds of a whole forward per millisecond of its blocks timed alone (fitted)
     accuracy: Accuracy | None = None  # on architectures other than the calibration ones
     format: str = field(default=FORMAT)
 
@@ -116,14 +118,14 @@ class LatencyTable:
         Raises:
             LatencyError: a block of ``arch`` is not in the table (an architecture of another space).
         """
-        total = self.overhead_ms
+        total = 0.0
         for key in block_keys(arch):
             ms = self.blocks.get(key)
             if ms is None:
                 raise LatencyError(f"arch: block {key!r} is not in the latency table of space {self.space!r} (the "
                                    "architecture is not in that space)")
             total += ms
-        return total
+        return self.overhead_ms + self.scale * total
 
     def predicted_range(self, space: SearchSpace) -> tuple[float, float]:
         """The exact smallest and largest prediction over ``space``: cells are chosen independently, so per
@@ -134,12 +136,12 @@ class LatencyTable:
         lo = hi = None
         for chain in space.chains:
             (t_last, d_last) = chain[-1]
-            fixed = self.overhead_ms + self.blocks[f"embed:{chain[0][1]}"] + self.blocks[f"head:{t_last}x{d_last}"]
+            fixed = self.blocks[f"embed:{chain[0][1]}"] + self.blocks[f"head:{t_last}x{d_last}"]
             fixed += sum(self.blocks[f"pool:{a[0]}x{a[1]}>{b[0]}x{b[1]}"] for a, b in zip(chain, chain[1:]))
             times = [[op_ms(op, t, d) for op in space.ops] for t, d in chain]
             cells = [s.cells for s in space.stages]
-            small = fixed + sum(n * min(ts) for n, ts in zip(cells, times))
-            large = fixed + sum(n * max(ts) for n, ts in zip(cells, times))
+            small = self.overhead_ms + self.scale * (fixed + sum(n * min(ts) for n, ts in zip(cells, times)))
+            large = self.overhead_ms + self.scale * (fixed + sum(n * max(ts) for n, ts in zip(cells, times)))
             lo, hi = (small, large) if lo is None else (min(lo, small), max(hi, large))
         return lo, hi
 
@@ -175,7 +177,8 @@ class LatencyTable:
         except TypeError as e:
             raise LatencyError(f"{source}: {p} is malformed ({e})") from None
         bad = [k for k, v in table.blocks.items() if not isinstance(v, (int, float)) or not v >= 0]
-        if bad or not isinstance(table.overhead_ms, (int, float)):
-            raise LatencyError(f"{source}: {p} has a malformed time (block {bad[0] if bad else 'overhead_ms'!r})")
+        if bad or not isinstance(table.overhead_ms, (int, float)) or not isinstance(table.scale, (int, float)) \
+                or not table.scale > 0:
+            raise LatencyError(f"{source}: {p} has a malformed time (block {bad[0] if bad else 'overhead_ms/scale'!r})")
         return table
 

@@ -7,8 +7,8 @@ predicts whole networks (space/latency.py holds the table and the prediction, su
 Every block the space can build (each op at every tokens x dim, each pooling step, embedding and head) is built
 from the model's own modules (supernet/model/layers.py) at its sizes and timed at ``batch`` images: ``warmup``
 untimed calls, then the median of ``repeats`` timed ones (CUDA: events around each call). ``calibrate`` random
-architectures of the space are then timed end to end as ``PSViT(arch)``; the median of (measured - sum of its
-blocks) is the table's ``overhead_ms``. Finally ``archs`` other random architectures are timed end to end and
+architectures of the space are then timed end to end as ``PSViT(arch)``; ``measured ~ overhead_ms + scale x sum of
+its blocks`` is fitted to them by least squares. Finally ``archs`` other random architectures are timed end to end and
 the table reports its own accuracy on them: mean absolute percentage error, worst error and Kendall tau.
 User errors print one ``error: ...`` line, exit 2 and write nothing.
 """
@@ -49,7 +49,7 @@ def latency(cfg: DictConfig | Mapping[str, Any]) -> str:
     table.save(out)
     lines = [f"{out}: {len(table.blocks)} blocks of space {space.name!r} on {table.device_name} ({table.device}, "
              f"{table.threads} threads, batch {table.batch}, {table.dtype}, torch {table.torch}); "
-             f"overhead {table.overhead_ms:.3f} ms"]
+             f"calibrated on {cfg['calibrate']} networks: overhead {table.overhead_ms:.3f} ms, scale {table.scale:.3f}"]
     if table.accuracy is not None:
         a = table.accuracy
         lines.append(f"accuracy on {a.archs} other random architectures: MAPE {a.mape:.1f}%, worst {a.max_ape:.1f}%, "

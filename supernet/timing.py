@@ -143,6 +143,17 @@ def accuracy_of(predicted: list[float], measured: list[float]) -> Accuracy:
     return Accuracy(len(measured), statistics.fmean(ape), float(kendalltau(predicted, measured).statistic), max(ape))
 
 
+def calibration(sums: list[float], measured: list[float]) -> dict[str, float]:
+    """``overhead_ms`` and ``scale`` of ``measured ~ overhead + scale * sum`` by least squares; with fewer than two
+    distinct sums (or a fit that is not increasing) the scale stays 1 and the overhead is the median residual."""
+    if len(set(sums)) >= 2:
+        fit = statistics.linear_regression(sums, measured)
+        if fit.slope > 0:
+            return {"overhead_ms": fit.intercept, "scale": fit.slope}
+    residuals = [m - s for s, m in zip(sums, measured)]
+    return {"overhead_ms": statistics.median(residuals) if residuals else 0.0, "scale": 1.0}
+
+
 def measure_table(space: SearchSpace, timing: Timing, threads: int, calibrate: int, archs: int, seed: int,
                   progress: bool = True) -> tuple[LatencyTable, list[dict[str, Any]]]:
     """The latency table of ``space`` and, for each accuracy architecture, its MACs, prediction and measurement."""
@@ -156,11 +167,12 @@ def measure_table(space: SearchSpace, timing: Timing, threads: int, calibrate: i
                          batch=timing.batch,
                          dtype="bfloat16" if timing.device.type == "cuda" and timing.amp else "float32",
                          overhead_ms=0.0, blocks=blocks)
-    residuals = []
+    sums, measured = [], []
     for a in cal:
-        residuals.append(measure_arch(a, timing) - table.predict(a))
+        sums.append(table.predict(a))  # the blocks' sum: overhead 0, scale 1 so far
+        measured.append(measure_arch(a, timing))
         bar.update(1)
-    table = LatencyTable(**{**vars(table), "overhead_ms": statistics.median(residuals) if residuals else 0.0})
+    table = LatencyTable(**{**vars(table), **calibration(sums, measured)})
     rows = []
     for a in test:
         rows.append({"arch": a.short(), "macs": macs(a), "predicted_ms": table.predict(a),

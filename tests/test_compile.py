@@ -109,16 +109,15 @@ def _step(net: Supernet, x: torch.Tensor, arch: ArchSpec) -> tuple[torch.Tensor,
 
 @pytest.mark.slow
 def test_compiled_cells_equal_eager_outputs_and_gradients_and_keep_the_state_dict():
-    """Inductor on the CPU: a 2D path of two shared pairs and stride-2 pooling into a sliced dim, and a 1D path of
-    token pooling and a basic cell, give eager's logits and every gradient to 1e-5; the modules ran compiled (one
+    """Inductor on the CPU: a 2D path of two shared pairs (whose first layers run a basic layer's attention) and
+    stride-2 pooling into a sliced dim gives eager's logits and every gradient to 1e-5; the modules ran compiled (one
     graph per class and call shape, the two equal pairs sharing one; no graph break); parameters and state_dict
-    keys are unchanged, so checkpoints load across compile on and off. (Four graphs, forward and backward: inductor
-    takes tens of seconds for each on a CPU.)"""
+    keys are unchanged, so checkpoints load across compile on and off. (Two graphs, forward and backward: inductor
+    takes tens of seconds for each on a CPU, so the 1D pooling is left to the call-shape and wiring tests.)"""
     torch.manual_seed(0)
-    s2, s1 = tiny_space("2d"), tiny_space("1d")
-    cases = [(s2, pick(s2, 4, 8, (("shared", "shared"), ("identity",)))),
-             (s1, pick(s1, 9, 12, (("identity", "identity"), ("basic",))))]
-    nets = {s.pooling: Supernet(s).train() for s in (s2, s1)}
+    s2 = tiny_space("2d")
+    cases = [(s2, pick(s2, 4, 8, (("shared", "shared"), ("identity",))))]
+    nets = {s.pooling: Supernet(s).train() for s in (s2,)}
     x = {p: torch.randn(3, 1, 8, 8) for p in nets}
     eager = [_step(nets[s.pooling], x[s.pooling], a) for s, a in cases]
     keys = {p: list(n.state_dict()) for p, n in nets.items()}
@@ -132,9 +131,8 @@ def test_compiled_cells_equal_eager_outputs_and_gradients_and_keep_the_state_dic
         assert grads_c.keys() == grads.keys()
         for name, g in grads.items():
             torch.testing.assert_close(grads_c[name], g, atol=1e-5, rtol=1e-5, msg=name)
-    # 2D: the pairs at (16, 8), pooling (16, 8) -> (4, 8) through a 12-wide conv; 1D: pooling (17, 8) -> (10, 12),
-    # the basic cell at (10, 12).
-    assert counters["stats"]["unique_graphs"] - graphs == 4
+    # the pairs at (16, 8), pooling (16, 8) -> (4, 8) through a 12-wide conv
+    assert counters["stats"]["unique_graphs"] - graphs == 2
     assert sum(counters["graph_break"].values()) == breaks
     for p, net in nets.items():
         assert list(net.state_dict()) == keys[p] and [id(q) for q in net.parameters()] == params[p]

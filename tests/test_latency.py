@@ -91,6 +91,8 @@ def test_prediction_is_the_overhead_plus_the_blocks_of_the_forward() -> None:
     table = table_for(space, times, overhead_ms=0.25)
     arch = space.sample(random.Random(3))
     assert table.predict(arch) == 0.25 + sum(times[k] for k in block_keys(arch))
+    scaled = table_for(space, times, overhead_ms=0.25, scale=0.75)  # powers of 2: exact in floating point
+    assert scaled.predict(arch) == 0.25 + 0.75 * sum(times[k] for k in block_keys(arch))
     # one block per shared pair and per basic cell, none per identity cell; embed, the two pools and the head
     s0 = arch.stages[0]
     arch = dataclasses.replace(arch, stages=(dataclasses.replace(s0, cells=("shared", "identity")), *arch.stages[1:]))
@@ -125,8 +127,10 @@ def test_a_table_survives_json_and_bad_files_are_one_line(tmp_path: Path) -> Non
     (tmp_path / "old.json").write_text(json.dumps({**table.to_dict(), "format": "psvit-latency/0"}))
     (tmp_path / "junk.json").write_text("{not json")
     (tmp_path / "field.json").write_text(json.dumps({**table.to_dict(), "colour": 1}))
+    (tmp_path / "scale.json").write_text(json.dumps({**table.to_dict(), "scale": 0}))
     for name, msg in (("missing.json", "does not exist"), ("junk.json", "is not a latency table"),
-                      ("old.json", f"format 'psvit-latency/0', not '{FORMAT}'"), ("field.json", "is malformed")):
+                      ("old.json", f"format 'psvit-latency/0', not '{FORMAT}'"), ("field.json", "is malformed"),
+                      ("scale.json", "malformed time")):
         with pytest.raises(LatencyError, match=msg) as e:
             LatencyTable.load(tmp_path / name)
         assert "\n" not in str(e.value)
@@ -145,7 +149,8 @@ def test_the_app_writes_a_table_that_predicts_its_space(tmp_path: Path, run_modu
     assert table.accuracy is not None and table.accuracy.archs == 3
     assert "MAPE" in r.stdout and r.stdout.count(" measured ") == 3
     arch = space.sample(random.Random(7))  # times of 1 repeat are noise; the arithmetic is what is checked
-    assert table.predict(arch) == pytest.approx(table.overhead_ms + sum(table.blocks[k] for k in block_keys(arch)))
+    assert table.predict(arch) == pytest.approx(table.overhead_ms
+                                                + table.scale * sum(table.blocks[k] for k in block_keys(arch)))
 
 
 def _space_cfg(name: str) -> dict:
@@ -175,7 +180,7 @@ def test_the_predicted_range_is_exact(pooling: str) -> None:
     """Brute force over every architecture of a small space: the range check_feasible refuses against."""
     space = tiny_space(pooling)
     rng = random.Random(1)
-    table = table_for(space, {k: rng.uniform(0.1, 5.0) for k in space_blocks(space)}, overhead_ms=0.3)
+    table = table_for(space, {k: rng.uniform(0.1, 5.0) for k in space_blocks(space)}, overhead_ms=0.3, scale=0.9)
     predictions = [table.predict(a) for a in space.all_archs()]
     lo, hi = table.predicted_range(space)
     assert lo == pytest.approx(min(predictions), rel=1e-12) and hi == pytest.approx(max(predictions), rel=1e-12)
@@ -203,3 +208,14 @@ def test_a_latency_bound_in_a_constraint() -> None:
     # a search state without a latency bound keeps the identity of older versions (it still resumes)
     assert Constraint(flops_max=5).identity() == {"flops_min": None, "flops_max": 5, "params_max": None}
     assert c.identity()["latency_table"]["blocks"] == table.blocks
+
+
+def test_the_calibration_is_the_least_squares_line_or_a_median_offset() -> None:
+    from supernet.timing import calibration
+
+    sums = [1.0, 2.0, 3.0, 4.0]
+    fit = calibration(sums, [0.5 + 0.8 * x for x in sums])
+    assert fit["overhead_ms"] == pytest.approx(0.5) and fit["scale"] == pytest.approx(0.8)
+    assert calibration([2.0], [2.5]) == {"overhead_ms": 0.5, "scale": 1.0}  # one network: an offset only
+    assert calibration([1.0, 2.0, 3.0], [3.0, 2.0, 1.0]) == {"overhead_ms": 0.0, "scale": 1.0}  # decreasing: refused
+    assert calibration([], []) == {"overhead_ms": 0.0, "scale": 1.0}
