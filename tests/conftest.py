@@ -36,8 +36,9 @@ def have_fmnist() -> bool:
 
 # The longest files (measured), run first: `make test` hands whole files to 2 pytest-xdist workers, and a long file
 # started last would leave one core idle at the end.
-LONGEST_FIRST = ("test_interrupt.py", "test_train.py", "test_fidelity.py", "test_reliability.py",
-                 "test_search_app.py", "test_retrain.py", "test_model.py")
+LONGEST_FIRST = ("test_interrupt.py", "test_train.py", "test_search_app.py", "test_folder.py", "test_engine.py",
+                 "test_fidelity.py", "test_reliability.py", "test_export.py", "test_prepared.py", "test_compile.py",
+                 "test_retrain.py", "test_model.py")
 
 
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
