@@ -2,7 +2,7 @@
 
 import sys
 
-from bench import loader_speed, model_speed, search_speed, train_speed
+from bench import latency_speed, loader_speed, model_speed, search_speed, train_speed
 
 if __name__ == "__main__":
     quick = "quick" in sys.argv[1:]
@@ -10,3 +10,4 @@ if __name__ == "__main__":
     train_speed.main(quick=quick)
     search_speed.main(quick=quick)
     loader_speed.main(quick=quick)
+    latency_speed.main(quick=quick)
