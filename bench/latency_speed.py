@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import random
 import tempfile
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
@@ -22,7 +23,7 @@ from bench.timing import interleaved
 from space.arch import ArchSpec
 from space.cost import fmt_macs, macs
 from space.space import SearchSpace
-from supernet.deploy import FORMATS, load, write
+from supernet.deploy import FORMATS, INPUT, OUTPUT, write
 from supernet.model.psvit import PSViT
 from supernet.timing import Timing, measure_table
 
@@ -35,11 +36,23 @@ def archs_of(space: SearchSpace, n_random: int) -> list[ArchSpec]:
     return [space.extreme("min"), *(space.sample(rng) for _ in range(n_random)), space.extreme("max")]
 
 
+def onnx_runner(path: Path) -> Callable[[torch.Tensor], object]:
+    """onnxruntime on the file with torch's thread count and no spinning: its idle threads would otherwise spin
+    on the cores the next eager call needs (interleaved, eager ran 4x slower than alone)."""
+    import onnxruntime as ort
+
+    opts = ort.SessionOptions()
+    opts.intra_op_num_threads = torch.get_num_threads()
+    opts.add_session_config_entry("session.intra_op.allow_spinning", "0")
+    session = ort.InferenceSession(str(path), opts, providers=["CPUExecutionProvider"])
+    return lambda x: session.run([OUTPUT], {INPUT: x.numpy()})
+
+
 def latency_rows(preset: str, n_random: int, repeats: int, rounds: int) -> list[dict[str, object]]:
     """Per architecture: MACs, predicted ms, eager ms and onnxruntime ms (medians of interleaved rounds)."""
     space = SearchSpace.from_config(OmegaConf.load(CONF / "space" / f"{preset}.yaml"))
     timing = Timing(torch.device("cpu"), 1, warmup=max(1, repeats // 5), repeats=repeats, amp=False)
-    table, _ = measure_table(space, timing, torch.get_num_threads(), calibrate=max(2, n_random), archs=0, seed=1,
+    table, _ = measure_table(space, timing, torch.get_num_threads(), calibrate=max(5, n_random), archs=0, seed=1,
                              progress=False)
     rows = []
     x = torch.randn(1, space.in_chans, space.img_size, space.img_size)
@@ -49,7 +62,7 @@ def latency_rows(preset: str, n_random: int, repeats: int, rounds: int) -> list[
             model = PSViT(arch).eval()
             path = Path(tmp) / f"{i}.onnx"
             write(FORMATS["onnx"], model, x, path, dynamic=False, arch_json=arch.to_json())
-            run, _ = load(FORMATS["onnx"], path)
+            run = onnx_runner(path)
             with torch.inference_mode():
                 eager, ort = interleaved([lambda: model(x), lambda: run(x)], reps=rounds, warmup=2)
             rows.append({"arch": arch.short(), "macs": macs(arch), "predicted_ms": table.predict(arch),
@@ -61,7 +74,7 @@ def main(quick: bool = False) -> None:
     threads = torch.get_num_threads()
     torch.set_num_threads(min(2, threads))
     print(f"== latency (CPU, batch 1, {torch.get_num_threads()} threads; FLOPs are MACs)")
-    presets = {"fmnist_2d": (2, 10, 20)} if quick else {"fmnist_2d": (3, 30, 50), "imagenet_tiny_2d": (2, 10, 20)}
+    presets = {"fmnist_2d": (5, 10, 20)} if quick else {"fmnist_2d": (3, 30, 50), "imagenet_tiny_2d": (2, 10, 20)}
     for preset, (n_random, repeats, rounds) in presets.items():
         rows = latency_rows(preset, n_random, repeats, rounds)
         print(f"{preset}: {'arch':<48} {'MACs':>8} {'predicted':>10} {'eager':>9} {'onnxruntime':>11} {'ort/eager':>9}")
