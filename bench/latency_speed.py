@@ -53,7 +53,7 @@ def latency_rows(preset: str, n_random: int, repeats: int, rounds: int) -> list[
     space = SearchSpace.from_config(OmegaConf.load(CONF / "space" / f"{preset}.yaml"))
     timing = Timing(torch.device("cpu"), 1, warmup=max(1, repeats // 5), repeats=repeats, amp=False)
     table, _ = measure_table(space, timing, torch.get_num_threads(), calibrate=max(5, n_random), archs=0, seed=1,
-                             progress=False)
+                             rounds=rounds, progress=False)
     rows = []
     x = torch.randn(1, space.in_chans, space.img_size, space.img_size)
     with tempfile.TemporaryDirectory() as tmp:

@@ -294,7 +294,7 @@ def winner_latency(s: Session) -> Callable[[ArchSpec], float] | None:
 
     if (table.device, table.device_name) != (s.env.device.type, device_name(s.env.device)):
         return None
-    timing = Timing(s.env.device, table.batch, warmup=10, repeats=50, amp=table.dtype == "bfloat16")
+    timing = Timing(s.env.device, table.batch, warmup=3, repeats=10, amp=table.dtype == "bfloat16")
 
     def measure(arch: ArchSpec) -> float:
         import torch
@@ -302,7 +302,7 @@ def winner_latency(s: Session) -> Callable[[ArchSpec], float] | None:
         threads = torch.get_num_threads()
         torch.set_num_threads(table.threads)
         try:
-            return measure_arch(arch, timing)
+            return measure_arch(arch, timing, rounds=10)  # as the table's networks: the median of 10 rounds
         finally:
             torch.set_num_threads(threads)
     return measure

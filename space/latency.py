@@ -93,6 +93,7 @@ class LatencyTable:
     blocks: dict[str, float]  # block key -> median milliseconds
     scale: float = 1.0  # milliseconds of a whole forward per millisecond of its blocks timed alone (fitted)
     accuracy: Accuracy | None = None  # on architectures other than the calibration ones
+    drift: float | None = None  # the machine's slowest / fastest speed while the table was timed (1.0: steady)
     format: str = field(default=FORMAT)
 
     def check_space(self, space: SearchSpace, source: str = "latency_table") -> None:

@@ -132,8 +132,8 @@ FIDELITY = {"checkpoint": EVOLVE["checkpoint"], "run_dir": Key("str", nullable=T
 
 LATENCY = {"out": Key("str", nullable=True), "device": Key("str", choices=("cpu", "cuda")),
            "threads": Key("int", low=1), "batch": Key("int", low=1), "amp": Key("bool"), "warmup": Key("int", low=0),
-           "repeats": Key("int", low=1), "calibrate": Key("int", low=0), "archs": Key("int", low=0),
-           "seed": Key("int"), "progress": Key("bool")}
+           "repeats": Key("int", low=1), "rounds": Key("int", low=1), "calibrate": Key("int", low=0),
+           "archs": Key("int", low=0), "seed": Key("int"), "progress": Key("bool")}
 
 CONVERT = {"checkpoint": Key("str", nullable=True), "arch": Key("str", nullable=True), "out": Key("str", nullable=True)}
 PREPARE = {"src": Key("str", nullable=True), "out": Key("str", nullable=True), "img_size": Key("int", low=1),

@@ -7,9 +7,11 @@ predicts whole networks (space/latency.py holds the table and the prediction, su
 Every block the space can build (each op at every tokens x dim, each pooling step, embedding and head) is built
 from the model's own modules (supernet/model/layers.py) at its sizes and timed at ``batch`` images: ``warmup``
 untimed calls, then the median of ``repeats`` timed ones (CUDA: events around each call). ``calibrate`` random
-architectures of the space are then timed end to end as ``PSViT(arch)``; ``measured ~ overhead_ms + scale x sum of
-its blocks`` is fitted to them by least squares. Finally ``archs`` other random architectures are timed end to end and
-the table reports its own accuracy on them: mean absolute percentage error, worst error and Kendall tau.
+architectures of the space are timed end to end as ``PSViT(arch)``, and ``measured ~ overhead_ms + scale x sum of
+its blocks`` is fitted to them by least squares; ``archs`` other random architectures are timed end to end too and
+the table reports its own accuracy on them: mean absolute percentage error, worst error and Kendall tau. Blocks and
+networks are all timed together in ``rounds`` interleaved rounds (a new random order each round, the median over
+rounds kept), so a machine whose speed drifts slows them alike; the table records how far the speed moved.
 User errors print one ``error: ...`` line, exit 2 and write nothing.
 """
 
@@ -45,11 +47,13 @@ def latency(cfg: DictConfig | Mapping[str, Any]) -> str:
     timing = Timing(torch.device(cfg["device"]), cfg["batch"], cfg["warmup"], cfg["repeats"], cfg["amp"])
     torch.manual_seed(cfg["seed"])
     table, rows = measure_table(space, timing, cfg["threads"], cfg["calibrate"], cfg["archs"], cfg["seed"],
-                                cfg["progress"])
+                                cfg["rounds"], cfg["progress"])
     table.save(out)
     lines = [f"{out}: {len(table.blocks)} blocks of space {space.name!r} on {table.device_name} ({table.device}, "
              f"{table.threads} threads, batch {table.batch}, {table.dtype}, torch {table.torch}); "
-             f"calibrated on {cfg['calibrate']} networks: overhead {table.overhead_ms:.3f} ms, scale {table.scale:.3f}"]
+             f"calibrated on {cfg['calibrate']} networks: overhead {table.overhead_ms:.3f} ms, "
+             f"scale {table.scale:.3f}; "
+             f"{cfg['rounds']} rounds, the machine's speed moved {table.drift:.2f}x between them"]
     if table.accuracy is not None:
         a = table.accuracy
         lines.append(f"accuracy on {a.archs} other random architectures: MAPE {a.mape:.1f}%, worst {a.max_ape:.1f}%, "

@@ -106,23 +106,52 @@ def block_module(space: SearchSpace, key: str) -> tuple[nn.Module, tuple[int, ..
     raise ValueError(f"unknown block kind {kind!r} in {key!r}")
 
 
-def measure_blocks(space: SearchSpace, timing: Timing, progress: bool = True) -> dict[str, float]:
-    """Median milliseconds of every block of ``space``."""
-    out = {}
-    for key in tqdm(space_blocks(space), desc="blocks", disable=not progress, dynamic_ncols=True):
-        module, shape = block_module(space, key)
-        init_weights(module)
-        module.to(timing.device).eval()
-        x = torch.randn((timing.batch, *shape[1:]), device=timing.device)
-        out[key] = timing(module, x)
-    return out
+def block_input(space: SearchSpace, key: str, timing: Timing) -> tuple[nn.Module, Tensor]:
+    """Block ``key``'s module (initialised, on the device, in eval mode) and a random input at the timing's batch."""
+    module, shape = block_module(space, key)
+    init_weights(module)
+    module.to(timing.device).eval()
+    return module, torch.randn((timing.batch, *shape[1:]), device=timing.device)
 
 
-def measure_arch(arch: ArchSpec, timing: Timing) -> float:
-    """Median milliseconds of one forward of ``PSViT(arch)``."""
+def arch_input(arch: ArchSpec, timing: Timing) -> tuple[nn.Module, Tensor]:
+    """``PSViT(arch)`` on the device in eval mode and a random batch of images."""
     model = PSViT(arch).to(timing.device).eval()
-    x = torch.randn(timing.batch, arch.in_chans, arch.img_size, arch.img_size, device=timing.device)
-    return timing(model, x)
+    return model, torch.randn(timing.batch, arch.in_chans, arch.img_size, arch.img_size, device=timing.device)
+
+
+@dataclass(frozen=True)
+class Rounds:
+    """Medians of interleaved timing, and how much the machine's speed moved while it ran."""
+
+    ms: dict[Any, float]  # item -> median over rounds of its per-round median
+    drift: float  # slowest round's speed / fastest round's (1.0: steady)
+
+
+def time_rounds(items: dict[Any, tuple[Callable[[Tensor], Tensor], Tensor]], timing: Timing, rounds: int,
+                seed: int = 0, progress: bool = False, desc: str = "rounds") -> Rounds:
+    """Median milliseconds of every item, timed in ``rounds`` rounds: each round times every item (``timing``: its
+    warm-up, then the median of its repeats) in a new random order, and an item's figure is the median of its rounds.
+
+    A machine whose speed drifts over minutes (a VM: up to 2x here) then slows every item alike, so items timed in
+    one run compare as if timed at one moment; timing them one after the other would read the drift as a difference.
+    A round's speed is the median over items of (its time / the item's median); ``drift`` is the slowest round's over
+    the fastest's.
+    """
+    keys = list(items)
+    rng = random.Random(f"psvit-rounds:{seed}")
+    per_round: list[dict[Any, float]] = []
+    for _ in tqdm(range(rounds), desc=desc, disable=not progress, dynamic_ncols=True):
+        rng.shuffle(keys)
+        per_round.append({k: timing(*items[k]) for k in keys})
+    ms = {k: statistics.median(r[k] for r in per_round) for k in items}
+    speed = [statistics.median(r[k] / ms[k] for k in items if ms[k] > 0) for r in per_round]
+    return Rounds(ms, max(speed) / min(speed) if speed and min(speed) > 0 else 1.0)
+
+
+def measure_arch(arch: ArchSpec, timing: Timing, rounds: int = 1) -> float:
+    """Median milliseconds of one forward of ``PSViT(arch)`` (over ``rounds`` rounds of ``timing``)."""
+    return time_rounds({0: arch_input(arch, timing)}, timing, rounds).ms[0]
 
 
 def distinct_archs(space: SearchSpace, n: int, rng: random.Random, avoid: set[ArchSpec]) -> list[ArchSpec]:
@@ -144,41 +173,44 @@ def accuracy_of(predicted: list[float], measured: list[float]) -> Accuracy:
 
 
 def calibration(sums: list[float], measured: list[float]) -> dict[str, float]:
-    """``overhead_ms`` and ``scale`` of ``measured ~ overhead + scale * sum`` by least squares; with fewer than two
-    distinct sums (or a fit that is not increasing) the scale stays 1 and the overhead is the median residual."""
+    """``overhead_ms`` and ``scale`` of ``measured ~ overhead + scale * sum``: the least-squares line when it rises
+    and starts at or above 0; otherwise the least-squares line through the origin (overhead 0), so that no
+    architecture is ever predicted a negative time (a line through two noisy networks can start far below 0)."""
     if len(set(sums)) >= 2:
         fit = statistics.linear_regression(sums, measured)
-        if fit.slope > 0:
+        if fit.slope > 0 and fit.intercept >= 0:
             return {"overhead_ms": fit.intercept, "scale": fit.slope}
-    residuals = [m - s for s, m in zip(sums, measured)]
-    return {"overhead_ms": statistics.median(residuals) if residuals else 0.0, "scale": 1.0}
+    if sums:
+        return {"overhead_ms": 0.0, "scale": sum(s * m for s, m in zip(sums, measured)) / sum(s * s for s in sums)}
+    return {"overhead_ms": 0.0, "scale": 1.0}
 
 
 def measure_table(space: SearchSpace, timing: Timing, threads: int, calibrate: int, archs: int, seed: int,
-                  progress: bool = True) -> tuple[LatencyTable, list[dict[str, Any]]]:
-    """The latency table of ``space`` and, for each accuracy architecture, its MACs, prediction and measurement."""
-    blocks = measure_blocks(space, timing, progress)
+                  rounds: int = 1, progress: bool = True) -> tuple[LatencyTable, list[dict[str, Any]]]:
+    """The latency table of ``space`` and, for each accuracy architecture, its MACs, prediction and measurement.
+
+    Every block, the ``calibrate`` networks the overhead and scale are fitted to and the ``archs`` networks the
+    accuracy is reported on are timed together in interleaved rounds (:func:`time_rounds`), so the table and its
+    accuracy hold the same moments of the machine."""
     rng = random.Random(f"psvit-latency:{seed}")
     cal = distinct_archs(space, calibrate, rng, set())
     test = distinct_archs(space, archs, rng, set(cal))
-    bar = tqdm(total=len(cal) + len(test), desc="archs", disable=not progress, dynamic_ncols=True)
+    items: dict[Any, tuple[Callable[[Tensor], Tensor], Tensor]] = {}
+    for key in space_blocks(space):
+        items[key] = block_input(space, key, timing)
+    for a in [*cal, *test]:
+        items[a] = arch_input(a, timing)
+    timed = time_rounds(items, timing, rounds, seed, progress, desc=f"{len(items)} blocks+networks, rounds")
+    blocks = {k: timed.ms[k] for k in space_blocks(space)}
     table = LatencyTable(space=space.name, space_hash=config_hash(space.to_config()), device=timing.device.type,
                          device_name=device_name(timing.device), torch=torch.__version__, threads=threads,
                          batch=timing.batch,
                          dtype="bfloat16" if timing.device.type == "cuda" and timing.amp else "float32",
-                         overhead_ms=0.0, blocks=blocks)
-    sums, measured = [], []
-    for a in cal:
-        sums.append(table.predict(a))  # the blocks' sum: overhead 0, scale 1 so far
-        measured.append(measure_arch(a, timing))
-        bar.update(1)
-    table = LatencyTable(**{**vars(table), **calibration(sums, measured)})
-    rows = []
-    for a in test:
-        rows.append({"arch": a.short(), "macs": macs(a), "predicted_ms": table.predict(a),
-                     "measured_ms": measure_arch(a, timing)})
-        bar.update(1)
-    bar.close()
+                         overhead_ms=0.0, blocks=blocks, drift=round(timed.drift, 4))
+    sums = [table.predict(a) for a in cal]  # the blocks' sum: overhead 0, scale 1 so far
+    table = LatencyTable(**{**vars(table), **calibration(sums, [timed.ms[a] for a in cal])})
+    rows = [{"arch": a.short(), "macs": macs(a), "predicted_ms": table.predict(a), "measured_ms": timed.ms[a]}
+            for a in test]
     if rows:
         acc = accuracy_of([r["predicted_ms"] for r in rows], [r["measured_ms"] for r in rows])
         table = LatencyTable(**{**vars(table), "accuracy": acc})

@@ -139,7 +139,7 @@ def test_a_table_survives_json_and_bad_files_are_one_line(tmp_path: Path) -> Non
 def test_the_app_writes_a_table_that_predicts_its_space(tmp_path: Path, run_module) -> None:
     out = tmp_path / "lat.json"
     r = run_module("supernet.latency", "space=fmnist_1d", f"out={out}", "threads=1", "warmup=0", "repeats=1",
-                   "calibrate=1", "archs=3", "progress=false")
+                   "rounds=2", "calibrate=1", "archs=3", "progress=false")
     assert r.returncode == 0, r.stderr
     table = LatencyTable.load(out)
     space = SearchSpace.from_config(json.loads(json.dumps(_space_cfg("fmnist_1d"))))
@@ -164,6 +164,7 @@ def _space_cfg(name: str) -> dict:
     (("out={tmp}",), "is a directory"),
     (("out={tmp}/t.json", "device=cuda"), "no CUDA device"),
     (("out={tmp}/t.json", "threads=0"), "threads"),
+    (("out={tmp}/t.json", "rounds=0"), "rounds: 0 is not allowed"),
 ])
 def test_bad_input_is_one_line_exit_2_and_writes_nothing(tmp_path: Path, run_module, args, fragment) -> None:
     if "device=cuda" in args and torch.cuda.is_available():
@@ -210,12 +211,33 @@ def test_a_latency_bound_in_a_constraint() -> None:
     assert c.identity()["latency_table"]["blocks"] == table.blocks
 
 
-def test_the_calibration_is_the_least_squares_line_or_a_median_offset() -> None:
+def test_the_calibration_is_the_least_squares_line_never_below_zero() -> None:
     from supernet.timing import calibration
 
-    sums = [1.0, 2.0, 3.0, 4.0]
+    sums = [1.0, 2.0, 4.0, 8.0]
     fit = calibration(sums, [0.5 + 0.8 * x for x in sums])
     assert fit["overhead_ms"] == pytest.approx(0.5) and fit["scale"] == pytest.approx(0.8)
-    assert calibration([2.0], [2.5]) == {"overhead_ms": 0.5, "scale": 1.0}  # one network: an offset only
-    assert calibration([1.0, 2.0, 3.0], [3.0, 2.0, 1.0]) == {"overhead_ms": 0.0, "scale": 1.0}  # decreasing: refused
+    # a line that would start below 0 (two noisy networks): through the origin instead, least squares
+    assert calibration([4.0, 5.0], [2.0, 6.0]) == {"overhead_ms": 0.0, "scale": pytest.approx(38 / 41)}
+    assert calibration([2.0], [2.5]) == {"overhead_ms": 0.0, "scale": 1.25}  # one network: a scale only
+    assert calibration([1.0, 2.0, 3.0], [3.0, 2.0, 1.0]) == {"overhead_ms": 0.0, "scale": pytest.approx(10 / 14)}
     assert calibration([], []) == {"overhead_ms": 0.0, "scale": 1.0}
+
+
+def test_interleaved_rounds_keep_the_items_ratios_through_drift_and_report_it() -> None:
+    """Items are timed round by round, in a new order each round; a machine at half speed for two of five rounds
+    slows every item in them, and the per-item medians keep the true figures; the drift is the slow/fast ratio."""
+    from supernet.timing import Timing, time_rounds
+
+    calls: list[float] = []
+    speeds = [1.0, 2.0, 1.0, 1.0, 2.0]  # the machine's slowdown in each round
+
+    class Clock(Timing):  # a deterministic machine: an item's cost times the round's slowdown
+        def __call__(self, fn, x):
+            calls.append(x)
+            return x * speeds[(len(calls) - 1) // 3]
+
+    items = {"a": (None, 1.0), "b": (None, 3.0), "c": (None, 10.0)}
+    r = time_rounds(items, Clock(torch.device("cpu"), 1, 0, 1, False), rounds=5, seed=3)
+    assert r.ms == {"a": 1.0, "b": 3.0, "c": 10.0} and r.drift == 2.0
+    assert len(calls) == 15 and len({tuple(calls[i:i + 3]) for i in range(0, 15, 3)}) > 1  # reshuffled
