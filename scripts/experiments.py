@@ -310,6 +310,12 @@ def latency_section(f4: dict) -> list[str]:
                + ("within the bound." if lat <= f4["bound"] else "over the bound, within the model's worst error."
                   if lat <= f4["bound"] * (1 + t.accuracy.max_ape / 100) else "over the bound by more than the "
                   "model's worst error."))
+    flops = ms["FLOPs-bound (F2)"]
+    p_lat, p_flops = (t.predict(f4["archs"][k]) for k in ("latency-bound", "FLOPs-bound (F2)"))
+    out.append(f"Measured / predicted: {lat / p_lat:.3f} (latency-bound), {flops / p_flops:.3f} (FLOPs-bound): the two "
+               f"winners were timed minutes after the table, and the machine's speed had moved (drift, above); "
+               f"between the two, latency-bound / FLOPs-bound was {lat / flops:.3f} measured and {p_lat / p_flops:.3f} "
+               "predicted.")
     spread = statistics.mean(abs(test[k][0] - test[k][1]) for k in f4["archs"])
     d = statistics.mean(test["latency-bound"]) - statistics.mean(test["FLOPs-bound (F2)"])
     out.append(f"\nLatency-bound minus FLOPs-bound: {d:+.4f} test top-1; mean seed-to-seed difference {spread:.4f}"
@@ -347,7 +353,8 @@ def write_page(fids: dict, default: str, f2: dict, f3: dict, f4: dict, times: di
              f"{(loops / 2 + stages) / 60:.1f} h in all, against a budget of about 2 h; the runs shared the 2 cores "
              "with other work, which inflated every wall time. FLOPs are multiply-accumulates (MACs). Outputs: "
              "`runs/experiments/`; the "
-             "fidelity plots and JSON are copied to `docs/fidelity/`. The earlier page (one-epoch ground truth over "
+             "fidelity plots and JSON are copied to `docs/fidelity/`, F4's latency tables and winner to "
+             "`docs/latency/`. The earlier page (one-epoch ground truth over "
              "10 architectures, a DeiT comparison at 0.28x the parameters) is kept as "
              "[results_v1.md](results_v1.md). This is a CPU-sized study: short schedules, and accuracies far "
              "below converged ones.\n"]
@@ -364,6 +371,10 @@ def write_page(fids: dict, default: str, f2: dict, f3: dict, f4: dict, times: di
         for ext in ("png", "json"):
             (REPO / "docs" / "fidelity" / f"{name}.{ext}").write_bytes(
                 (OUT / f"fidelity_{name}" / f"fidelity.{ext}").read_bytes())
+    (REPO / "docs" / "latency").mkdir(exist_ok=True)  # F4's tables and the latency-bound winner
+    for src, dst in [*((f"latency_{s}_cpu.json", f"{s}_cpu.json") for s in LATENCY),
+                     (f"search_{default}_latency/best_arch.json", "latency_bound_best_arch.json")]:
+        (REPO / "docs" / "latency" / dst).write_bytes((OUT / src).read_bytes())
     page = REPO / "docs" / "results.md"
     page.write_text("\n".join(lines) + "\n")
     print(f"wrote {page}")
