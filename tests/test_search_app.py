@@ -302,15 +302,16 @@ def test_two_flops_bands_share_one_cache(ckpt: Path, tmp_path: Path, capsys):
 
 
 def test_search_under_a_latency_bound(ckpt: Path, tmp_path: Path, capsys):
-    """A table measured here (1 thread, batch 1, few repeats: the test checks the plumbing, not the machine),
-    a bound at 30% of its predicted range: every candidate's predicted latency is within it, history and
-    best_arch.json carry the prediction, and the winner is measured on this CPU."""
+    """A table measured here (1 thread, batch 1, 3 rounds of 3 repeats), a bound at 30% of its predicted range:
+    every candidate's predicted latency is within it, history and best_arch.json carry the prediction, and the winner
+    measured on this CPU meets the bound within the table's worst error, times 2 for the drift of a busy VM between
+    the table's timing and the winner's (the other test worker shares the 2 cores)."""
     from space.latency import LatencyTable
     from supernet.timing import Timing, measure_table
 
     space = _space(ckpt)
-    table, _ = measure_table(space, Timing(torch.device("cpu"), 1, 1, 3, False), threads=1, calibrate=2, archs=0,
-                             seed=0, progress=False)
+    table, _ = measure_table(space, Timing(torch.device("cpu"), 1, 1, 3, False), threads=1, calibrate=4, archs=4,
+                             seed=0, rounds=3, progress=False)
     table.save(tmp_path / "lat.json")
     lo, hi = table.predicted_range(space)
     bound = lo + 0.3 * (hi - lo)
@@ -322,7 +323,8 @@ def test_search_under_a_latency_bound(ckpt: Path, tmp_path: Path, capsys):
     best = tmp_path / "run" / "best_arch.json"
     meta = json.loads(best.read_text())["meta"]
     assert meta["latency_ms_predicted"] == table.predict(ArchSpec.load(best)) <= bound
-    assert meta["latency_ms_measured"] > 0 and meta["latency_table"]["threads"] == 1
+    assert 0 < meta["latency_ms_measured"] <= 2 * bound * (1 + table.accuracy.max_ape / 100)
+    assert meta["latency_table"]["threads"] == 1
     assert f"latency <= {bound:g} ms" in run.out and "ms measured" in run.out
     assert LatencyTable.load(tmp_path / "lat.json") == table
 

@@ -18,7 +18,6 @@ from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 
 import torch
-import torch._dynamo
 from torch import nn
 
 from space.arch import ArchSpec
@@ -109,6 +108,8 @@ def compile_cells(net: nn.Module, setting: bool | str, device: torch.device,
         m.compile(dynamic=False)
     if fresh:  # specialisations accumulate over every model compiled in the process (fidelity trains many)
         _entries.update({name: n * BATCH_CONTEXTS for name, n in shapes.items()})
+    import torch._dynamo  # 2-3 s of imports: only where something is compiled
+
     cfg = torch._dynamo.config
     need = max(_entries.values(), default=0)
     cfg.recompile_limit = max(cfg.recompile_limit, need)
