@@ -48,9 +48,11 @@ def onnx_runner(path: Path) -> Callable[[torch.Tensor], object]:
     return lambda x: session.run([OUTPUT], {INPUT: x.numpy()})
 
 
-def latency_rows(preset: str, n_random: int, repeats: int, rounds: int) -> list[dict[str, object]]:
-    """Per architecture: MACs, predicted ms, eager ms and onnxruntime ms (medians of interleaved rounds)."""
-    space = SearchSpace.from_config(OmegaConf.load(CONF / "space" / f"{preset}.yaml"))
+def latency_rows(preset: str | SearchSpace, n_random: int, repeats: int, rounds: int) -> list[dict[str, object]]:
+    """Per architecture of a space (a preset's name, or the space): MACs, predicted ms, eager ms and onnxruntime ms
+    (medians of interleaved rounds)."""
+    space = preset if isinstance(preset, SearchSpace) else \
+        SearchSpace.from_config(OmegaConf.load(CONF / "space" / f"{preset}.yaml"))
     timing = Timing(torch.device("cpu"), 1, warmup=max(1, repeats // 5), repeats=repeats, amp=False)
     table, _ = measure_table(space, timing, torch.get_num_threads(), calibrate=max(5, n_random), archs=0, seed=1,
                              rounds=rounds, progress=False)
