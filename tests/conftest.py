@@ -12,7 +12,7 @@ import shlex
 import subprocess
 import sys
 import warnings
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import numpy as np
@@ -128,6 +128,19 @@ def run_module(monkeypatch: pytest.MonkeyPatch,
         return subprocess.CompletedProcess([module, *args], code, out, err)
 
     return run
+
+
+@pytest.fixture(scope="module")
+def one_thread() -> Iterator[None]:
+    """One intra-op thread for a module's tests, like the CLI runs (OMP_NUM_THREADS=1) and the gloo ranks: results
+    are then bit-comparable across processes, and two threads per run would oversubscribe a shared 2-core machine
+    (about 3x slower). A module uses it with ``pytestmark = pytest.mark.usefixtures("one_thread")``."""
+    import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
 
 
 @pytest.fixture(scope="session")

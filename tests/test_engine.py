@@ -24,6 +24,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from space.errors import UserError
 
 REPO = Path(__file__).resolve().parents[1]
+pytestmark = pytest.mark.usefixtures("one_thread")
 TINY = {"name": "tiny", "pooling": "2d", "img_size": 8, "patch_size": 2, "in_chans": 1, "num_classes": 3,
         "mlp_ratio": 2.0, "head_dim": 4, "ops": ["basic", "shared", "identity"],
         "stages": [{"cells": 2, "tokens": [16], "dims": [4, 8]}, {"cells": 2, "tokens": [16, 4], "dims": [8, 12]}]}
@@ -32,14 +33,6 @@ TINY = {"name": "tiny", "pooling": "2d", "img_size": 8, "patch_size": 2, "in_cha
 @pytest.fixture(scope="module")
 def root(tmp_path_factory: pytest.TempPathFactory, fake_fmnist) -> Path:
     return fake_fmnist(tmp_path_factory.mktemp("fmnist"), n_train=200, n_test=10)
-
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 
 
 def _cfg(app: str, run_dir: Path, root: Path, *overrides: str):

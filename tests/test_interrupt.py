@@ -13,7 +13,6 @@ import signal
 import subprocess
 import sys
 import time
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -32,16 +31,6 @@ RETRAIN = [*COMMON, f"arch={REPO / 'conf' / 'baselines' / 'deit_fmnist.json'}"]
 @pytest.fixture(scope="module")
 def data_root(tmp_path_factory: pytest.TempPathFactory, fake_fmnist) -> Path:
     return fake_fmnist(tmp_path_factory.mktemp("fmnist"), n_train=400, n_test=100)
-
-
-@pytest.fixture(scope="module")
-def one_thread() -> Iterator[None]:
-    """The in-process reference runs on one intra-op thread like the CLI runs (OMP_NUM_THREADS=1), so the
-    weights are bit-comparable across processes."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 
 
 def _cfg(app: str, run_dir: Path, root: Path, *overrides: str):

@@ -27,7 +27,8 @@ from space.arch import ArchSpec
 from space.cost import arch_cost, macs
 
 REPO = Path(__file__).resolve().parents[1]
-pytestmark = pytest.mark.fmnist  # a supernet trained on the real dataset (conftest.py fails these without it)
+# a supernet trained on the real dataset (conftest.py fails these without it), on one thread (conftest.py)
+pytestmark = [pytest.mark.fmnist, pytest.mark.usefixtures("one_thread")]
 
 FLOPS_MAX = 8_000_000  # MACs; about the 75th percentile of fmnist_2d's uniform samples
 GENERATIONS, POPULATION, IMAGES = 5, 6, 100
@@ -83,16 +84,6 @@ def run_search(ckpt: Path, run_dir: Path, capsys: pytest.CaptureFixture | None, 
         summary = evolve(search_cfg(ckpt, run_dir, *overrides))
     assert summary["scored"] == len(calls) and (summary["scoring_s"] > 0) == bool(calls)  # the scorer's own count
     return Run(run_dir, calls, capsys.readouterr().out if capsys is not None else "")
-
-
-@pytest.fixture(scope="module", autouse=True)
-def one_thread() -> Iterator[None]:
-    """One intra-op thread, like the CLI runs (OMP_NUM_THREADS=1) and the gloo ranks: scores are then
-    bit-comparable across processes, and a shared 2-core machine is not oversubscribed."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 
 
 @pytest.fixture(scope="module")

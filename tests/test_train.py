@@ -17,9 +17,9 @@ from hydra import compose, initialize_config_dir
 from space.errors import Diverged, UserError
 
 REPO = Path(__file__).resolve().parents[1]
-# Real short runs on the real dataset (conftest.py fails them when it is missing); interrupted runs and the
-# missing-dataset error run on generated IDX files in test_interrupt.py and test_data.py.
-pytestmark = pytest.mark.fmnist
+# Real short runs on the real dataset (conftest.py fails them when it is missing), on one thread (conftest.py);
+# interrupted runs and the missing-dataset error run on generated IDX files in test_interrupt.py and test_data.py.
+pytestmark = [pytest.mark.fmnist, pytest.mark.usefixtures("one_thread")]
 
 # Tiny and fast: small batches, a short validation, no tqdm.
 QUICK = ["data.batch_size=32", "data.val_size=512", "eval.max_batches=1", "eval.n_random=1", "progress=false",
@@ -29,16 +29,6 @@ QUICK = ["data.batch_size=32", "data.val_size=512", "eval.max_batches=1", "eval.
 def make_cfg(run_dir: Path, *overrides: str):
     with initialize_config_dir(config_dir=str(REPO / "conf"), version_base="1.3"):
         return compose("supernet", overrides=[f"run_dir={run_dir}", *QUICK, *overrides])
-
-
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """One intra-op thread, like the CLI runs (OMP_NUM_THREADS=1) and the gloo ranks: on a shared 2-core machine
-    two threads per run oversubscribe it and are about 3x slower."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 
 
 def cli(run_dir: Path, *overrides: str, **kw) -> subprocess.Popen:
