@@ -454,8 +454,14 @@ def _train_cfg(run_dir: Path, store: Path):
         return compose("supernet", overrides=overrides)
 
 
-def test_supernet_training_on_the_store_resumes_exactly_after_a_crash(store, tmp_path, monkeypatch):
+def test_supernet_training_on_the_store_resumes_exactly_after_a_crash(store, folder, tmp_path, monkeypatch):
+    """A crashed run resumes exactly, from the same store moved elsewhere (data.root is not part of a run's
+    identity); a store made from other images (one JPEG changed) is refused by its source digest."""
+    import shutil
+
+    from space.errors import UserError
     from supernet.engine.loop import Trainer
+    from supernet.prepare import prepare
     from supernet.train import train
 
     torch.set_num_threads(1)
@@ -470,7 +476,12 @@ def test_supernet_training_on_the_store_resumes_exactly_after_a_crash(store, tmp
     with pytest.raises(RuntimeError, match="crash"):
         train(_train_cfg(tmp_path / "run", store))
     monkeypatch.setattr(Trainer, "save", save)
-    res = train(_train_cfg(tmp_path / "run", store))
+    other = shutil.copytree(folder, tmp_path / "other")
+    shutil.copy(other / "train" / CLASSES[0] / "1.jpg", other / "train" / CLASSES[0] / "0.jpg")
+    prepare(prepare_args(other, tmp_path / "other_store"))
+    with pytest.raises(UserError, match=r"^resume: .* trained with other settings: data.source_digest \("):
+        train(_train_cfg(tmp_path / "run", tmp_path / "other_store"))
+    res = train(_train_cfg(tmp_path / "run", shutil.copytree(store, tmp_path / "moved")))
     assert res.losses == ref.losses[2:] and res.val == ref.val
     a, b = (torch.load(p / "last.ckpt", weights_only=True)["model"] for p in (tmp_path / "ref", tmp_path / "run"))
     assert all(torch.equal(a[k], b[k]) for k in a)

@@ -129,6 +129,7 @@ class DataBundle:
     img_size: int
     in_chans: int
     num_classes: int
+    source: str | None = None  # digest of the images it serves, where the format records one (a prepared store)
 
 
 def mix_seed(*values: int) -> int:

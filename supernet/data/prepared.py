@@ -280,4 +280,4 @@ def build_imagenet_prepared(c: DataConfig, rank: int, world_size: int, device: t
         test_split = SplitArrays(root, "val", meta.splits["val"], classes)
         test_loader = StoreEvalLoader(test_split, np.arange(test_split.count), c.eval_batch_size,
                                       view=lambda x: x, cache=False, **common)
-    return DataBundle(c.name, train, val, test_loader, size, 3, classes)
+    return DataBundle(c.name, train, val, test_loader, size, 3, classes, source=meta.digest)

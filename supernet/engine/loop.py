@@ -190,7 +190,7 @@ class Trainer:
         self.step = 0
         self.saved_step: int | None = None  # step of the checkpoint on disk
         self.lr_history: list[dict[str, float]] = []  # peak-lr restarts (resume_lr=), kept in the checkpoint
-        self.identity = run_identity(task, cfg, env)
+        self.identity = run_identity(task, cfg, env, data.source)
         self.reducer = GradReducer(task.net.parameters(), env)  # hooks the weights: reduces during backward
         self.loss = LossBackward(env.device, cfg.amp, cfg.optim.label_smoothing, self.reducer)
         self.recipe = RecipeConfig.from_cfg(cfg.get("recipe"))
@@ -498,15 +498,19 @@ class _Throughput:
 DATA_NOT_IN_IDENTITY = ("root", "eval_batch_size", "num_workers", "cache_val")
 
 
-def run_identity(task: Task, cfg: DictConfig, env: DistEnv) -> dict[str, Any]:
+def run_identity(task: Task, cfg: DictConfig, env: DistEnv, source: str | None = None) -> dict[str, Any]:
     """Every setting that changes what a run trains: the task's own (space or architecture), the data and
     its split, the seed, the optimizer recipe, the length, the global batch (per-rank batch x world size) and
     autocast, and the recipe unless it is ``light`` (so runs from before the recipe group still resume).
-    Progress, logging, validation and checkpoint cadence may change between runs."""
+    ``source``, the digest of the images a prepared store was made from, joins the data settings: ``data.root``
+    may move, but a resume on a store of other images is refused. Progress, logging, validation and checkpoint
+    cadence may change between runs."""
     data = asdict(DataConfig.from_cfg(cfg.data).resolved())
     identity = {**task.identity, "seed": cfg.seed, "max_steps": cfg.max_steps, "world_size": env.world_size,
                 "amp": bool(cfg.amp), "optim": OmegaConf.to_container(cfg.optim, resolve=True),
                 "data": {k: v for k, v in data.items() if k not in DATA_NOT_IN_IDENTITY}}
+    if source is not None:
+        identity["data"]["source_digest"] = source
     recipe = RecipeConfig.from_cfg(cfg.get("recipe")).identity()
     if recipe is not None:
         identity["recipe"] = recipe
