@@ -5,8 +5,9 @@
    supernet/timing.py) and the MACs;
 2. each exported as ONNX (supernet/deploy.py, what `python -m supernet.export` writes), onnxruntime next to eager.
 
-Networks are timed in interleaved rounds (bench/timing.py), so the machine's drift hits them alike; the table is
-measured before them, so its error includes that drift (README: Deployment).
+Each network is timed twice: with the table's blocks, in the table's interleaved rounds (supernet/timing.py), which
+the prediction is compared with; then eager against onnxruntime in interleaved rounds of their own (bench/timing.py).
+The machine's drift hits what is timed together alike (README: Deployment).
 """
 
 from __future__ import annotations
@@ -49,17 +50,19 @@ def onnx_runner(path: Path) -> Callable[[torch.Tensor], object]:
 
 
 def latency_rows(preset: str | SearchSpace, n_random: int, repeats: int, rounds: int) -> list[dict[str, object]]:
-    """Per architecture of a space (a preset's name, or the space): MACs, predicted ms, eager ms and onnxruntime ms
-    (medians of interleaved rounds)."""
+    """Per architecture of a space (a preset's name, or the space): MACs, predicted ms, eager ms timed in the same
+    rounds as the table (so the prediction's error holds no drift), and eager next to onnxruntime on the exported
+    file (their own interleaved rounds)."""
     space = preset if isinstance(preset, SearchSpace) else \
         SearchSpace.from_config(OmegaConf.load(CONF / "space" / f"{preset}.yaml"))
     timing = Timing(torch.device("cpu"), 1, warmup=max(1, repeats // 5), repeats=repeats, amp=False)
-    table, _ = measure_table(space, timing, torch.get_num_threads(), calibrate=max(5, n_random), archs=0, seed=1,
-                             rounds=rounds, progress=False)
+    archs = archs_of(space, n_random)
+    table, timed = measure_table(space, timing, torch.get_num_threads(), calibrate=max(5, n_random), archs=0, seed=1,
+                                 rounds=rounds, progress=False, extra=archs)
     rows = []
     x = torch.randn(1, space.in_chans, space.img_size, space.img_size)
     with tempfile.TemporaryDirectory() as tmp:
-        for i, arch in enumerate(archs_of(space, n_random)):
+        for i, (arch, with_table) in enumerate(zip(archs, timed)):
             torch.manual_seed(0)
             model = PSViT(arch).eval()
             path = Path(tmp) / f"{i}.onnx"
@@ -68,7 +71,8 @@ def latency_rows(preset: str | SearchSpace, n_random: int, repeats: int, rounds:
             with torch.inference_mode():
                 eager, ort = interleaved([lambda: model(x), lambda: run(x)], reps=rounds, warmup=2)
             rows.append({"arch": arch.short(), "macs": macs(arch), "predicted_ms": table.predict(arch),
-                         "eager_ms": eager * 1e3, "onnxruntime_ms": ort * 1e3})
+                         "measured_ms": with_table["measured_ms"], "eager_ms": eager * 1e3,
+                         "onnxruntime_ms": ort * 1e3})
     return rows
 
 
@@ -79,10 +83,13 @@ def main(quick: bool = False) -> None:
     presets = {"fmnist_2d": (5, 10, 20)} if quick else {"fmnist_2d": (3, 30, 50), "imagenet_tiny_2d": (2, 10, 20)}
     for preset, (n_random, repeats, rounds) in presets.items():
         rows = latency_rows(preset, n_random, repeats, rounds)
-        print(f"{preset}: {'arch':<48} {'MACs':>8} {'predicted':>10} {'eager':>9} {'onnxruntime':>11} {'ort/eager':>9}")
+        print(f"{preset}: {'arch':<48} {'MACs':>8} {'predicted':>10} {'measured':>9} {'error':>7}   "
+              f"{'eager':>9} {'onnxruntime':>11} {'ort/eager':>9}")
         for r in rows:
-            print(f"  {r['arch']:<56} {fmt_macs(r['macs']):>8} {r['predicted_ms']:>8.3f}ms {r['eager_ms']:>7.3f}ms "
-                  f"{r['onnxruntime_ms']:>9.3f}ms {r['onnxruntime_ms'] / r['eager_ms']:>9.2f}")
+            err = (r['predicted_ms'] / r['measured_ms'] - 1) * 100
+            print(f"  {r['arch']:<56} {fmt_macs(r['macs']):>8} {r['predicted_ms']:>8.3f}ms {r['measured_ms']:>7.3f}ms "
+                  f"{err:>+6.1f}%   {r['eager_ms']:>7.3f}ms {r['onnxruntime_ms']:>9.3f}ms "
+                  f"{r['onnxruntime_ms'] / r['eager_ms']:>9.2f}")
     torch.set_num_threads(threads)
 
 

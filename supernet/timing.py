@@ -9,7 +9,7 @@ import platform
 import random
 import statistics
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -186,19 +186,21 @@ def calibration(sums: list[float], measured: list[float]) -> dict[str, float]:
 
 
 def measure_table(space: SearchSpace, timing: Timing, threads: int, calibrate: int, archs: int, seed: int,
-                  rounds: int = 1, progress: bool = True) -> tuple[LatencyTable, list[dict[str, Any]]]:
-    """The latency table of ``space`` and, for each accuracy architecture, its MACs, prediction and measurement.
+                  rounds: int = 1, progress: bool = True, extra: Sequence[ArchSpec] = ()
+                  ) -> tuple[LatencyTable, list[dict[str, Any]]]:
+    """The latency table of ``space`` and, for each accuracy architecture and then each of ``extra``, its MACs,
+    prediction and measurement (only the accuracy architectures make the table's accuracy).
 
-    Every block, the ``calibrate`` networks the overhead and scale are fitted to and the ``archs`` networks the
-    accuracy is reported on are timed together in interleaved rounds (:func:`time_rounds`), so the table and its
-    accuracy hold the same moments of the machine."""
+    Every block, the ``calibrate`` networks the overhead and scale are fitted to, the ``archs`` networks the
+    accuracy is reported on and ``extra`` are timed together in interleaved rounds (:func:`time_rounds`), so the
+    table and every network it is compared with hold the same moments of the machine."""
     rng = random.Random(f"psvit-latency:{seed}")
     cal = distinct_archs(space, calibrate, rng, set())
     test = distinct_archs(space, archs, rng, set(cal))
     items: dict[Any, tuple[Callable[[Tensor], Tensor], Tensor]] = {}
     for key in space_blocks(space):
         items[key] = block_input(space, key, timing)
-    for a in [*cal, *test]:
+    for a in [*cal, *test, *extra]:
         items[a] = arch_input(a, timing)
     timed = time_rounds(items, timing, rounds, seed, progress, desc=f"{len(items)} blocks+networks, rounds")
     blocks = {k: timed.ms[k] for k in space_blocks(space)}
@@ -210,9 +212,9 @@ def measure_table(space: SearchSpace, timing: Timing, threads: int, calibrate: i
     sums = [table.predict(a) for a in cal]  # the blocks' sum: overhead 0, scale 1 so far
     table = LatencyTable(**{**vars(table), **calibration(sums, [timed.ms[a] for a in cal])})
     rows = [{"arch": a.short(), "macs": macs(a), "predicted_ms": table.predict(a), "measured_ms": timed.ms[a]}
-            for a in test]
-    if rows:
-        acc = accuracy_of([r["predicted_ms"] for r in rows], [r["measured_ms"] for r in rows])
+            for a in [*test, *extra]]
+    if test:
+        acc = accuracy_of([r["predicted_ms"] for r in rows[:len(test)]], [r["measured_ms"] for r in rows[:len(test)]])
         table = LatencyTable(**{**vars(table), "accuracy": acc})
     return table, rows
 
