@@ -19,6 +19,8 @@ import numpy as np
 import pytest
 from hypothesis import settings
 
+from forkserver import ForkServer
+
 # No deadline: the first example of a test pays for imports and torch warm-up on a 2-core machine.
 settings.register_profile("ci", deadline=None, max_examples=50)
 settings.load_profile("ci")
@@ -141,6 +143,32 @@ def one_thread() -> Iterator[None]:
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(before)
+
+
+@pytest.fixture(scope="session")
+def forkserver(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ForkServer]:
+    """``forkserver.popen(argv, cwd, env)`` / ``forkserver.run(argv, cwd, env, timeout)``: the app's real process, as
+    ``subprocess.Popen`` / ``subprocess.run`` with captured text output would start it, forked from one
+    interpreter that has imported torch already (tests/forkserver.py): signals, kill -9 and exit statuses are
+    the process's own, without the seconds of imports each fresh interpreter spends."""
+    server = ForkServer(tmp_path_factory.mktemp("forkserver"))
+    yield server
+    server.close()
+
+
+@pytest.fixture(scope="session")
+def fork_ranks() -> Callable[..., None]:
+    """``fork_ranks(fn, args, nprocs=2)``: ``torch.multiprocessing.spawn``'s contract (``fn(rank, *args)`` in
+    ``nprocs`` processes, joined, a failing rank's traceback raised here), but the ranks are forked from this
+    process instead of started as fresh interpreters: they skip the seconds spent importing torch, which are most
+    of a small 2-rank test. Fork-safe here: the tests run one intra-op thread (OMP_NUM_THREADS=1) and create no
+    process group in this process."""
+    import torch.multiprocessing as mp
+
+    def fork(fn: Callable[..., None], args: tuple = (), nprocs: int = 2) -> None:
+        mp.start_processes(fn, args=args, nprocs=nprocs, join=True, start_method="fork")
+
+    return fork
 
 
 @pytest.fixture(scope="session")

@@ -7,7 +7,6 @@ from __future__ import annotations
 import os
 import random
 import re
-import subprocess
 import sys
 from collections import Counter
 from pathlib import Path
@@ -36,11 +35,10 @@ def test_unknown_preset_is_refused_before_any_work(run_module):
     assert "imagenet_tiny_2d" in r.stderr
 
 
-def test_cpu_dry_mode_runs_through_the_launcher_and_prints_consistent_figures():
+def test_cpu_dry_mode_runs_through_the_launcher_and_prints_consistent_figures(forkserver):
     cmd = [sys.executable, "-m", "bench.gpu_check", "--device", "cpu", "--steps", "2", "--evals", "2", "--batch", "4",
            "--preset", "cifar_2d"]  # the smallest RGB preset: the code path of imagenet_tiny_2d, in a few seconds
-    r = subprocess.run(cmd, cwd=REPO, env={**os.environ, "OMP_NUM_THREADS": "1"}, capture_output=True, text=True,
-                       timeout=240)
+    r = forkserver.run(cmd, cwd=REPO, env={**os.environ, "OMP_NUM_THREADS": "1"}, timeout=240)
     assert r.returncode == 0, r.stderr[-3000:]
     out = r.stdout
     assert out.startswith(f"gpu-check: CPU, 1 thread, torch {torch.__version__}")

@@ -5,7 +5,6 @@ from __future__ import annotations
 import gzip
 import os
 import pickle
-import subprocess
 import sys
 from pathlib import Path
 from types import SimpleNamespace
@@ -141,13 +140,13 @@ def test_missing_fmnist_names_files_dir_and_fix(tmp_path: Path) -> None:
 
 
 @pytest.mark.parametrize("app", ["supernet.train", "supernet.retrain"])
-def test_missing_dataset_is_one_line_exit_2_and_writes_nothing(tmp_path: Path, app: str) -> None:
+def test_missing_dataset_is_one_line_exit_2_and_writes_nothing(tmp_path: Path, app: str, forkserver) -> None:
     """Through the real CLI of both training apps (the check runs before a run directory exists)."""
     repo = Path(__file__).resolve().parents[1]
     arch = [f"arch={repo / 'conf' / 'baselines' / 'deit_fmnist.json'}"] if app == "supernet.retrain" else []
-    r = subprocess.run([sys.executable, "-m", app, *arch, f"run_dir={tmp_path / 'run'}",
-                        f"data.root={tmp_path / 'nowhere'}", "max_steps=1"], cwd=tmp_path, capture_output=True,
-                       text=True, env={**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(repo)}, timeout=120)
+    r = forkserver.run([sys.executable, "-m", app, *arch, f"run_dir={tmp_path / 'run'}",
+                        f"data.root={tmp_path / 'nowhere'}", "max_steps=1"], cwd=tmp_path,
+                       env={**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(repo)}, timeout=120)
     assert r.returncode == 2, r.stderr
     lines = r.stderr.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("error: ") and "Traceback" not in r.stderr, r.stderr

@@ -8,7 +8,6 @@ from __future__ import annotations
 import json
 import math
 import os
-import subprocess
 import sys
 from itertools import combinations
 from pathlib import Path
@@ -219,12 +218,12 @@ def test_standalone_results_of_other_settings_are_refused(tmp_path, supernet_ckp
 
 
 @pytest.mark.slow
-def test_two_ranks_equal_one_process(tmp_path, supernet_ckpt, reference):
+def test_two_ranks_equal_one_process(tmp_path, supernet_ckpt, reference, forkserver):
     """Under torchrun the stand-alone runs are split over 2 ranks, each trained alone: the one-process result."""
     out = tmp_path / "n2"
-    r = subprocess.run([sys.executable, "-m", "supernet.engine.launch", "--standalone", "--nproc_per_node=2", "-m",
+    r = forkserver.run([sys.executable, "-m", "supernet.engine.launch", "--standalone", "--nproc_per_node=2", "-m",
                         "search.fidelity", f"checkpoint={supernet_ckpt}", f"run_dir={out}", *ARGS], cwd=REPO, env=ENV,
-                       capture_output=True, text=True)
+                       timeout=280)
     assert r.returncode == 0, r.stderr[-2000:]
     assert json.loads((out / "fidelity.json").read_text()) == json.loads(json.dumps(reference[1]))
     assert len(list((out / "standalone").glob("*/result.json"))) == 12

@@ -9,7 +9,7 @@ from __future__ import annotations
 import json
 import os
 import signal
-import subprocess
+import socket
 import sys
 import time
 from pathlib import Path
@@ -50,7 +50,10 @@ def data_args(root: Path) -> list[str]:
             "data.eval_batch_size=12", "data.num_workers=1", "device=cpu"]
 
 
-SPACE = ["space=cifar_2d", f"space.num_classes={len(CLASSES)}"]
+# cifar_2d's code path (32x32 RGB, 2D pooling, both ops) at a fraction of its width and depth
+SPACE = ["space=cifar_2d", f"space.num_classes={len(CLASSES)}", "space.head_dim=16",
+         "space.stages=[{cells:2,tokens:[64],dims:[32]},{cells:2,tokens:[64,16],dims:[32,48]},"
+         "{cells:2,tokens:[16,4],dims:[48,64]}]"]
 
 
 def supernet_args(root: Path) -> list[str]:
@@ -58,12 +61,12 @@ def supernet_args(root: Path) -> list[str]:
             "eval.n_random=1", "progress=false"]
 
 
-def launch(run_dir: Path, root: Path) -> subprocess.Popen:
-    """``make supernet NPROC=2``'s command."""
+def launch(forkserver, run_dir: Path, root: Path):
+    """``make supernet NPROC=2``'s command: the launcher forked from conftest.py's ``forkserver``, its ranks
+    started by torchrun as fresh interpreters."""
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)}
-    return subprocess.Popen([sys.executable, "-m", "supernet.engine.launch", "--standalone", "--nproc_per_node=2",
-                             "-m", "supernet.train", f"run_dir={run_dir}", *supernet_args(root)], cwd=REPO, env=env,
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    return forkserver.popen([sys.executable, "-m", "supernet.engine.launch", "--standalone", "--nproc_per_node=2",
+                             "-m", "supernet.train", f"run_dir={run_dir}", *supernet_args(root)], cwd=REPO, env=env)
 
 
 def kill_job(pid: int) -> None:
@@ -91,22 +94,35 @@ def ckpt(run_dir: Path) -> dict:
     return torch.load(run_dir / "last.ckpt", weights_only=True)
 
 
+def _rank(rank: int, port: int, run_dir: str, root: str) -> None:
+    """One rank of the uninterrupted run, with the environment torchrun gives it."""
+    os.environ.update(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE="2", LOCAL_WORLD_SIZE="2",
+                      MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    torch.set_num_threads(1)
+    from supernet.train import train
+
+    train(_compose("supernet", f"run_dir={run_dir}", *supernet_args(Path(root))))
+
+
 @pytest.fixture(scope="module")
-def reference(folder: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+def reference(folder: Path, tmp_path_factory: pytest.TempPathFactory, fork_ranks) -> Path:
+    """The uninterrupted 2-rank run (its ranks forked from this process: the launcher's part is the test's)."""
     run = tmp_path_factory.mktemp("reference") / "run"
-    p = launch(run, folder)
-    out, err = p.communicate(timeout=280)
-    assert p.returncode == 0, err
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    fork_ranks(_rank, (port, str(run), str(folder)))
     return run
 
 
 @pytest.mark.slow
-def test_two_ranks_with_workers_and_the_deit_recipe_resume_exactly_after_kill_9(folder, reference, tmp_path):
+def test_two_ranks_with_workers_and_the_deit_recipe_resume_exactly_after_kill_9(folder, reference, tmp_path,
+                                                                               forkserver):
     ref = ckpt(reference)
     assert ref["step"] == STEPS and ref["identity"]["recipe"]["repeated_aug"] == 3
     assert ref["identity"]["world_size"] == 2 and ref["config"]["data"]["num_workers"] == 1
     run = tmp_path / "run"
-    p = launch(run, folder)
+    p = launch(forkserver, run, folder)
     deadline = time.time() + 240
     while not (run / "last.ckpt").exists():
         assert p.poll() is None, p.communicate()
@@ -115,7 +131,7 @@ def test_two_ranks_with_workers_and_the_deit_recipe_resume_exactly_after_kill_9(
     kill_job(p.pid)  # the launcher, both ranks and their decoding workers
     p.communicate()
     assert ckpt(run)["step"] == 4
-    rerun = launch(run, folder)
+    rerun = launch(forkserver, run, folder)
     out, err = rerun.communicate(timeout=280)
     assert rerun.returncode == 0, err
     assert f"resumed from {run / 'last.ckpt'} at step 4/{STEPS}" in out

@@ -48,11 +48,12 @@ SLOW_WRITES = ("import runpy, sys, time, torch\n"
                "runpy.run_module(sys.argv[0], run_name='__main__', alter_sys=True)\n")
 
 
-def _cli(module: str, run_dir: Path, root: Path, *overrides: str, slow_writes: bool = False) -> subprocess.Popen:
+def _cli(forkserver, module: str, run_dir: Path, root: Path, *overrides: str, slow_writes: bool = False):
+    """The app's own process (forked from conftest.py's ``forkserver``)."""
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)}
     start = ["-c", SLOW_WRITES, module] if slow_writes else ["-m", module]
-    return subprocess.Popen([sys.executable, *start, f"run_dir={run_dir}", f"data.root={root}", *overrides],
-                            cwd=run_dir.parent, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    return forkserver.popen([sys.executable, *start, f"run_dir={run_dir}", f"data.root={root}", *overrides],
+                       cwd=run_dir.parent, env=env)
 
 
 def _ckpt(run_dir: Path) -> dict:
@@ -99,11 +100,11 @@ def supernet_ref(tmp_path_factory: pytest.TempPathFactory, data_root: Path, one_
     return _ckpt(run)
 
 
-def _stopped_by(sig: signal.Signals, run: Path, root: Path) -> int:
+def _stopped_by(forkserver, sig: signal.Signals, run: Path, root: Path) -> int:
     """Stop a supernet run with ``sig`` at its first checkpoint (step 7); check the stop contract and return the
     step it stopped at: the next sync point (a multiple of log_every=5, or of ckpt_every=7). At a multiple of 5
     only (10, typically), only the stop itself can have written the checkpoint of that step."""
-    p = _cli("supernet.train", run, root, *SUPERNET, "ckpt_every=7")
+    p = _cli(forkserver, "supernet.train", run, root, *SUPERNET, "ckpt_every=7")
     out, err = _interrupt_at_first_checkpoint(p, run, sig)
     assert p.returncode == 0 and err.strip() == "", err  # no traceback, no KeyboardInterrupt
     ck = _ckpt(run)
@@ -116,24 +117,25 @@ def _stopped_by(sig: signal.Signals, run: Path, root: Path) -> int:
     return at
 
 
-def test_sigint_finishes_the_step_checkpoints_and_exits_0(tmp_path, data_root):
-    _stopped_by(signal.SIGINT, tmp_path / "run", data_root)
+def test_sigint_finishes_the_step_checkpoints_and_exits_0(forkserver, tmp_path, data_root):
+    _stopped_by(forkserver, signal.SIGINT, tmp_path / "run", data_root)
 
 
 @pytest.mark.slow
-def test_sigterm_finishes_the_step_checkpoints_exits_0_and_a_rerun_completes(tmp_path, data_root, supernet_ref):
+def test_sigterm_finishes_the_step_checkpoints_exits_0_and_a_rerun_completes(forkserver, tmp_path, data_root,
+                                                                            supernet_ref):
     run = tmp_path / "run"
-    at = _stopped_by(signal.SIGTERM, run, data_root)
-    _rerun_equals_reference(run, data_root, at, supernet_ref, "ckpt_every=5")
+    at = _stopped_by(forkserver, signal.SIGTERM, run, data_root)
+    _rerun_equals_reference(forkserver, run, data_root, at, supernet_ref, "ckpt_every=5")
 
 
 @pytest.mark.slow
-def test_supernet_sigkill_during_a_background_write_then_rerun_equals_uninterrupted_run(tmp_path, data_root,
+def test_supernet_sigkill_during_a_background_write_then_rerun_equals_uninterrupted_run(forkserver, tmp_path, data_root,
                                                                                       supernet_ref):
     """Killed after the first checkpoint (step 4) is on disk, while the second one's write is in flight: step 4's
     file is intact, and the rerun clears the dead writer's temp file and ends as the uninterrupted run."""
     run = tmp_path / "run"
-    killed = _cli("supernet.train", run, data_root, *SUPERNET, "ckpt_every=4", slow_writes=True)
+    killed = _cli(forkserver, "supernet.train", run, data_root, *SUPERNET, "ckpt_every=4", slow_writes=True)
     deadline = time.time() + 240
     while not ((run / "last.ckpt").exists() and list(run.glob(".last.ckpt.tmp*"))):
         assert killed.poll() is None, killed.communicate()
@@ -143,13 +145,13 @@ def test_supernet_sigkill_during_a_background_write_then_rerun_equals_uninterrup
     killed.communicate(timeout=240)
     assert killed.returncode == -signal.SIGKILL
     assert _ckpt(run)["step"] == 4 and list(run.glob(".last.ckpt.tmp*"))  # killed mid-write
-    _rerun_equals_reference(run, data_root, 4, supernet_ref, "ckpt_every=4")
+    _rerun_equals_reference(forkserver, run, data_root, 4, supernet_ref, "ckpt_every=4")
     assert not list(run.glob(".last.ckpt.tmp*"))
 
 
-def _rerun_equals_reference(run: Path, data_root: Path, at: int, ref: dict, *args: str) -> None:
+def _rerun_equals_reference(forkserver, run: Path, data_root: Path, at: int, ref: dict, *args: str) -> None:
     """The same command again resumes at step ``at`` and ends where the uninterrupted run ended."""
-    rerun = _cli("supernet.train", run, data_root, *SUPERNET, *args)
+    rerun = _cli(forkserver, "supernet.train", run, data_root, *SUPERNET, *args)
     out, err = rerun.communicate(timeout=240)
     assert rerun.returncode == 0, err
     assert f"resumed from {run / 'last.ckpt'} at step {at}/{STEPS}" in out
@@ -177,13 +179,13 @@ def _same_result(ours: dict, ref: dict) -> None:
 
 
 @pytest.mark.slow
-def test_retrain_sigkill_then_rerun_equals_uninterrupted_run(tmp_path, data_root, retrain_ref):
+def test_retrain_sigkill_then_rerun_equals_uninterrupted_run(forkserver, tmp_path, data_root, retrain_ref):
     run = tmp_path / "run"
-    killed = _cli("supernet.retrain", run, data_root, *RETRAIN, "ckpt_every=4")
+    killed = _cli(forkserver, "supernet.retrain", run, data_root, *RETRAIN, "ckpt_every=4")
     _interrupt_at_first_checkpoint(killed, run, signal.SIGKILL)
     at = _ckpt(run)["step"]
     assert 4 <= at < STEPS and not (run / "result.json").exists()
-    rerun = _cli("supernet.retrain", run, data_root, *RETRAIN, "ckpt_every=4")
+    rerun = _cli(forkserver, "supernet.retrain", run, data_root, *RETRAIN, "ckpt_every=4")
     out, err = rerun.communicate(timeout=240)
     assert rerun.returncode == 0, err
     assert f"resumed from {run / 'last.ckpt'} at step {at}/{STEPS}" in out
@@ -193,15 +195,15 @@ def test_retrain_sigkill_then_rerun_equals_uninterrupted_run(tmp_path, data_root
 
 
 @pytest.mark.slow
-def test_retrain_sigterm_writes_no_result_and_a_rerun_completes(tmp_path, data_root, retrain_ref):
+def test_retrain_sigterm_writes_no_result_and_a_rerun_completes(forkserver, tmp_path, data_root, retrain_ref):
     run = tmp_path / "run"
-    p = _cli("supernet.retrain", run, data_root, *RETRAIN, "ckpt_every=5")
+    p = _cli(forkserver, "supernet.retrain", run, data_root, *RETRAIN, "ckpt_every=5")
     out, err = _interrupt_at_first_checkpoint(p, run, signal.SIGTERM)
     assert p.returncode == 0 and err.strip() == "", err
     at = _ckpt(run)["step"]
     assert 5 < at < STEPS and f"stopped by signal at step {at}/{STEPS}" in out, out
     assert not (run / "result.json").exists() and "test top-1" not in out  # no test-split evaluation either
-    rerun = _cli("supernet.retrain", run, data_root, *RETRAIN, "ckpt_every=5")
+    rerun = _cli(forkserver, "supernet.retrain", run, data_root, *RETRAIN, "ckpt_every=5")
     out, err = rerun.communicate(timeout=240)
     assert rerun.returncode == 0, err
     assert f"resumed from {run / 'last.ckpt'} at step {at}/{STEPS}" in out and "test top-1" in out

@@ -41,7 +41,7 @@ def _worker(rank: int, ports: list[int], tmp: str, root: str) -> None:
         (Path(tmp) / f"{node_dirs}{rank}.txt").write_text(message)
 
 
-def test_node_local_run_dirs_are_refused_on_every_rank(tmp_path, fake_fmnist):
+def test_node_local_run_dirs_are_refused_on_every_rank(tmp_path, fake_fmnist, fork_ranks):
     from supernet.train import train
 
     root = fake_fmnist(tmp_path / "data", n_train=60, n_test=10)
@@ -58,7 +58,7 @@ def test_node_local_run_dirs_are_refused_on_every_rank(tmp_path, fake_fmnist):
         a.bind(("127.0.0.1", 0))
         b.bind(("127.0.0.1", 0))
         ports = [a.getsockname()[1], b.getsockname()[1]]
-    torch.multiprocessing.spawn(_worker, args=(ports, str(tmp_path), str(root)), nprocs=2, join=True)
+    fork_ranks(_worker, (ports, str(tmp_path), str(root)))
 
     hint = "run_dir must be one directory that every node sees (a shared file system), not node-local copies"
     missing = [(tmp_path / f"missing{r}.txt").read_text() for r in (0, 1)]

@@ -39,10 +39,10 @@ def _composed(name: str, overrides: tuple[str, ...]):
         return compose(name, overrides=list(overrides))
 
 
-def run_cli(module: str, *args: str, timeout: int = 120) -> subprocess.CompletedProcess:
+def run_cli(forkserver, module: str, *args: str, timeout: int = 120) -> subprocess.CompletedProcess:
+    """``python -m module *args``, the app's own process (forked from conftest.py's ``forkserver``)."""
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    return subprocess.run([sys.executable, "-m", module, *args], cwd=REPO, env=env, capture_output=True,
-                          text=True, timeout=timeout)
+    return forkserver.run([sys.executable, "-m", module, *args], cwd=REPO, env=env, timeout=timeout)
 
 
 def one_error_line(p: subprocess.CompletedProcess) -> str:
@@ -61,20 +61,21 @@ def data_root(tmp_path, fake_fmnist) -> Path:
 
 
 # ----------------------------------------------------------------------------- run_dir lock and partial files
-def test_a_second_run_on_a_locked_run_dir_is_refused_and_a_killed_holder_leaves_no_lock(tmp_path, data_root):
+def test_a_second_run_on_a_locked_run_dir_is_refused_and_a_killed_holder_leaves_no_lock(forkserver, tmp_path,
+                                                                                         data_root):
     run = tmp_path / "run"
     holder = subprocess.Popen([sys.executable, "-c", "import sys, time; from space.app import run_dir_lock\n"
                                f"with run_dir_lock({str(run)!r}):\n    print('locked', flush=True); time.sleep(300)"],
                               cwd=REPO, stdout=subprocess.PIPE, text=True)
     assert holder.stdout.readline().strip() == "locked"
     args = [f"run_dir={run}", f"data.root={data_root}", "max_steps=1", *TINY]
-    line = one_error_line(run_cli("supernet.train", *args))
+    line = one_error_line(run_cli(forkserver, "supernet.train", *args))
     assert f"run_dir: {run} is in use by another run (pid {holder.pid})" in line
     assert not (run / "last.ckpt").exists()
     holder.kill()
     holder.wait()
     (run / ".last.ckpt.tmp4242").write_bytes(b"half a checkpoint of a killed run")
-    p = run_cli("supernet.train", *args)
+    p = run_cli(forkserver, "supernet.train", *args)
     assert p.returncode == 0, p.stderr
     assert (run / "last.ckpt").exists() and not (run / ".last.ckpt.tmp4242").exists()
 
@@ -320,9 +321,10 @@ def test_fuzz_search_state(blob, searches, tmp_path):
 
 
 @pytest.mark.parametrize("nproc", [1, 2])
-def test_user_error_under_the_launcher_is_one_line_exit_2(tmp_path, nproc):
+def test_user_error_under_the_launcher_is_one_line_exit_2(forkserver, tmp_path, nproc):
     """`make supernet` runs supernet.engine.launch (torchrun): no launcher report, the worker's status."""
-    p = run_cli("supernet.engine.launch", "--standalone", f"--nproc_per_node={nproc}", "-m", "supernet.train",
+    p = run_cli(forkserver, "supernet.engine.launch", "--standalone", f"--nproc_per_node={nproc}", "-m",
+                "supernet.train",
                 "optim.lr=0", f"run_dir={tmp_path / 'run'}")
     lines = [line for line in p.stderr.splitlines() if not line.startswith("W")]  # torch's own warnings
     assert p.returncode == 2 and lines == ["error: optim.lr: 0 is not allowed (allowed: a number > 0)"], p.stderr

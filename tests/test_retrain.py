@@ -8,7 +8,6 @@ from __future__ import annotations
 import json
 import os
 import random
-import subprocess
 from pathlib import Path
 
 import pytest
@@ -76,7 +75,7 @@ def test_inherit_starts_from_the_supernet_path(tmp_path, supernet_ckpt):
 
 
 @pytest.mark.slow
-def test_make_retrain_on_two_ranks_trains_what_one_process_trains(tmp_path, fake_root, make_recipe):
+def test_make_retrain_on_two_ranks_trains_what_one_process_trains(tmp_path, fake_root, make_recipe, forkserver):
     """`make retrain NPROC=2` launches 2 gloo workers through supernet.engine.launch: each takes half of every
     global batch (half the steps of one process at the per-rank batch), the gradients are averaged, and the
     weights are those of one process at the same global batch (up to summation order, as AdamW allows:
@@ -90,8 +89,7 @@ def test_make_retrain_on_two_ranks_trains_what_one_process_trains(tmp_path, fake
     cmd = make_recipe("retrain", NPROC="2", ARCH=str(arch),
                       ARGS=" ".join([f"run_dir={tmp_path / 'two'}", "data.batch_size=8", *common]))
     assert cmd[1:7] == ["-m", "supernet.engine.launch", "--standalone", "--nproc_per_node=2", "-m", "supernet.retrain"]
-    r = subprocess.run(cmd, cwd=REPO, env={**os.environ, "OMP_NUM_THREADS": "1"}, capture_output=True, text=True,
-                       timeout=240)
+    r = forkserver.run(cmd, cwd=REPO, env={**os.environ, "OMP_NUM_THREADS": "1"}, timeout=240)
     assert r.returncode == 0, r.stderr[-2000:]
     two = json.loads((tmp_path / "two" / "result.json").read_text())
     assert (two["world_size"], two["steps"], two["test_images"]) == (2, 3, 20)

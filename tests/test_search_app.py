@@ -11,16 +11,16 @@ import random
 import shutil
 import signal
 import socket
-import subprocess
 import sys
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
 import torch
+from forkserver import ForkServer
 from hydra import compose, initialize_config_dir
 
 from space.arch import ArchSpec
@@ -53,11 +53,11 @@ def search_cfg(ckpt: Path, run_dir: Path, *overrides: str):
         return compose("evolve", overrides=[f"checkpoint={ckpt}", f"run_dir={run_dir}", *SEARCH, *overrides])
 
 
-def cli(ckpt: Path, run_dir: Path, *overrides: str) -> subprocess.Popen:
+def cli(forkserver: ForkServer, ckpt: Path, run_dir: Path, *overrides: str):
+    """``python -m search.evolve``'s own process (forked from conftest.py's ``forkserver``)."""
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    return subprocess.Popen([sys.executable, "-m", "search.evolve", f"checkpoint={ckpt}", f"run_dir={run_dir}",
-                             *SEARCH, *overrides], cwd=REPO, env=env, stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, text=True)
+    return forkserver.popen([sys.executable, "-m", "search.evolve", f"checkpoint={ckpt}", f"run_dir={run_dir}",
+                             *SEARCH, *overrides], cwd=REPO, env=env)
 
 
 @contextmanager
@@ -187,8 +187,9 @@ def test_resume_after_a_crash_scores_only_the_rest(ckpt: Path, reference: Run, t
     assert again.history() == reference.history()
 
 
-def test_sigkill_then_rerun_equals_uninterrupted_run(ckpt: Path, reference: Run, tmp_path: Path):
-    p = cli(ckpt, tmp_path, f"flops_max={FLOPS_MAX}")
+def test_sigkill_then_rerun_equals_uninterrupted_run(ckpt: Path, reference: Run, tmp_path: Path,
+                                                   forkserver: ForkServer):
+    p = cli(forkserver, ckpt, tmp_path, f"flops_max={FLOPS_MAX}")
     state, at = tmp_path / "state.json", 0
     deadline = time.time() + 120
     while time.time() < deadline and p.poll() is None:
@@ -204,7 +205,7 @@ def test_sigkill_then_rerun_equals_uninterrupted_run(ckpt: Path, reference: Run,
     at = json.loads(state.read_text())["searches"][0]["generation"]
     assert 1 <= at < GENERATIONS and not (tmp_path / "history.jsonl").exists()
 
-    rerun = cli(ckpt, tmp_path, f"flops_max={FLOPS_MAX}")
+    rerun = cli(forkserver, ckpt, tmp_path, f"flops_max={FLOPS_MAX}")
     out, err = rerun.communicate(timeout=300)
     assert rerun.returncode == 0, err
     assert f"resumed {state} at generation {at}/{GENERATIONS}" in out
@@ -235,9 +236,9 @@ def _ddp_worker(rank: int, world: int, port: int, ckpt: str, run_dir: str, out_d
     cleanup_distributed()
 
 
-def test_two_gloo_ranks_score_exactly_like_one_process(ckpt: Path, reference: Run, tmp_path: Path):
-    torch.multiprocessing.spawn(_ddp_worker, args=(2, _free_port(), str(ckpt), str(tmp_path / "run"), str(tmp_path)),
-                                nprocs=2, join=True)
+def test_two_gloo_ranks_score_exactly_like_one_process(ckpt: Path, reference: Run, tmp_path: Path,
+                                                      fork_ranks: Callable[..., None]):
+    fork_ranks(_ddp_worker, (2, _free_port(), str(ckpt), str(tmp_path / "run"), str(tmp_path)))
     r0, r1 = (json.loads((tmp_path / f"rank{r}.json").read_text()) for r in (0, 1))
     assert Run(tmp_path / "run", [], "").history() == reference.history()
     # Each candidate scored once, on one rank, and the ranks shared the work by MACs: in each generation's batch
@@ -251,13 +252,13 @@ def test_two_gloo_ranks_score_exactly_like_one_process(ckpt: Path, reference: Ru
 
 
 @pytest.mark.slow
-def test_make_search_on_two_ranks_scores_like_one_process(ckpt: Path, reference: Run, tmp_path: Path, make_recipe):
+def test_make_search_on_two_ranks_scores_like_one_process(ckpt: Path, reference: Run, tmp_path: Path, make_recipe,
+                                                          forkserver: ForkServer):
     """`make search NPROC=2` launches 2 workers through supernet.engine.launch: the one-process history."""
     args = [f"checkpoint={ckpt}", f"run_dir={tmp_path / 'run'}", *SEARCH, f"flops_max={FLOPS_MAX}"]
     cmd = make_recipe("search", NPROC="2", ARGS=" ".join(args))
     assert cmd[1:7] == ["-m", "supernet.engine.launch", "--standalone", "--nproc_per_node=2", "-m", "search.evolve"]
-    r = subprocess.run(cmd, cwd=REPO, env={**os.environ, "OMP_NUM_THREADS": "1"}, capture_output=True, text=True,
-                       timeout=240)
+    r = forkserver.run(cmd, cwd=REPO, env={**os.environ, "OMP_NUM_THREADS": "1"}, timeout=240)
     assert r.returncode == 0, r.stderr[-2000:]
     assert Run(tmp_path / "run", [], "").history() == reference.history()
 
@@ -325,7 +326,8 @@ def _snapshot(d: Path) -> dict[str, bytes] | None:
     return {str(p.relative_to(d)): p.read_bytes() for p in sorted(d.rglob("*")) if p.is_file()} if d.exists() else None
 
 
-def test_bad_input_is_one_line_exit_2_and_writes_nothing(ckpt: Path, reference: Run, tmp_path: Path, capsys):
+def test_bad_input_is_one_line_exit_2_and_writes_nothing(ckpt: Path, reference: Run, tmp_path: Path, capsys,
+                                                         forkserver: ForkServer):
     from search.evolve import evolve
     from space.app import run_app
 
@@ -374,7 +376,8 @@ def test_bad_input_is_one_line_exit_2_and_writes_nothing(ckpt: Path, reference: 
         assert _snapshot(dirs[name]) == before[name], name
 
     # Two through the real CLI (its startup dominates, so they run in the background) ...
-    procs = {name: cli(cases[name][0], dirs[name] / "cli", *cases[name][1]) for name in ("corrupt", "out_of_range")}
+    procs = {name: cli(forkserver, cases[name][0], dirs[name] / "cli", *cases[name][1])
+             for name in ("corrupt", "out_of_range")}
     # ... and every case through the app body `main` runs.
     for name, (c, overrides, _) in cases.items():
         capsys.readouterr()

@@ -6,7 +6,6 @@ from __future__ import annotations
 import os
 import re
 import socket
-import subprocess
 import sys
 from pathlib import Path
 
@@ -31,10 +30,11 @@ def make_cfg(run_dir: Path, *overrides: str):
         return compose("supernet", overrides=[f"run_dir={run_dir}", *QUICK, *overrides])
 
 
-def cli(run_dir: Path, *overrides: str, **kw) -> subprocess.Popen:
+def cli(forkserver, run_dir: Path, *overrides: str):
+    """``python -m supernet.train``'s own process (forked from conftest.py's ``forkserver``)."""
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    return subprocess.Popen([sys.executable, "-m", "supernet.train", f"run_dir={run_dir}", *QUICK, *overrides],
-                            cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, **kw)
+    return forkserver.popen([sys.executable, "-m", "supernet.train", f"run_dir={run_dir}", *QUICK, *overrides],
+                            cwd=REPO, env=env)
 
 
 @pytest.mark.slow
@@ -141,8 +141,8 @@ def test_non_finite_weights_are_never_checkpointed(tmp_path, monkeypatch):
     assert _final(tmp_path)["step"] == 4
 
 
-def test_divergence_exits_1_with_one_line(tmp_path):
-    p = cli(tmp_path / "run", "max_steps=4", "eval.every=0", "optim.lr=1e30", "optim.warmup_epochs=0")
+def test_divergence_exits_1_with_one_line(forkserver, tmp_path):
+    p = cli(forkserver, tmp_path / "run", "max_steps=4", "eval.every=0", "optim.lr=1e30", "optim.warmup_epochs=0")
     out, err = p.communicate(timeout=120)
     assert p.returncode == 1, err
     lines = err.strip().splitlines()
@@ -177,13 +177,12 @@ def _ddp_worker(rank: int, world: int, port: int, run_dir: str, out_dir: str) ->
 
 
 @pytest.mark.slow
-def test_two_gloo_ranks_equal_one_rank_at_the_same_global_batch(tmp_path):
+def test_two_gloo_ranks_equal_one_rank_at_the_same_global_batch(tmp_path, fork_ranks):
     """2 ranks x 16 images train what 1 rank x 32 trains: the same paths, the same mean loss and gradient norm
     every step and the same weights (up to float summation order), and the two ranks agree bit for bit."""
     from supernet.train import train
 
-    torch.multiprocessing.spawn(_ddp_worker, args=(2, _free_port(), str(tmp_path / "run"), str(tmp_path)),
-                                nprocs=2, join=True)
+    fork_ranks(_ddp_worker, (2, _free_port(), str(tmp_path / "run"), str(tmp_path)))
     r0, r1 = (torch.load(tmp_path / f"rank{r}.pt", weights_only=True) for r in (0, 1))
     assert r0["digest"] == r1["digest"]
     assert r0["losses"] == r1["losses"] and r0["grad_norms"] == r1["grad_norms"]  # all-reduced on both ranks

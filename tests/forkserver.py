@@ -1,0 +1,207 @@
+"""Real app processes for the tests, started without paying torch's import each time.
+
+A process of a CLI test (``python -m supernet.train ...`` then a signal, a kill -9, an exit status) spends most of
+a small run importing torch and torch._dynamo (which every optimizer pulls in): about 6 of the 9 s of a one-step
+run here. ``ForkServer`` starts one interpreter that imports them once, then forks it for each command: the child
+gets the command's own argv, environment, working directory and stdin/stdout/stderr, drops the app module so that
+``runpy`` runs it fresh as ``__main__`` (as ``python -m`` does), and ends through the interpreter's normal exit
+(atexit handlers, non-daemon threads joined). It is a real process of its own: a pid to signal or kill, its own
+exit status. ``ForkedProcess`` mirrors the part of ``subprocess.Popen`` the tests use.
+
+What it cannot show is what a fresh interpreter does before the app runs (what gets imported, e.g.
+test_layout.py's checks) and a process that must start from its own file (exported models run without the
+project): those tests start ``subprocess.Popen`` as before, as do the launcher's workers (torchrun starts them).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import threading
+from collections.abc import Sequence
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+
+# What the served interpreter imports before forking; app modules are dropped again in each child before it runs.
+PRELOAD = ("torch", "torch._dynamo", "torch.distributed.run", "hydra", "supernet.train", "supernet.retrain",
+           "search.evolve", "search.fidelity", "supernet.engine.launch")
+
+# The server: imports, then forks one child per request (SOCK_SEQPACKET: one message per request, carrying the
+# child's stdin, stdout and stderr as file descriptors). The parent reports each child's pid at once and its
+# exit status (os.waitstatus_to_exitcode: negative for a signal, as Popen.returncode) when it ends; it exits
+# when the test process that started it is gone. The child leaves the loop and runs its command at top level.
+SERVER = r"""
+import importlib, json, os, select, socket, sys, threading
+path, parent = sys.argv[1], os.getppid()
+for name in sys.argv[2:]:
+    importlib.import_module(name)
+assert threading.active_count() == 1, threading.enumerate()  # forking a process with threads is not safe
+srv = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+srv.bind(path)
+srv.listen(64)
+print("ready", flush=True)
+sys.stdout.flush(); sys.stderr.flush()
+waiting, request = {}, None
+while request is None and os.getppid() == parent:
+    ready, _, _ = select.select([srv], [], [], 0.05)
+    while waiting:
+        try:
+            pid, status = os.waitpid(-1, os.WNOHANG)
+        except ChildProcessError:
+            break
+        if pid == 0:
+            break
+        conn = waiting.pop(pid)
+        conn.send(str(os.waitstatus_to_exitcode(status)).encode())
+        conn.close()
+    if ready:
+        conn, _ = srv.accept()
+        msg, fds, _, _ = socket.recv_fds(conn, 1 << 20, 3)
+        pid = os.fork()
+        if pid == 0:
+            srv.close()
+            for c in waiting.values():
+                c.close()
+            conn.close()
+            request = json.loads(msg), fds
+            break
+        for fd in fds:
+            os.close(fd)
+        conn.send(str(pid).encode())
+        waiting[pid] = conn
+if request is None:
+    sys.exit(0)
+del srv, waiting, conn, ready
+(req, fds) = request
+for target, fd in zip((0, 1, 2), fds):
+    os.dup2(fd, target)
+    os.close(fd)
+os.chdir(req["cwd"])
+os.environ.clear()
+os.environ.update(req["env"])
+if "OMP_NUM_THREADS" in os.environ:
+    import torch
+    torch.set_num_threads(int(os.environ["OMP_NUM_THREADS"]))
+mode, target, *rest = req["argv"]
+del req, fds, request, path, parent, pid, importlib, json, select, socket, threading
+if mode == "-m":
+    import runpy
+    sys.modules.pop(target, None)  # as `python -m`: the module runs fresh as __main__
+    sys.argv = [target, *rest]
+    runpy.run_module(target, run_name="__main__", alter_sys=True)
+else:
+    sys.argv = ["-c", *rest]
+    exec(compile(target, "<string>", "exec"), {"__name__": "__main__", "__builtins__": __builtins__})
+"""
+
+
+class ForkServer:
+    """One served interpreter per test process (a session fixture in conftest.py)."""
+
+    def __init__(self, directory: Path, preload: Sequence[str] = PRELOAD) -> None:
+        self.path = str(directory / "forkserver.sock")
+        env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)}
+        self._server = subprocess.Popen([sys.executable, "-c", SERVER, self.path, *preload], cwd=REPO, env=env,
+                                        stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, text=True)
+        line = self._server.stdout.readline()
+        if line != "ready\n":
+            raise RuntimeError(f"the fork server did not start (exit {self._server.wait()})")
+
+    def popen(self, argv: Sequence[str], cwd: Path | str | None = None,
+              env: dict[str, str] | None = None) -> ForkedProcess | subprocess.Popen:
+        """``subprocess.Popen(argv, cwd=cwd, env=env, stdout=PIPE, stderr=PIPE, text=True)`` for
+        ``argv = [sys.executable, "-m", module, ...]`` or ``[sys.executable, "-c", code, ...]``, forked from the
+        server; any other command line starts a fresh interpreter."""
+        argv = [str(a) for a in argv]
+        if len(argv) < 3 or argv[0] != sys.executable or argv[1] not in ("-m", "-c"):
+            return subprocess.Popen(argv, cwd=cwd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                                    text=True)
+        return ForkedProcess(self.path, argv, Path(cwd or os.getcwd()), dict(os.environ if env is None else env))
+
+    def run(self, argv: Sequence[str], cwd: Path | str | None = None, env: dict[str, str] | None = None,
+            timeout: float | None = None) -> subprocess.CompletedProcess:
+        """``subprocess.run(argv, cwd=cwd, env=env, capture_output=True, text=True, timeout=timeout)``."""
+        p = self.popen(argv, cwd, env)
+        try:
+            out, err = p.communicate(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            p.kill()
+            p.communicate()
+            raise
+        return subprocess.CompletedProcess(list(argv), p.returncode, out, err)
+
+    def close(self) -> None:
+        self._server.terminate()
+        self._server.wait()
+
+
+class ForkedProcess:
+    """The ``subprocess.Popen`` surface the tests use: pid, returncode, poll, wait, communicate, send_signal,
+    kill; stdout and stderr captured as text."""
+
+    def __init__(self, path: str, argv: list[str], cwd: Path, env: dict[str, str]) -> None:
+        self.args = argv
+        self.returncode: int | None = None
+        stdin = os.open(os.devnull, os.O_RDONLY)
+        (out_r, out_w), (err_r, err_w) = os.pipe(), os.pipe()
+        self._conn = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+        self._conn.connect(path)
+        request = {"argv": argv[1:], "cwd": str(cwd), "env": env}
+        socket.send_fds(self._conn, [json.dumps(request).encode()], [stdin, out_w, err_w])
+        for fd in (stdin, out_w, err_w):
+            os.close(fd)
+        self.pid = int(self._conn.recv(64))
+        self._chunks: dict[int, list[bytes]] = {out_r: [], err_r: []}
+        self._readers = [threading.Thread(target=self._drain, args=(fd,), daemon=True) for fd in (out_r, err_r)]
+        for t in self._readers:
+            t.start()
+        self._out, self._err = out_r, err_r
+
+    def _drain(self, fd: int) -> None:
+        with os.fdopen(fd, "rb", buffering=0) as f:
+            while chunk := f.read(1 << 16):
+                self._chunks[fd].append(chunk)
+
+    def poll(self) -> int | None:
+        if self.returncode is None:
+            self._conn.setblocking(False)
+            try:
+                self._set(self._conn.recv(64))
+            except BlockingIOError:
+                pass
+        return self.returncode
+
+    def wait(self, timeout: float | None = None) -> int:
+        if self.returncode is None:
+            self._conn.settimeout(timeout)
+            try:
+                self._set(self._conn.recv(64))
+            except TimeoutError:
+                raise subprocess.TimeoutExpired(self.args, timeout) from None
+        return self.returncode
+
+    def _set(self, msg: bytes) -> None:
+        self.returncode = int(msg)
+        self._conn.close()
+
+    def communicate(self, timeout: float | None = None) -> tuple[str, str]:
+        """Waits for the exit and for the end of both outputs (a child's own children may hold them open, as with
+        Popen), then returns them."""
+        self.wait(timeout)
+        for t in self._readers:
+            t.join(timeout)
+            if t.is_alive():
+                raise subprocess.TimeoutExpired(self.args, timeout)
+        return tuple(b"".join(self._chunks[fd]).decode() for fd in (self._out, self._err))
+
+    def send_signal(self, sig: int) -> None:
+        if self.poll() is None:
+            os.kill(self.pid, sig)
+
+    def kill(self) -> None:
+        self.send_signal(signal.SIGKILL)
