@@ -6,11 +6,13 @@ PSVIT_ALLOW_MISSING_DATA=1."""
 from __future__ import annotations
 
 import gzip
+import json
 import os
 import runpy
 import shlex
 import subprocess
 import sys
+import time
 import warnings
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -156,17 +158,37 @@ def forkserver(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ForkServer]
     server.close()
 
 
+# A rank of fork_ranks: the test module's worker function, called in a process forked from the fork server
+RANK = ("import importlib, json, sys\n"
+        "sys.path.insert(0, sys.argv[1])\n"
+        "getattr(importlib.import_module(sys.argv[2]), sys.argv[3])(int(sys.argv[4]), *json.loads(sys.argv[5]))\n")
+
+
 @pytest.fixture(scope="session")
-def fork_ranks() -> Callable[..., None]:
+def fork_ranks(forkserver: ForkServer) -> Callable[..., None]:
     """``fork_ranks(fn, args, nprocs=2)``: ``torch.multiprocessing.spawn``'s contract (``fn(rank, *args)`` in
-    ``nprocs`` processes, joined, a failing rank's traceback raised here), but the ranks are forked from this
-    process instead of started as fresh interpreters: they skip the seconds spent importing torch, which are most
-    of a small 2-rank test. Fork-safe here: the tests run one intra-op thread (OMP_NUM_THREADS=1) and create no
-    process group in this process."""
-    import torch.multiprocessing as mp
+    ``nprocs`` processes, joined; a failing rank fails the test with its stderr and the others are killed), each
+    rank forked from the fork server instead of started as a fresh interpreter, so it skips the seconds spent
+    importing torch. ``fn`` is a module-level function of a test module, ``args`` JSON values. (Not forked from
+    the test process itself: after a backward pass there, autograd's threads make a fork unsafe.)"""
 
     def fork(fn: Callable[..., None], args: tuple = (), nprocs: int = 2) -> None:
-        mp.start_processes(fn, args=args, nprocs=nprocs, join=True, start_method="fork")
+        tests = str(Path(fn.__code__.co_filename).parent)
+        ranks = [forkserver.popen([sys.executable, "-c", RANK, tests, fn.__module__, fn.__name__, str(r),
+                                   json.dumps(list(args))], cwd=_REPO_ROOT, env=dict(os.environ))
+                 for r in range(nprocs)]
+        failed = None
+        while failed is None and any(p.poll() is None for p in ranks):
+            failed = next((p for p in ranks if p.poll() not in (None, 0)), None)
+            time.sleep(0.05)
+        failed = failed or next((p for p in ranks if p.returncode != 0), None)
+        for p in ranks:
+            p.kill()
+        if failed is not None:
+            err = failed.communicate()[1]
+            pytest.fail(f"rank {ranks.index(failed)} of {fn.__name__} exited {failed.returncode}:\n{err[-4000:]}")
+        for p in ranks:
+            p.communicate()
 
     return fork
 
