@@ -9,7 +9,15 @@ from __future__ import annotations
 
 
 class UserError(Exception):
-    """A mistake the user can fix (bad config value, bad file, missing data); exit status 2."""
+    r"""A mistake the user can fix (bad config value, bad file, missing data); exit status 2.
+
+    The message stays one line whatever value it quotes: line breaks in it (a path typed as ``arch='a\nb'``)
+    are shown escaped, as ``\n``."""
+
+    def __init__(self, message: object = "", *args: object) -> None:
+        if isinstance(message, str):
+            message = message.replace("\r", "\\r").replace("\n", "\\n")
+        super().__init__(message, *args)
 
 
 class Diverged(RuntimeError):

@@ -328,3 +328,16 @@ def test_user_error_under_the_launcher_is_one_line_exit_2(forkserver, tmp_path, 
                 "optim.lr=0", f"run_dir={tmp_path / 'run'}")
     lines = [line for line in p.stderr.splitlines() if not line.startswith("W")]  # torch's own warnings
     assert p.returncode == 2 and lines == ["error: optim.lr: 0 is not allowed (allowed: a number > 0)"], p.stderr
+
+
+@pytest.mark.parametrize("path", ["\n", "a\nb.json", "runs\r\n/x.json"])
+def test_a_value_with_line_breaks_is_quoted_on_one_line(tmp_path, path):
+    """Found by test_export.py's fuzz: ``arch='\\n'`` printed a two-line error. Any UserError now shows a line
+    break of the value it quotes as ``\\n``."""
+    from space.arch import ArchSpec
+
+    with pytest.raises(UserError) as e:
+        ArchSpec.load(tmp_path / path)
+    assert "\n" not in str(e.value) and "\r" not in str(e.value)
+    assert str(e.value).endswith(": cannot read architecture file (No such file or directory)")
+    assert repr(path)[1:-1] in str(e.value)
