@@ -139,8 +139,10 @@ class FolderLoader:
         try:
             for x, y in self._loader:
                 yield x.to(self.device, non_blocking=True), y.to(self.device, non_blocking=True)
-        except DataError as e:  # from a worker, wrapped in its traceback: keep the line it was raised with
-            raise DataError(str(e).strip().splitlines()[-1].split("DataError: ", 1)[-1]) from None
+        except DataError as e:  # from a worker, wrapped in its traceback (line breaks escaped as for any UserError):
+            # keep the line it was raised with
+            lines = str(e).replace("\\n", "\n").strip().splitlines()
+            raise DataError(lines[-1].split("DataError: ", 1)[-1]) from None
 
     def _normalized(self, batches: Iterator[Batch]) -> Iterator[Batch]:
         for x, y in batches:
