@@ -10,6 +10,7 @@ import json
 import os
 import runpy
 import shlex
+import socket
 import subprocess
 import sys
 import time
@@ -156,6 +157,18 @@ def forkserver(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ForkServer]
     server = ForkServer(tmp_path_factory.mktemp("forkserver"))
     yield server
     server.close()
+
+
+@pytest.fixture(scope="session")
+def free_port() -> Callable[[], int]:
+    """``free_port() -> int``: a TCP port of 127.0.0.1 that was free a moment ago (a gloo rendezvous port)."""
+
+    def port() -> int:
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            return s.getsockname()[1]
+
+    return port
 
 
 # A rank of fork_ranks: the test module's worker function, called in a process forked from the fork server

@@ -11,7 +11,6 @@ from __future__ import annotations
 import errno
 import os
 import signal
-import socket
 import threading
 from collections import Counter
 from pathlib import Path
@@ -239,12 +238,6 @@ def test_the_path_check_memo_is_bounded(monkeypatch):
 
 
 # ----------------------------------------------------------------------------- 2 gloo ranks
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def _minutes_worker(rank: int, port: int, run_dir: str, root: str, out_dir: str) -> None:
     """Rank 0's clock reads 60 s per step, rank 1's a billion (it would want a checkpoint at every sync point);
     rank 1 alone receives SIGTERM after step 7."""
@@ -275,11 +268,12 @@ def _minutes_worker(rank: int, port: int, run_dir: str, root: str, out_dir: str)
 
 
 @pytest.mark.slow
-def test_ckpt_minutes_is_rank_0s_clock_and_every_rank_saves_and_stops_at_the_same_steps(tmp_path, root, fork_ranks):
+def test_ckpt_minutes_is_rank_0s_clock_and_every_rank_saves_and_stops_at_the_same_steps(tmp_path, root, fork_ranks,
+                                                                                      free_port):
     """Sync points at 2, 4, 6, 8: rank 0's clock reads 240 s at step 4, past ckpt_minutes=2.5 since the start, so
     both ranks checkpoint at 4 (not at rank 1's wish at every sync point); rank 1's SIGTERM after step 7 stops both
     at the sync point of step 8, with a checkpoint there."""
-    fork_ranks(_minutes_worker, (_free_port(), str(tmp_path / "run"), str(root), str(tmp_path)))
+    fork_ranks(_minutes_worker, (free_port(), str(tmp_path / "run"), str(root), str(tmp_path)))
     r0, r1 = (torch.load(tmp_path / f"rank{r}.pt", weights_only=True) for r in (0, 1))
     assert r0["saves"] == r1["saves"] == [4, 8]
     assert r0["step"] == r1["step"] == 8 and r0["stopped"] and r1["stopped"]

@@ -9,7 +9,6 @@ from __future__ import annotations
 import json
 import os
 import signal
-import socket
 import sys
 import time
 from pathlib import Path
@@ -105,13 +104,10 @@ def _rank(rank: int, port: int, run_dir: str, root: str) -> None:
 
 
 @pytest.fixture(scope="module")
-def reference(folder: Path, tmp_path_factory: pytest.TempPathFactory, fork_ranks) -> Path:
+def reference(folder: Path, tmp_path_factory: pytest.TempPathFactory, fork_ranks, free_port) -> Path:
     """The uninterrupted 2-rank run (its ranks forked from this process: the launcher's part is the test's)."""
     run = tmp_path_factory.mktemp("reference") / "run"
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    fork_ranks(_rank, (port, str(run), str(folder)))
+    fork_ranks(_rank, (free_port(), str(run), str(folder)))
     return run
 
 

@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import json
 import os
-import socket
 from pathlib import Path
 
 import pytest
@@ -90,11 +89,8 @@ def _worker(rank: int, port: int, out_dir: str) -> None:
     Path(out_dir, f"rank{rank}.json").write_text(json.dumps(seen))
 
 
-def test_overlapped_reduction_equals_the_plain_one_bit_for_bit(tmp_path, fork_ranks):
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    fork_ranks(_worker, (port, str(tmp_path)))
+def test_overlapped_reduction_equals_the_plain_one_bit_for_bit(tmp_path, fork_ranks, free_port):
+    fork_ranks(_worker, (free_port(), str(tmp_path)))
     r0, r1 = (json.loads((tmp_path / f"rank{r}.json").read_text()) for r in (0, 1))
     assert r0 == r1  # the same buckets on both ranks
     for step in r0["uniform/1"]:  # one gradient a bucket: each launched by its hook, during backward

@@ -10,7 +10,6 @@ import os
 import random
 import shutil
 import signal
-import socket
 import sys
 import time
 from collections.abc import Callable, Iterator
@@ -216,12 +215,6 @@ def test_sigkill_then_rerun_equals_uninterrupted_run(ckpt: Path, reference: Run,
 
 
 # ----------------------------------------------------------------------------- 2 gloo ranks
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def _ddp_worker(rank: int, world: int, port: int, ckpt: str, run_dir: str, out_dir: str) -> None:
     os.environ.update(RANK=str(rank), WORLD_SIZE=str(world), LOCAL_RANK=str(rank), MASTER_ADDR="127.0.0.1",
                       MASTER_PORT=str(port))
@@ -237,8 +230,9 @@ def _ddp_worker(rank: int, world: int, port: int, ckpt: str, run_dir: str, out_d
 
 
 def test_two_gloo_ranks_score_exactly_like_one_process(ckpt: Path, reference: Run, tmp_path: Path,
-                                                      fork_ranks: Callable[..., None]):
-    fork_ranks(_ddp_worker, (2, _free_port(), str(ckpt), str(tmp_path / "run"), str(tmp_path)))
+                                                      fork_ranks: Callable[..., None],
+                                                      free_port: Callable[[], int]):
+    fork_ranks(_ddp_worker, (2, free_port(), str(ckpt), str(tmp_path / "run"), str(tmp_path)))
     r0, r1 = (json.loads((tmp_path / f"rank{r}.json").read_text()) for r in (0, 1))
     assert Run(tmp_path / "run", [], "").history() == reference.history()
     # Each candidate scored once, on one rank, and the ranks shared the work by MACs: in each generation's batch

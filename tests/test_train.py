@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import os
 import re
-import socket
 import sys
 from pathlib import Path
 
@@ -155,12 +154,6 @@ def _final(run_dir: Path) -> dict:
     return torch.load(run_dir / "last.ckpt", weights_only=True)
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 DDP_ARGS = ["max_steps=12", "eval.every=12", "ckpt_every=12", "optim.lr=1.6e-2", "optim.warmup_epochs=0.005",
             "device=cpu", "data.augment=false"]  # no augmentation: its draws are per rank, the images would differ
 
@@ -177,12 +170,12 @@ def _ddp_worker(rank: int, world: int, port: int, run_dir: str, out_dir: str) ->
 
 
 @pytest.mark.slow
-def test_two_gloo_ranks_equal_one_rank_at_the_same_global_batch(tmp_path, fork_ranks):
+def test_two_gloo_ranks_equal_one_rank_at_the_same_global_batch(tmp_path, fork_ranks, free_port):
     """2 ranks x 16 images train what 1 rank x 32 trains: the same paths, the same mean loss and gradient norm
     every step and the same weights (up to float summation order), and the two ranks agree bit for bit."""
     from supernet.train import train
 
-    fork_ranks(_ddp_worker, (2, _free_port(), str(tmp_path / "run"), str(tmp_path)))
+    fork_ranks(_ddp_worker, (2, free_port(), str(tmp_path / "run"), str(tmp_path)))
     r0, r1 = (torch.load(tmp_path / f"rank{r}.pt", weights_only=True) for r in (0, 1))
     assert r0["digest"] == r1["digest"]
     assert r0["losses"] == r1["losses"] and r0["grad_norms"] == r1["grad_norms"]  # all-reduced on both ranks
