@@ -189,6 +189,8 @@ class ArchSpec:
         except UnicodeDecodeError:
             raise ArchError(f"{path}: not a text file (an architecture JSON is UTF-8 text, e.g. best_arch.json; "
                             "a checkpoint is not one)") from None
+        except ValueError:  # "embedded null byte"
+            raise ArchError(f"{path}: cannot read architecture file (a path cannot hold a NUL character)") from None
         try:
             return cls.from_json(text)
         except ArchError as e:

@@ -8,15 +8,19 @@ and exits with status 2. :class:`Diverged` (training hit a non-finite loss) exit
 from __future__ import annotations
 
 
+# The control characters a quoted value may hold, shown escaped: \r, \n, and \xNN for the others (tab stays)
+_ESCAPES = {c: f"\\x{c:02x}" for c in (*range(32), 127) if c != 9} | {10: "\\n", 13: "\\r"}
+
+
 class UserError(Exception):
     r"""A mistake the user can fix (bad config value, bad file, missing data); exit status 2.
 
-    The message stays one line whatever value it quotes: line breaks in it (a path typed as ``arch='a\nb'``)
-    are shown escaped, as ``\n``."""
+    The message stays one printable line whatever value it quotes: line breaks and other control characters in it
+    (a path typed as ``arch='a\nb'``) are shown escaped, as ``\n``, ``\r`` or ``\x00``."""
 
     def __init__(self, message: object = "", *args: object) -> None:
         if isinstance(message, str):
-            message = message.replace("\r", "\\r").replace("\n", "\\n")
+            message = message.translate(_ESCAPES)
         super().__init__(message, *args)
 
 

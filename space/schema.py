@@ -35,7 +35,7 @@ class Key:
               "float": isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v),
               "bool": isinstance(v, bool),
               "switch": isinstance(v, bool) or v == "auto",
-              "str": isinstance(v, str) and v != "",
+              "str": isinstance(v, str) and v != "" and "\0" not in v,  # a NUL byte ends a path in the OS
               "betas": _betas(v)}[self.kind]
         if ok and self.choices and v not in self.choices:
             ok = False
@@ -50,7 +50,7 @@ class Key:
         elif self.kind == "betas":
             text = "two numbers in [0, 1), e.g. [0.9, 0.999]"
         elif self.kind == "str":
-            text = "a non-empty string"
+            text = "a non-empty string without NUL characters"
         elif self.kind == "bool":
             text = "true or false"
         elif self.kind == "switch":

@@ -333,3 +333,17 @@ def test_fuzz_config_is_one_line_or_passes_the_checks(data, tmp_path_factory) ->
         except UserError as e:
             assert "\n" not in str(e) and str(e).strip(), repr(e)
     assert _ls(d) == before
+
+
+@pytest.mark.parametrize("key", ["arch", "out", "checkpoint"])
+def test_a_nul_character_in_a_path_is_one_line(key, tmp_path):
+    """Found by the fuzz above: ``arch='\\x00'`` reached ``Path.read_text``, whose ValueError ("embedded null byte")
+    was a traceback. A string key holding a NUL character is refused by the schema now, before any work."""
+    ARCHS["2d"].save(tmp_path / "2d.json")
+    cfg = config(arch=str(tmp_path / "2d.json"), format="torchscript", out=str(tmp_path / "m.pt"))
+    cfg[key] = "a\x00b"
+    with pytest.raises(UserError) as e:
+        export(cfg)
+    assert str(e.value) == (f"{key}: 'a\\x00b' is not allowed (allowed: a non-empty string without NUL characters, "
+                            "or null)")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["2d.json"]

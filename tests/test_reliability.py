@@ -134,7 +134,7 @@ def test_bad_command_lines_are_one_line_exit_2(tmp_path, run_module, module, arg
     ("seed=abc", "seed: 'abc' is not allowed (allowed: an integer >= 0)"),
     ("optim.grad_clip=-1", "optim.grad_clip: -1 is not allowed (allowed: a number >= 0)"),
     ("optim.betas=[0.9]", "optim.betas: [0.9] is not allowed (allowed: two numbers in [0, 1), e.g. [0.9, 0.999])"),
-    ("run_dir=''", "run_dir: '' is not allowed (allowed: a non-empty string)"),
+    ("run_dir=''", "run_dir: '' is not allowed (allowed: a non-empty string without NUL characters)"),
     ("max_steps=0", "max_steps: 0 is not allowed (allowed: an integer >= 1, or null)"),
     ("optim.epochs=0", "optim.epochs: 0 is not allowed (allowed: an integer >= 1)"),
     ("resume=maybe", "resume: 'maybe' is not allowed (allowed: auto, never)"),
@@ -341,3 +341,13 @@ def test_a_value_with_line_breaks_is_quoted_on_one_line(tmp_path, path):
     assert "\n" not in str(e.value) and "\r" not in str(e.value)
     assert str(e.value).endswith(": cannot read architecture file (No such file or directory)")
     assert repr(path)[1:-1] in str(e.value)
+
+
+def test_a_path_with_a_nul_character_is_one_line(tmp_path):
+    """No file name holds a NUL character; the OS call's ValueError ("embedded null byte") is a UserError."""
+    from space.arch import ArchSpec
+
+    with pytest.raises(UserError) as e:
+        ArchSpec.load(tmp_path / "a\x00b.json")
+    assert str(e.value) == (f"{tmp_path}/a\\x00b.json: cannot read architecture file (a path cannot hold a NUL "
+                            "character)")
