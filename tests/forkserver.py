@@ -4,13 +4,23 @@ A process of a CLI test (``python -m supernet.train ...`` then a signal, a kill 
 a small run importing torch and torch._dynamo (which every optimizer pulls in): about 6 of the 9 s of a one-step
 run here. ``ForkServer`` starts one interpreter that imports them once, then forks it for each command: the child
 gets the command's own argv, environment, working directory and stdin/stdout/stderr, drops the app module so that
-``runpy`` runs it fresh as ``__main__`` (as ``python -m`` does), and ends through the interpreter's normal exit
-(atexit handlers, non-daemon threads joined). It is a real process of its own: a pid to signal or kill, its own
-exit status. ``ForkedProcess`` mirrors the part of ``subprocess.Popen`` the tests use.
+``runpy`` runs it fresh as ``__main__`` (as ``python -m`` does), and ends as the interpreter's exit would end it
+(exit status, traceback, non-daemon threads joined, atexit handlers run, output flushed) but without tearing every
+module down: that touches the whole heap inherited from the server, and copying those pages cost a child over 2 s.
+It is a real process of its own: a pid to signal or kill, its own exit status. ``ForkedProcess`` mirrors the part
+of ``subprocess.Popen`` the tests use. (test_forkserver.py checks all of this.)
+
+The launcher's workers are forked too: torchrun starts ``$PYTHON_EXEC -u -m <app> ...`` for each (its documented
+override of ``sys.executable``), and ``popen`` points ``PYTHON_EXEC`` at a small client script (``CLIENT``, a
+stdlib-only interpreter started with ``-I -S``, some 20 ms) that hands its own argv, environment, working directory
+and stdin/stdout/stderr to the server, then stands in for the forked worker: torchrun's signals (it signals each
+worker's process group) go to the worker's process group, the client exits with the worker's status, and if the
+client is killed (kill -9 of the whole job) the worker's group is killed with it. A test that wants fresh workers
+passes ``PYTHON_EXEC=sys.executable`` in ``env``.
 
 What it cannot show is what a fresh interpreter does before the app runs (what gets imported, e.g.
 test_layout.py's checks) and a process that must start from its own file (exported models run without the
-project): those tests start ``subprocess.Popen`` as before, as do the launcher's workers (torchrun starts them).
+project): those tests start ``subprocess.Popen`` as before.
 """
 
 from __future__ import annotations
@@ -41,6 +51,8 @@ path, parent = sys.argv[1], os.getppid()
 for name in sys.argv[2:]:
     importlib.import_module(name)
 assert threading.active_count() == 1, threading.enumerate()  # forking a process with threads is not safe
+import gc
+gc.freeze()  # the preloaded objects stay out of the children's collections (and their pages uncopied)
 srv = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET)
 srv.bind(path)
 srv.listen(64)
@@ -57,11 +69,14 @@ while request is None and os.getppid() == parent:
         if pid == 0:
             break
         conn = waiting.pop(pid)
-        conn.send(str(os.waitstatus_to_exitcode(status)).encode())
+        try:
+            conn.send(str(os.waitstatus_to_exitcode(status)).encode())
+        except OSError:  # the requester is gone (a client killed with its job)
+            pass
         conn.close()
     if ready:
         conn, _ = srv.accept()
-        msg, fds, _, _ = socket.recv_fds(conn, 1 << 20, 3)
+        msg, fds, _, _ = socket.recv_fds(conn, 1 << 20, 4)
         pid = os.fork()
         if pid == 0:
             srv.close()
@@ -72,7 +87,10 @@ while request is None and os.getppid() == parent:
             break
         for fd in fds:
             os.close(fd)
-        conn.send(str(pid).encode())
+        try:
+            conn.send(str(pid).encode())
+        except OSError:
+            pass
         waiting[pid] = conn
 if request is None:
     sys.exit(0)
@@ -81,6 +99,14 @@ del srv, waiting, conn, ready
 for target, fd in zip((0, 1, 2), fds):
     os.dup2(fd, target)
     os.close(fd)
+if len(fds) == 4:  # a launcher's worker, through CLIENT: its own process group, killed when the client dies
+    os.setsid()
+    def watch(fd=fds[3]):
+        os.read(fd, 1)  # only the client holds the write end: EOF when it is gone
+        os.killpg(0, 9)
+    threading.Thread(target=watch, daemon=True).start()
+    if req.get("unbuffered"):
+        sys.stdout.reconfigure(line_buffering=True)
 os.chdir(req["cwd"])
 os.environ.clear()
 os.environ.update(req["env"])
@@ -88,15 +114,78 @@ if "OMP_NUM_THREADS" in os.environ:
     import torch
     torch.set_num_threads(int(os.environ["OMP_NUM_THREADS"]))
 mode, target, *rest = req["argv"]
-del req, fds, request, path, parent, pid, importlib, json, select, socket, threading
-if mode == "-m":
-    import runpy
-    sys.modules.pop(target, None)  # as `python -m`: the module runs fresh as __main__
-    sys.argv = [target, *rest]
-    runpy.run_module(target, run_name="__main__", alter_sys=True)
-else:
-    sys.argv = ["-c", *rest]
-    exec(compile(target, "<string>", "exec"), {"__name__": "__main__", "__builtins__": __builtins__})
+del req, fds, request, path, parent, pid, importlib, json, select, socket
+code = 0
+try:
+    if mode == "-m":
+        import runpy
+        sys.modules.pop(target, None)  # as `python -m`: the module runs fresh as __main__
+        sys.argv = [target, *rest]
+        runpy.run_module(target, run_name="__main__", alter_sys=True)
+    else:
+        sys.argv = ["-c", *rest]
+        exec(compile(target, "<string>", "exec"), {"__name__": "__main__", "__builtins__": __builtins__})
+except SystemExit as e:
+    if e.code is None or isinstance(e.code, int):
+        code = e.code or 0
+    else:
+        print(e.code, file=sys.stderr)
+        code = 1
+except BaseException as e:
+    sys.excepthook(type(e), e, e.__traceback__)
+    code = -2 if isinstance(e, KeyboardInterrupt) else 1  # Python dies by SIGINT after an uncaught Ctrl-C
+# What the interpreter's exit does that a program can see: non-daemon threads joined, atexit handlers run, output
+# flushed. Not the teardown of every module: it touches all of the inherited heap, and copying those pages costs
+# a forked child over 2 s here.
+import atexit, signal
+threading._shutdown()
+atexit._run_exitfuncs()
+for stream in (sys.stdout, sys.stderr):
+    try:
+        stream.flush()
+    except (OSError, ValueError):
+        pass
+if code < 0:
+    signal.signal(-code, signal.SIG_DFL)
+    os.kill(os.getpid(), -code)
+os._exit(code & 0xFF)
+"""
+
+
+# A launcher's worker command, ``CLIENT -u -m app args...``: forked from the server (the fourth descriptor is the
+# read end of a pipe whose write end only this process holds), or the real interpreter for any other command line.
+CLIENT = r"""#!{python} -IS
+import json, os, signal, socket, sys
+args = sys.argv[1:]
+unbuffered = args[:1] == ["-u"]
+args = args[unbuffered:]
+if len(args) < 2 or args[0] not in ("-m", "-c"):
+    os.execv({python!r}, [{python!r}, *sys.argv[1:]])
+pending, pid = [], None
+def forward(sig, frame):
+    if pid is None:
+        pending.append(sig)
+        return
+    try:
+        os.killpg(pid, sig)
+    except (ProcessLookupError, PermissionError):
+        pass
+for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP, signal.SIGQUIT, signal.SIGUSR1, signal.SIGUSR2):
+    signal.signal(sig, forward)
+alive_r, alive_w = os.pipe()
+conn = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+conn.connect({sock!r})
+request = {{"argv": args, "cwd": os.getcwd(), "env": dict(os.environ), "unbuffered": unbuffered}}
+socket.send_fds(conn, [json.dumps(request).encode()], [0, 1, 2, alive_r])
+os.close(alive_r)
+pid = int(conn.recv(64))
+for sig in pending:
+    forward(sig, None)
+code = int(conn.recv(64))
+if code < 0:
+    signal.signal(-code, signal.SIG_DFL)
+    os.kill(os.getpid(), -code)
+sys.exit(code)
 """
 
 
@@ -105,6 +194,9 @@ class ForkServer:
 
     def __init__(self, directory: Path, preload: Sequence[str] = PRELOAD) -> None:
         self.path = str(directory / "forkserver.sock")
+        self.client = directory / "python"  # torchrun's PYTHON_EXEC: its workers are forked from the server too
+        self.client.write_text(CLIENT.format(python=sys.executable, sock=self.path))
+        self.client.chmod(0o755)
         env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)}
         self._server = subprocess.Popen([sys.executable, "-c", SERVER, self.path, *preload], cwd=REPO, env=env,
                                         stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, text=True)
@@ -121,7 +213,8 @@ class ForkServer:
         if len(argv) < 3 or argv[0] != sys.executable or argv[1] not in ("-m", "-c"):
             return subprocess.Popen(argv, cwd=cwd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                                     text=True)
-        return ForkedProcess(self.path, argv, Path(cwd or os.getcwd()), dict(os.environ if env is None else env))
+        env = {"PYTHON_EXEC": str(self.client), **(os.environ if env is None else env)}
+        return ForkedProcess(self.path, argv, Path(cwd or os.getcwd()), env)
 
     def run(self, argv: Sequence[str], cwd: Path | str | None = None, env: dict[str, str] | None = None,
             timeout: float | None = None) -> subprocess.CompletedProcess:

@@ -39,9 +39,10 @@ def _composed(name: str, overrides: tuple[str, ...]):
         return compose(name, overrides=list(overrides))
 
 
-def run_cli(forkserver, module: str, *args: str, timeout: int = 120) -> subprocess.CompletedProcess:
-    """``python -m module *args``, the app's own process (forked from conftest.py's ``forkserver``)."""
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+def run_cli(forkserver, module: str, *args: str, timeout: int = 120, **env: str) -> subprocess.CompletedProcess:
+    """``python -m module *args``, the app's own process (forked from conftest.py's ``forkserver``), ``env`` added
+    to its environment."""
+    env = {**os.environ, "OMP_NUM_THREADS": "1", **env}
     return forkserver.run([sys.executable, "-m", module, *args], cwd=REPO, env=env, timeout=timeout)
 
 
@@ -322,10 +323,12 @@ def test_fuzz_search_state(blob, searches, tmp_path):
 
 @pytest.mark.parametrize("nproc", [1, 2])
 def test_user_error_under_the_launcher_is_one_line_exit_2(forkserver, tmp_path, nproc):
-    """`make supernet` runs supernet.engine.launch (torchrun): no launcher report, the worker's status."""
+    """`make supernet` runs supernet.engine.launch (torchrun): no launcher report, the worker's status. The
+    1-process case starts its worker as a fresh interpreter, as outside the tests (the suite's other launcher runs
+    fork theirs: tests/forkserver.py)."""
+    fresh = {"PYTHON_EXEC": sys.executable} if nproc == 1 else {}
     p = run_cli(forkserver, "supernet.engine.launch", "--standalone", f"--nproc_per_node={nproc}", "-m",
-                "supernet.train",
-                "optim.lr=0", f"run_dir={tmp_path / 'run'}")
+                "supernet.train", "optim.lr=0", f"run_dir={tmp_path / 'run'}", **fresh)
     lines = [line for line in p.stderr.splitlines() if not line.startswith("W")]  # torch's own warnings
     assert p.returncode == 2 and lines == ["error: optim.lr: 0 is not allowed (allowed: a number > 0)"], p.stderr
 
