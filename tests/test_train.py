@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import os
 import re
+import shutil
 import sys
 from pathlib import Path
 
@@ -56,10 +57,20 @@ def test_loss_goes_down_and_checkpoint_resumes(tmp_path):
     assert again.step == 60 and again.losses == []
 
 
-def test_resume_with_another_space_is_refused(tmp_path):
+@pytest.fixture(scope="module")
+def two_steps(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A finished 2-step run, trained once for the resume tests (each resumes a copy of it)."""
     from supernet.train import train
 
-    train(make_cfg(tmp_path, "max_steps=2", "eval.every=0"))
+    run = tmp_path_factory.mktemp("two_steps") / "run"
+    train(make_cfg(run, "max_steps=2", "eval.every=0"))
+    return run
+
+
+def test_resume_with_another_space_is_refused(tmp_path, two_steps):
+    from supernet.train import train
+
+    shutil.copytree(two_steps, tmp_path, dirs_exist_ok=True)
     pattern = (r"resume: .* was trained with other settings: .*space.pooling \('2d' in the checkpoint, '1d' now\)"
                r".*use the same values, another run_dir= or resume=never")
     with pytest.raises(UserError, match=pattern):
@@ -75,20 +86,20 @@ def test_resume_with_another_space_is_refused(tmp_path):
     ("sampler=flops_bins", "sampler ('uniform' in the checkpoint, 'flops_bins' now)"),
     ("max_steps=3", "max_steps (2 in the checkpoint, 3 now)"),
 ])
-def test_resume_with_settings_that_change_the_result_is_refused(tmp_path, override, key):
+def test_resume_with_settings_that_change_the_result_is_refused(tmp_path, two_steps, override, key):
     from supernet.train import train
 
-    train(make_cfg(tmp_path, "max_steps=2", "eval.every=0"))
+    shutil.copytree(two_steps, tmp_path, dirs_exist_ok=True)
     before = (tmp_path / "last.ckpt").read_bytes()
     with pytest.raises(UserError, match="was trained with other settings: .*" + re.escape(key)):
         train(make_cfg(tmp_path, "max_steps=2", "eval.every=0", override))
     assert (tmp_path / "last.ckpt").read_bytes() == before
 
 
-def test_resume_accepts_settings_that_do_not_change_the_result(tmp_path):
+def test_resume_accepts_settings_that_do_not_change_the_result(tmp_path, two_steps):
     from supernet.train import train
 
-    train(make_cfg(tmp_path, "max_steps=2", "eval.every=0"))
+    shutil.copytree(two_steps, tmp_path, dirs_exist_ok=True)
     res = train(make_cfg(tmp_path, "max_steps=2", "eval.every=1", "log_every=1", "ckpt_every=7", "progress=true",
                          "eval.max_batches=2", "data.eval_batch_size=64"))
     assert res.step == 2 and res.losses == []
@@ -154,7 +165,7 @@ def _final(run_dir: Path) -> dict:
     return torch.load(run_dir / "last.ckpt", weights_only=True)
 
 
-DDP_ARGS = ["max_steps=12", "eval.every=12", "ckpt_every=12", "optim.lr=1.6e-2", "optim.warmup_epochs=0.005",
+DDP_ARGS = ["max_steps=6", "eval.every=6", "ckpt_every=6", "optim.lr=1.6e-2", "optim.warmup_epochs=0.005",
             "device=cpu", "data.augment=false"]  # no augmentation: its draws are per rank, the images would differ
 
 
@@ -182,11 +193,11 @@ def test_two_gloo_ranks_equal_one_rank_at_the_same_global_batch(tmp_path, fork_r
     assert r0["val"] == r1["val"]
     for k, v in r0["model"].items():
         assert torch.equal(v, r1["model"][k]), k
-    assert _final(tmp_path / "run")["step"] == 12
+    assert _final(tmp_path / "run")["step"] == 6
 
     one = train(make_cfg(tmp_path / "one", *DDP_ARGS, "data.batch_size=32"))
     assert one.paths_digest == r0["digest"]
-    assert len(one.grad_norms) == len(r0["grad_norms"]) == 12
+    assert len(one.grad_norms) == len(r0["grad_norms"]) == 6
     # a gradient summed instead of averaged over ranks doubles the norm; AdamW alone would barely notice
     assert one.grad_norms == pytest.approx(r0["grad_norms"], rel=1e-4)
     assert one.losses == pytest.approx(r0["losses"], rel=1e-4)
