@@ -39,11 +39,13 @@ def have_fmnist() -> bool:
     return all((FMNIST_ROOT / f"{n}.gz").is_file() or (FMNIST_ROOT / n).is_file() for n in FMNIST_FILES)
 
 
-# The longest files (measured; test_compile.py's inductor build takes about a minute with a cold cache), run first:
-# `make test` hands whole files to 2 pytest-xdist workers, and a long file started last would leave one core idle.
-LONGEST_FIRST = ("test_search_app.py", "test_train.py", "test_interrupt.py", "test_compile.py", "test_retrain.py",
-                 "test_folder.py", "test_export.py", "test_reliability.py", "test_fidelity.py", "test_model.py",
-                 "test_engine.py", "test_bench_gpu_check.py", "test_convert.py")
+# The longest files first (measured; test_compile.py's inductor build takes about a minute with a cold cache, which
+# every new virtual environment has, so CI's fresh clone too): `make test` hands whole files to 2 pytest-xdist
+# workers, and a long file started last would leave one core idle.
+LONGEST_FIRST = ("test_search_app.py", "test_compile.py", "test_train.py", "test_export.py", "test_fidelity.py",
+                 "test_interrupt.py", "test_reliability.py", "test_retrain.py", "test_model.py", "test_folder.py",
+                 "test_convert.py", "test_bench_latency.py", "test_sandwich.py", "test_engine.py",
+                 "test_bench_gpu_check.py", "test_data.py", "test_prepared.py")
 
 
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
