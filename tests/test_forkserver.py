@@ -49,11 +49,13 @@ def _launch(forkserver, cwd: Path):
 
 
 def _started(p, n: int = 2) -> list[list[str]]:
-    """The ``start`` lines of ``n`` workers (read from /proc: the output pipe stays open while they run)."""
+    """The ``start`` lines of ``n`` workers, read from the output captured so far (the pipe stays open while they
+    run)."""
     deadline = time.time() + 60
     while True:
         assert p.poll() is None and time.time() < deadline
-        lines = [line.split(",") for line in b"".join(p._chunks[p._out]).decode().splitlines()]
+        *complete, _ = b"".join(p._chunks[p._out]).decode().split("\n")  # the last piece may be half a line
+        lines = [line.split(",") for line in complete if line.startswith("start,")]
         if len(lines) >= n:
             return lines
         time.sleep(0.05)
