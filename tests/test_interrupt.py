@@ -129,6 +129,25 @@ def test_sigterm_finishes_the_step_checkpoints_exits_0_and_a_rerun_completes(for
     _rerun_equals_reference(forkserver, run, data_root, at, supernet_ref, "ckpt_every=5")
 
 
+@pytest.mark.parametrize("sig, nproc", [(signal.SIGTERM, 2), (signal.SIGINT, 1)])
+def test_a_signal_to_the_launcher_stops_every_rank_at_a_checkpoint_and_exits_0(forkserver, tmp_path, data_root, sig,
+                                                                                nproc):
+    """`make supernet` is torchrun (supernet.engine.launch): SIGTERM or Ctrl-C's SIGINT sent to it reaches every
+    worker, which finishes its step, checkpoints and exits 0; the launcher exits 0 with no report of its own."""
+    run = tmp_path / "run"
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)}
+    p = forkserver.popen([sys.executable, "-m", "supernet.engine.launch", "--standalone", f"--nproc_per_node={nproc}",
+                          "-m", "supernet.train", f"run_dir={run}", f"data.root={data_root}", *SUPERNET,
+                          "ckpt_every=7"], cwd=tmp_path, env=env)
+    out, err = _interrupt_at_first_checkpoint(p, run, sig)
+    assert p.returncode == 0 and [line for line in err.splitlines() if not line.startswith("W")] == [], err
+    ck = _ckpt(run)
+    at = ck["step"]
+    assert 7 < at < STEPS and (at % 5 == 0 or at % 7 == 0), at
+    assert f"stopped by signal at step {at}/{STEPS}; checkpoint {run / 'last.ckpt'}" in out, out
+    assert ck["scheduler"]["last_epoch"] == at
+
+
 @pytest.mark.slow
 def test_supernet_sigkill_during_a_background_write_then_rerun_equals_uninterrupted_run(forkserver, tmp_path, data_root,
                                                                                       supernet_ref):

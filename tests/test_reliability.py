@@ -129,6 +129,17 @@ def test_bad_command_lines_are_one_line_exit_2(tmp_path, run_module, module, arg
     assert not list(tmp_path.iterdir())
 
 
+@pytest.mark.parametrize("space, field", [("cifar_2d", "space.img_size: 32"),
+                                          ("imagenet_tiny_2d", "space.img_size: 224")])
+def test_a_supernet_space_that_does_not_fit_the_dataset_is_one_line_exit_2(tmp_path, run_module, data_root, space,
+                                                                             field):
+    line = one_error_line(run_module("supernet.train", f"space={space}", f"data.root={data_root}",
+                                     "data.val_size=10", "data.batch_size=8", f"run_dir={tmp_path / 'run'}",
+                                     "max_steps=1", cwd=REPO))
+    assert line.startswith(f"error: {field} but dataset fashion_mnist has 28"), line
+    assert not (tmp_path / "run").exists()
+
+
 @pytest.mark.parametrize("override, message", [
     ("ckpt_every=0", "ckpt_every: 0 is not allowed (allowed: an integer >= 1)"),
     ("log_every=0", "log_every: 0 is not allowed (allowed: an integer >= 1)"),
