@@ -142,6 +142,30 @@ def test_outputs(ckpt: Path, reference: Run):
     assert list((d / "tb").glob("events.out.tfevents.*"))
 
 
+def test_defaults_are_spos_on_1000_images_and_the_run_dir_is_next_to_the_checkpoint(ckpt: Path, tmp_path: Path,
+                                                                                    capsys):
+    """The README's defaults: SPOS's evolution (population 50, top-k 10, 20 generations, 25 mutations with
+    p = 0.1, 25 crossovers) on 1000 held-out images; without run_dir the search writes search/ beside the
+    checkpoint."""
+    from search.evolve import evolve
+
+    with initialize_config_dir(config_dir=str(REPO / "conf"), version_base="1.3"):
+        cfg = compose("evolve", overrides=[f"checkpoint={ckpt}"])
+    assert {k: cfg.evolution[k] for k in ("population", "topk", "generations", "mutations", "mutation_prob",
+                                          "crossovers")} == {"population": 50, "topk": 10, "generations": 20,
+                                                             "mutations": 25, "mutation_prob": 0.1, "crossovers": 25}
+    assert cfg.eval_images == 1000 and cfg.run_dir is None and cfg.strategy == "evolution"
+
+    moved = tmp_path / "supernet" / "last.ckpt"
+    moved.parent.mkdir()
+    shutil.copy(ckpt, moved)
+    with initialize_config_dir(config_dir=str(REPO / "conf"), version_base="1.3"):
+        cfg = compose("evolve", overrides=[f"checkpoint={moved}", *SEARCH, "evolution.generations=1"])
+    assert Path(evolve(cfg)["run_dir"]) == moved.parent / "search"
+    assert (moved.parent / "search" / "best_arch.json").exists() and sorted(tmp_path.iterdir()) == [moved.parent]
+    capsys.readouterr()
+
+
 # ----------------------------------------------------------------------------- evaluation count, resume
 def test_no_arch_evaluated_twice(reference: Run):
     archs = [json.dumps(h["arch"]) for h in reference.history()]
