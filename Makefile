@@ -15,9 +15,12 @@ PYTEST_ARGS ?=
 TEST_WORKERS ?= 2
 # Architecture JSON for `make retrain`.
 ARCH ?=
-# One worker per visible GPU (CUDA_VISIBLE_DEVICES wins over nvidia-smi); 1 on CPU-only machines.
+# One worker per visible GPU; 1 on CPU-only machines. CUDA_VISIBLE_DEVICES, when set, wins over nvidia-smi (set
+# empty or to -1 it hides every GPU, as for CUDA itself: one worker).
 NPROC ?= $(shell \
-	if [ -n "$$CUDA_VISIBLE_DEVICES" ]; then echo "$$CUDA_VISIBLE_DEVICES" | tr ',' '\n' | grep -c .; \
+	if [ "$${CUDA_VISIBLE_DEVICES+set}" = set ]; then \
+	  case "$$CUDA_VISIBLE_DEVICES" in (-*) n=0;; (*) n=$$(echo "$$CUDA_VISIBLE_DEVICES" | tr ',' '\n' | grep -c '[^ ]');; esac; \
+	  [ "$$n" -gt 0 ] && echo $$n || echo 1; \
 	elif n=$$(nvidia-smi -L 2>/dev/null | grep -c '^GPU') && [ "$$n" -gt 0 ]; then echo $$n; \
 	else echo 1; fi)
 

@@ -78,3 +78,52 @@ def test_gpus_that_torch_cannot_use_are_refused_in_one_line(two_gpus_visible, mo
     assert visible_gpus() == 1
     monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "")  # hidden on purpose: a CPU run
     assert visible_gpus() == 0 and setup_distributed("auto").device.type == "cpu"
+
+
+# ----------------------------------------------------------------------------- the Makefile's other promises
+def test_make_help_lists_every_target_with_its_description():
+    out = subprocess.run(["make", "--no-print-directory", "help"], cwd=REPO, capture_output=True, text=True,
+                         check=True).stdout
+    listed = {line.split()[0]: line.split(None, 1)[1] for line in out.splitlines() if line.strip()}
+    phony = {t for line in (REPO / "Makefile").read_text().splitlines() if line.startswith(".PHONY:")
+             for t in line.split(":", 1)[1].split()} - {"FORCE"}
+    assert set(listed) == phony and all(len(text) > 10 for text in listed.values()), (set(listed) ^ phony)
+
+
+@pytest.mark.parametrize("visible, gpus, nproc", [(None, 0, "1"), (None, 2, "2"), ("0,3,5", 2, "3"), ("1", 2, "1"),
+                                                  ("", 2, "1"), ("-1", 2, "1")])
+def test_nproc_is_one_worker_per_visible_gpu(tmp_path, make_recipe, monkeypatch, visible, gpus, nproc):
+    """`make supernet`'s NPROC: the devices CUDA_VISIBLE_DEVICES names when it is set (none when empty or -1, as
+    for CUDA and the apps' own GPU check: one worker), else the GPUs `nvidia-smi -L` lists, else 1."""
+    exe = tmp_path / "nvidia-smi"
+    exe.write_text("#!/bin/sh\n" + "".join(f"echo 'GPU {i}: NVIDIA H100 (UUID: GPU-{i})'\n" for i in range(gpus))
+                   + ("" if gpus else "exit 9\n"))
+    exe.chmod(0o755)
+    monkeypatch.setenv("PATH", f"{tmp_path}:{os.environ['PATH']}")
+    if visible is None:
+        monkeypatch.delenv("CUDA_VISIBLE_DEVICES", raising=False)
+    else:
+        monkeypatch.setenv("CUDA_VISIBLE_DEVICES", visible)
+    argv = make_recipe("supernet")
+    assert argv[1:6] == ["-m", "supernet.engine.launch", "--standalone", f"--nproc_per_node={nproc}", "-m"]
+    assert argv[6:] == ["supernet.train"]
+
+
+def test_make_info_prints_the_space_summary(make_recipe, run_module):
+    argv = make_recipe("info", ARGS="space=fmnist_1d")
+    assert argv[1:] == ["-m", "space.info", "space=fmnist_1d"]
+    r = run_module(*argv[2:], cwd=REPO)
+    assert r.returncode == 0 and "fmnist_1d" in r.stdout, r
+
+
+@pytest.mark.parametrize("space", [None, "fmnist_1d"])
+def test_make_supernet_writes_runs_supernet_of_its_space_by_default(make_recipe, space):
+    """`make supernet` runs in the repository with no run_dir: the checkpoint goes to runs/supernet_<space>/."""
+    from hydra import compose, initialize_config_dir
+
+    argv = make_recipe("supernet", NPROC="1", **({"ARGS": f"space={space}"} if space else {}))
+    overrides = argv[argv.index("supernet.train") + 1:]
+    assert not any(a.startswith("run_dir=") for a in overrides)
+    with initialize_config_dir(config_dir=str(REPO / "conf"), version_base="1.3"):
+        cfg = compose("supernet", overrides=overrides)
+    assert cfg.run_dir == f"runs/supernet_{space or 'fmnist_2d'}"

@@ -333,13 +333,14 @@ def test_fuzz_search_state(blob, searches, tmp_path):
 
 
 @pytest.mark.parametrize("nproc", [1, 2])
-def test_user_error_under_the_launcher_is_one_line_exit_2(forkserver, tmp_path, nproc):
-    """`make supernet` runs supernet.engine.launch (torchrun): no launcher report, the worker's status. The
-    1-process case starts its worker as a fresh interpreter, as outside the tests (the suite's other launcher runs
-    fork theirs: tests/forkserver.py)."""
+def test_user_error_under_the_launcher_is_one_line_exit_2(forkserver, make_recipe, tmp_path, nproc):
+    """`make supernet`'s own command line (supernet.engine.launch, torchrun): no launcher report, the worker's
+    status. The 1-process case starts its worker as a fresh interpreter, as outside the tests (the suite's other
+    launcher runs fork theirs: tests/forkserver.py)."""
+    argv = make_recipe("supernet", NPROC=str(nproc), ARGS=f"optim.lr=0 run_dir={tmp_path / 'run'}")
+    assert argv[2:4] == ["supernet.engine.launch", "--standalone"] and f"--nproc_per_node={nproc}" in argv
     fresh = {"PYTHON_EXEC": sys.executable} if nproc == 1 else {}
-    p = run_cli(forkserver, "supernet.engine.launch", "--standalone", f"--nproc_per_node={nproc}", "-m",
-                "supernet.train", "optim.lr=0", f"run_dir={tmp_path / 'run'}", **fresh)
+    p = run_cli(forkserver, *argv[2:], **fresh)
     lines = [line for line in p.stderr.splitlines() if not line.startswith("W")]  # torch's own warnings
     assert p.returncode == 2 and lines == ["error: optim.lr: 0 is not allowed (allowed: a number > 0)"], p.stderr
 
