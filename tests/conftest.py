@@ -22,7 +22,7 @@ import numpy as np
 import pytest
 from hypothesis import settings
 
-from forkserver import ForkServer
+from forkserver import RUNNING, ForkServer
 
 # No deadline: the first example of a test pays for imports and torch warm-up on a 2-core machine.
 settings.register_profile("ci", deadline=None, max_examples=50)
@@ -159,6 +159,16 @@ def forkserver(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ForkServer]
     server = ForkServer(tmp_path_factory.mktemp("forkserver"))
     yield server
     server.close()
+
+
+@pytest.fixture(autouse=True)
+def _reap_forked_processes() -> Iterator[None]:
+    """What a test forked and left running (a hung launcher after a timeout, say) is killed when the test ends, so
+    that it does not load the machine under the tests after it; a test that left any gets a warning."""
+    yield
+    for server in RUNNING:
+        if left := server.reap():
+            warnings.warn(f"{left} forked process(es) still running at the end of the test: killed", stacklevel=1)
 
 
 @pytest.fixture(scope="session")

@@ -77,6 +77,12 @@ while request is None and os.getppid() == parent:
     if ready:
         conn, _ = srv.accept()
         msg, fds, _, _ = socket.recv_fds(conn, 1 << 20, 4)
+        if msg == b"reap":  # a test is over: kill what it left running (their requesters learn the exit as usual)
+            for pid in waiting:
+                os.kill(pid, 9)
+            conn.send(str(len(waiting)).encode())
+            conn.close()
+            continue
         pid = os.fork()
         if pid == 0:
             srv.close()
@@ -92,7 +98,9 @@ while request is None and os.getppid() == parent:
         except OSError:
             pass
         waiting[pid] = conn
-if request is None:
+if request is None:  # the test process is gone: so are the processes it started
+    for pid in waiting:
+        os.kill(pid, 9)
     sys.exit(0)
 del srv, waiting, conn, ready
 (req, fds) = request
@@ -189,6 +197,9 @@ sys.exit(code)
 """
 
 
+RUNNING: list[ForkServer] = []  # the servers of this process, for conftest.py to reap after each test
+
+
 class ForkServer:
     """One served interpreter per test process (a session fixture in conftest.py)."""
 
@@ -203,6 +214,7 @@ class ForkServer:
         line = self._server.stdout.readline()
         if line != "ready\n":
             raise RuntimeError(f"the fork server did not start (exit {self._server.wait()})")
+        RUNNING.append(self)
 
     def popen(self, argv: Sequence[str], cwd: Path | str | None = None,
               env: dict[str, str] | None = None) -> ForkedProcess | subprocess.Popen:
@@ -228,9 +240,19 @@ class ForkServer:
             raise
         return subprocess.CompletedProcess(list(argv), p.returncode, out, err)
 
+    def reap(self) -> int:
+        """Kill every process forked for a command that still runs (launcher workers included): what a failed
+        test left behind. Returns how many there were."""
+        with socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET) as conn:
+            conn.connect(self.path)
+            conn.send(b"reap")
+            return int(conn.recv(64))
+
     def close(self) -> None:
+        self.reap()
         self._server.terminate()
         self._server.wait()
+        RUNNING.remove(self)
 
 
 class ForkedProcess:

@@ -12,11 +12,14 @@ from pathlib import Path
 from test_folder import kill_job
 
 APP = '''
-import atexit, os, sys, threading, time
-print("start", os.getpid(), os.getppid(), "torch" in sys.modules, os.environ.get("RANK"), sep=",")
+import atexit, os, signal, sys, threading, time
+def say(*parts):  # one write a line: the workers share the pipe, and under `python -u` print writes piecemeal
+    sys.stdout.flush()
+    os.write(1, (",".join(map(str, parts)) + "\\n").encode())
+if sys.argv[1:] == ["sleep"]:  # the handler is in place before the start line tells the test to signal
+    signal.signal(signal.SIGTERM, lambda *a: (say("SIGTERM", os.getpid()), sys.exit(0)))
+say("start", os.getpid(), os.getppid(), "torch" in sys.modules, os.environ.get("RANK"))
 if sys.argv[1:] == ["sleep"]:
-    import signal
-    signal.signal(signal.SIGTERM, lambda *a: (print("SIGTERM", os.getpid(), flush=True), sys.exit(0)))
     time.sleep(60)
 atexit.register(print, "atexit ran")
 threading.Thread(target=lambda: (time.sleep(0.2), print("thread joined"))).start()
@@ -76,7 +79,7 @@ def test_launcher_workers_are_forked_get_its_signals_and_die_with_the_job(forkse
     p.send_signal(signal.SIGTERM)  # the launcher passes it on to each worker's process group
     out, _ = p.communicate(timeout=60)
     assert p.returncode == 0
-    assert sorted(int(line.split()[1]) for line in out.splitlines() if line.startswith("SIGTERM ")) == sorted(
+    assert sorted(int(line.split(",")[1]) for line in out.splitlines() if line.startswith("SIGTERM,")) == sorted(
         int(w[1]) for w in workers)
 
     p = _launch(forkserver, cwd)
@@ -87,3 +90,19 @@ def test_launcher_workers_are_forked_get_its_signals_and_die_with_the_job(forkse
     while any(map(_alive, pids)):
         assert time.time() < deadline, [pid for pid in pids if _alive(pid)]
         time.sleep(0.05)
+
+
+def test_reap_kills_what_a_test_left_running_launcher_workers_included(forkserver, tmp_path):
+    """conftest.py reaps after every test: a hung app (here a launcher and its two workers, all asleep) is killed
+    instead of loading the machine for the tests after it."""
+    cwd = _app(tmp_path)
+    p = _launch(forkserver, cwd)
+    pids = [int(w[1]) for w in _started(p)]
+    assert forkserver.reap() == 3  # the launcher and its two forked workers
+    p.communicate(timeout=60)
+    assert p.returncode == -signal.SIGKILL
+    deadline = time.time() + 10
+    while any(map(_alive, pids)):
+        assert time.time() < deadline, [pid for pid in pids if _alive(pid)]
+        time.sleep(0.05)
+    assert forkserver.reap() == 0

@@ -8,6 +8,7 @@ from __future__ import annotations
 import os
 import shutil
 import socket
+import sys
 from pathlib import Path
 
 import torch
@@ -70,3 +71,32 @@ def test_node_local_run_dirs_are_refused_on_every_rank(tmp_path, fake_fmnist, fo
     assert differ[0].startswith("resume: ranks hold different ") and "(rank 0: step 1, sha256 " in differ[0]
     assert "rank 1: step 0, sha256 " in differ[0] and hint in differ[0]
     assert not (tmp_path / "missing1" / "last.ckpt").exists()  # nothing trained, nothing written
+
+
+def test_two_nodes_through_the_launchers_c10d_rendezvous_train_as_one_job(tmp_path, fake_fmnist, forkserver,
+                                                                         free_port):
+    """README's several-machines command on one machine: two launchers (`--nnodes=2 --rdzv_backend=c10d`), one
+    worker each, a shared run_dir. They meet, train as one 2-rank job whose checkpoint rank 0 writes, and the same
+    command again finds the finished run on both nodes."""
+    root = fake_fmnist(tmp_path / "data", n_train=60, n_test=10)
+    run = tmp_path / "run"
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)}
+
+    def launch(steps: int, port: int) -> list[tuple[int, str, str]]:
+        nodes = [forkserver.popen([sys.executable, "-m", "supernet.engine.launch", "--nnodes=2",
+                                   "--nproc_per_node=1", "--rdzv_backend=c10d", f"--rdzv_endpoint=127.0.0.1:{port}",
+                                   "--rdzv_id=psvit-test", "-m", "supernet.train", f"run_dir={run}",
+                                   f"data.root={root}", "data.batch_size=8", "data.val_size=20", f"max_steps={steps}",
+                                   "eval.every=0", "progress=false", "device=cpu", "log_every=1"],
+                                  cwd=tmp_path, env=env) for _ in range(2)]
+        outputs = [p.communicate(timeout=240) for p in nodes]
+        return [(p.returncode, out, err) for p, (out, err) in zip(nodes, outputs)]
+
+    first = launch(2, free_port())
+    assert [code for code, _, _ in first] == [0, 0], first
+    ck = torch.load(run / "last.ckpt", weights_only=True)
+    assert ck["step"] == 2 and ck["identity"]["world_size"] == 2
+    second = launch(2, free_port())
+    assert [code for code, _, _ in second] == [0, 0], second
+    assert sum(f"resumed from {run / 'last.ckpt'} at step 2/2" in out for _, out, _ in second) == 1  # rank 0 says so
+    assert torch.load(run / "last.ckpt", weights_only=True)["step"] == 2

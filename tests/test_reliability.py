@@ -345,6 +345,20 @@ def test_user_error_under_the_launcher_is_one_line_exit_2(forkserver, make_recip
     assert p.returncode == 2 and lines == ["error: optim.lr: 0 is not allowed (allowed: a number > 0)"], p.stderr
 
 
+def test_divergence_under_the_launcher_is_one_line_exit_1(forkserver, make_recipe, tmp_path, data_root):
+    """`make supernet NPROC=2` with a learning rate that diverges: one line, exit 1, no launcher report, no
+    checkpoint."""
+    run = tmp_path / "run"
+    argv = make_recipe("supernet", NPROC="2", ARGS=f"run_dir={run} data.root={data_root} data.val_size=10 "
+                       "data.batch_size=8 max_steps=4 eval.every=0 optim.lr=1e30 optim.warmup_epochs=0 "
+                       "progress=false device=cpu")
+    p = run_cli(forkserver, *argv[2:])
+    lines = [line for line in p.stderr.splitlines() if not line.startswith("W")]  # torch's own warnings
+    assert p.returncode == 1 and len(lines) == 1 and lines[0].startswith("error: non-finite "), p.stderr
+    assert "no checkpoint was written; start over with a lower optim.lr" in lines[0]
+    assert not (run / "last.ckpt").exists()
+
+
 @pytest.mark.parametrize("path", ["\n", "a\nb.json", "runs\r\n/x.json"])
 def test_a_value_with_line_breaks_is_quoted_on_one_line(tmp_path, path):
     """Found by test_export.py's fuzz: ``arch='\\n'`` printed a two-line error. Any UserError now shows a line
