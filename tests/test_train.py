@@ -96,6 +96,24 @@ def test_resume_with_settings_that_change_the_result_is_refused(tmp_path, two_st
     assert (tmp_path / "last.ckpt").read_bytes() == before
 
 
+def test_tensorboard_train_points_are_means_since_the_previous_point(tmp_path):
+    """`train/loss` and `train/grad_norm` at a logged step are the means over the steps since the previous point,
+    sync points that log nothing (checkpoints) included; read back as TensorBoard reads the event files."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    from supernet.train import train
+
+    res = train(make_cfg(tmp_path, "max_steps=7", "log_every=3", "ckpt_every=2", "eval.every=0"))
+    assert len(res.losses) == len(res.grad_norms) == 7
+    tb = EventAccumulator(str(tmp_path / "tb"))
+    tb.Reload()
+    for tag, per_step in (("train/loss", res.losses), ("train/grad_norm", res.grad_norms)):
+        points = [(e.step, e.value) for e in tb.Scalars(tag)]
+        assert [step for step, _ in points] == [3, 6, 7]  # every log_every steps, and the last one
+        means = [sum(per_step[a:b]) / (b - a) for a, b in ((0, 3), (3, 6), (6, 7))]
+        assert [v for _, v in points] == pytest.approx(means, rel=1e-6), tag
+
+
 def test_resume_accepts_settings_that_do_not_change_the_result(tmp_path, two_steps):
     from supernet.train import train
 
