@@ -64,6 +64,39 @@ def test_peak_lr_scales_linearly_with_the_global_batch(global_batch: int):
     assert max(lr) == lr[4] == pytest.approx(1e-3 * global_batch / 256, rel=1e-12)  # the peak, after 4 warmup steps
 
 
+@pytest.mark.parametrize("global_batch", [32, 256, 1024])
+def test_the_floor_is_min_lr_whatever_the_global_batch(global_batch: int):
+    """min_lr is the cosine's floor as written, not scaled with the batch like the peak."""
+    opt, sched = build_optimizer(nn.Linear(4, 4), _optim(lr=1e-3, min_lr=1e-5, warmup_epochs=0.5),
+                                 global_batch=global_batch, steps_per_epoch=8, total_steps=40,
+                                 device=torch.device("cpu"))
+    lr = _lrs(opt, sched, 45)
+    assert lr[40] == lr[44] == pytest.approx(1e-5, rel=1e-12) and min(lr[4:]) == lr[40]
+
+
+def test_a_floor_above_the_peak_is_the_peak():
+    """A tiny global batch whose scaled peak lies under min_lr: a flat lr after the warmup, never above the peak."""
+    opt, sched = build_optimizer(nn.Linear(4, 4), _optim(lr=1e-3, min_lr=1e-5, warmup_epochs=0.5), global_batch=1,
+                                 steps_per_epoch=8, total_steps=40, device=torch.device("cpu"))
+    lr = _lrs(opt, sched, 41)
+    assert lr[4:] == pytest.approx([1e-3 / 256] * 37, rel=1e-12)
+
+
+def test_deit_imagenet_is_deits_schedule():
+    """conf/optim/deit_imagenet.yaml against DeiT's main.py (Touvron et al. 2021): lr 5e-4 x global batch / 512,
+    5 warmup epochs, cosine to 1e-5 over 300 epochs, AdamW (0.9, 0.999) with weight decay 0.05, label smoothing
+    0.1, no gradient clipping; DeiT-S's global batch of 1024 here, 10 steps an epoch."""
+    optim = OmegaConf.load(REPO / "conf" / "optim" / "deit_imagenet.yaml")
+    assert (optim.epochs, optim.label_smoothing, optim.grad_clip) == (300, 0.1, 0.0)
+    opt, sched = build_optimizer(nn.Linear(4, 4), optim, global_batch=1024, steps_per_epoch=10, total_steps=3000,
+                                 device=torch.device("cpu"))
+    assert [g["weight_decay"] for g in opt.param_groups] == [0.05, 0.0]
+    assert opt.param_groups[0]["betas"] == (0.9, 0.999)
+    lr = _lrs(opt, sched, 3001)
+    assert max(lr) == lr[49] == pytest.approx(5e-4 * 1024 / 512, rel=1e-12)  # the peak after 5 epochs of warmup
+    assert lr[3000] == pytest.approx(1e-5, rel=1e-12)
+
+
 def _no_decay_expected(model: nn.Module) -> tuple[set[str], dict[str, set[str]]]:
     """Names that must train without weight decay, found from the modules (not from the tensor ranks), and the
     kinds found, so the test fails if a kind is absent."""

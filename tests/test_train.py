@@ -148,6 +148,8 @@ def test_nan_loss_stops_keeps_the_last_good_checkpoint_and_resume_lr_recovers(tm
     final = _final(tmp_path)
     assert final["lr_history"] == [{"step": 4, "peak_lr": 1e-4}]
     assert final["scheduler"]["base_lrs"] == [pytest.approx(1e-4 * 32 / 256)] * 2  # lr x global batch / 256
+    # the cosine's floor stays optim.min_lr (1e-5) under the new peak
+    assert [f["min_ratio"] for f in final["scheduler"]["lr_lambdas"]] == [pytest.approx(1e-5 / (1e-4 * 32 / 256))] * 2
 
 
 def test_non_finite_weights_are_never_checkpointed(tmp_path, monkeypatch):

@@ -36,7 +36,7 @@ from supernet.data import DataBundle, DataConfig, Loader, RecipeConfig
 from supernet.engine.checkpoint import CKPT_NAME, CheckpointWriter, read_checkpoint, restore_training, training_state
 from supernet.engine.distributed import (DistEnv, GradReducer, StopFlag, allreduce_sum_, autocast,
                                          broadcast_parameters, gather_objects)
-from supernet.engine.optim import build_optimizer
+from supernet.engine.optim import build_optimizer, floor_ratio
 
 
 class Task:
@@ -284,6 +284,7 @@ class Trainer:
         base = peak * self.cfg.data.batch_size * self.env.world_size / 256
         self.sched.base_lrs = [base] * len(self.opt.param_groups)
         for group, fn in zip(self.opt.param_groups, self.sched.lr_lambdas):
+            fn.min_ratio = floor_ratio(self.cfg.optim.min_lr, base)  # the floor stays optim.min_lr
             group["lr"] = base * fn(self.sched.last_epoch)
         self.lr_history.append({"step": self.step, "peak_lr": peak})
 
