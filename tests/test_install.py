@@ -127,3 +127,44 @@ def test_make_supernet_writes_runs_supernet_of_its_space_by_default(make_recipe,
     with initialize_config_dir(config_dir=str(REPO / "conf"), version_base="1.3"):
         cfg = compose("supernet", overrides=overrides)
     assert cfg.run_dir == f"runs/supernet_{space or 'fmnist_2d'}"
+
+
+def test_make_clean_keeps_the_venv_and_the_runs_and_distclean_removes_the_venv(tmp_path):
+    """In a scratch copy of the Makefile: `make clean` removes build and test artefacts only."""
+    shutil.copy(REPO / "Makefile", tmp_path / "Makefile")
+    made = ["build/x", "dist/x", "psvit.egg-info/x", ".pytest_cache/x", ".hypothesis/x", "space/__pycache__/x.pyc",
+            "tests/__pycache__/y.pyc"]
+    kept = ["runs/demo/summary.json", "docs/results.md", "space/space.py", ".venv/bin/python",
+            ".venv/lib/__pycache__/z.pyc"]
+    for f in made + kept:
+        (tmp_path / f).parent.mkdir(parents=True, exist_ok=True)
+        (tmp_path / f).write_text("x")
+    subprocess.run(["make", "--no-print-directory", "clean"], cwd=tmp_path, check=True, capture_output=True)
+    assert [f for f in made if (tmp_path / f).exists()] == [] and all((tmp_path / f).exists() for f in kept)
+    assert not (tmp_path / "space" / "__pycache__").exists() and not (tmp_path / "build").exists()
+    subprocess.run(["make", "--no-print-directory", "distclean"], cwd=tmp_path, check=True, capture_output=True)
+    assert not (tmp_path / ".venv").exists() and (tmp_path / "runs" / "demo" / "summary.json").exists()
+
+
+@pytest.mark.filterwarnings("ignore:`torch.jit.load` is deprecated:FutureWarning")
+def test_make_export_writes_the_checked_file(tmp_path, make_recipe, run_module):
+    """`make export ARCH=...`'s own command line: the DeiT-like Fashion-MNIST baseline as TorchScript, checked."""
+    import torch
+
+    out = tmp_path / "deit_fmnist.pt"
+    argv = make_recipe("export", ARCH=str(REPO / "conf" / "baselines" / "deit_fmnist.json"),
+                       ARGS=f"format=torchscript out={out}")
+    assert argv[1:3] == ["-m", "supernet.export"]
+    r = run_module(*argv[2:], cwd=tmp_path)
+    assert r.returncode == 0, r.stderr
+    assert torch.jit.load(str(out))(torch.zeros(2, 1, 28, 28)).shape == (2, 10)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["deit_fmnist.pt"]
+
+
+def test_make_export_without_arch_says_so(tmp_path):
+    shutil.copy(REPO / "Makefile", tmp_path / "Makefile")
+    (tmp_path / ".venv").mkdir()
+    (tmp_path / ".venv" / ".installed").touch()  # the install is up to date: only the target's own check runs
+    r = subprocess.run(["make", "--no-print-directory", "-o", "install", "export"], cwd=tmp_path, capture_output=True,
+                       text=True)
+    assert r.returncode != 0 and r.stderr.splitlines()[0] == "make export: set ARCH=path/to/arch.json", r.stderr
