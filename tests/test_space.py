@@ -92,6 +92,35 @@ def test_plain_preset_is_fmnist_2d_without_pooling_and_sharing() -> None:
         (full.img_size, full.patch_size, full.mlp_ratio, full.head_dim)
 
 
+def _readme_presets() -> dict[str, list[str]]:
+    """The README's preset table: name -> [architectures, FLOPs range, params range] as printed."""
+    text = (REPO / "README.md").read_text()
+    table = text.split("| preset | input | architectures | FLOPs range (MACs) | params range |", 1)[1].split("\n\n")[0]
+    rows = [[c.strip() for c in line.strip("|").split("|")] for line in table.splitlines()[2:]]
+    return {r[0].strip("`"): r[2:] for r in rows}
+
+
+def _close(printed: str, exact: int) -> bool:
+    """``printed`` ("142 K", "5.48 G", "0.50 M", "1.39e10") is ``exact`` rounded to its last printed digit."""
+    import re
+
+    m = re.fullmatch(r"(\d+(?:\.(\d+))?)(?:e(\d+)| ([KMG]))", printed)
+    assert m, printed
+    scale = 10 ** int(m[3]) if m[3] else {"K": 1e3, "M": 1e6, "G": 1e9}[m[4]]
+    unit = 10 ** -len(m[2] or "") * scale
+    return abs(float(m[1]) * scale - exact) <= unit / 2 * (1 + 1e-9)
+
+
+def test_the_readme_preset_table_is_what_the_spaces_compute():
+    table = _readme_presets()
+    assert sorted(table) == sorted(p.stem for p in (REPO / "conf" / "space").glob("*.yaml"))
+    for name, (size, flops, params) in table.items():
+        space = preset(name)
+        for printed, exact in ((size, space.size()), *zip(flops.split(" .. "), space.macs_range()),
+                               *zip(params.split(" .. "), space.params_range())):
+            assert _close(printed, exact), (name, printed, exact)
+
+
 @pytest.mark.parametrize("name", PRESETS)
 def test_preset_loads(name: str) -> None:
     space = preset(name)
