@@ -148,6 +148,25 @@ def test_a_signal_to_the_launcher_stops_every_rank_at_a_checkpoint_and_exits_0(f
     assert ck["scheduler"]["last_epoch"] == at
 
 
+def test_a_signal_that_kills_the_workers_is_not_a_clean_stop(forkserver, tmp_path):
+    """Workers that die of the launcher's SIGTERM instead of checkpointing (here: a program without a handler)
+    make the launcher exit 1 with one line naming them, not 0."""
+    (tmp_path / "sleeper.py").write_text("import os, time\nos.write(1, b'ready\\n')\ntime.sleep(60)\n")
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    p = forkserver.popen([sys.executable, "-m", "supernet.engine.launch", "--standalone", "--nproc_per_node=2",
+                          "-m", "sleeper"], cwd=tmp_path, env={**env, "PYTHONPATH": f"{tmp_path}:{REPO}"})
+    deadline = time.time() + 60
+    while b"".join(p._chunks[p._out]).count(b"ready\n") < 2:
+        assert p.poll() is None and time.time() < deadline, p.communicate()
+        time.sleep(0.05)
+    p.send_signal(signal.SIGTERM)
+    _, err = p.communicate(timeout=120)
+    lines = [line for line in err.splitlines() if not line.startswith("W")]  # torch's own warnings
+    assert p.returncode == 1 and lines == [
+        "error: stopped by SIGTERM, but not every worker finished its step and checkpoint (rank 0: SIGTERM, rank 1: "
+        "SIGTERM); rerun the same command to resume from the last checkpoint on disk"], err
+
+
 @pytest.mark.slow
 def test_supernet_sigkill_during_a_background_write_then_rerun_equals_uninterrupted_run(forkserver, tmp_path, data_root,
                                                                                       supernet_ref):
