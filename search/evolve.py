@@ -285,8 +285,8 @@ def finish(cfg: DictConfig, s: Session) -> dict[str, Any]:
 
 
 def winner_latency(s: Session) -> Callable[[ArchSpec], float] | None:
-    """Measures an architecture as the latency table was measured (same threads and batch), when the table's
-    device is this one (the same kind and model); None otherwise, or without a table."""
+    """Measures an architecture as the latency table was measured (threads, batch, warmup, repeats, rounds), when
+    the table's device is this one (the same kind and model); None otherwise, or without a table."""
     table = s.job.constraints[0].latency
     if table is None:
         return None
@@ -294,7 +294,9 @@ def winner_latency(s: Session) -> Callable[[ArchSpec], float] | None:
 
     if (table.device, table.device_name) != (s.env.device.type, device_name(s.env.device)):
         return None
-    timing = Timing(s.env.device, table.batch, warmup=3, repeats=10, amp=table.dtype == "bfloat16")
+    how = table.timing or {"warmup": 3, "repeats": 10, "rounds": 10}  # a table from before it recorded how
+    timing = Timing(s.env.device, table.batch, warmup=how["warmup"], repeats=how["repeats"],
+                    amp=table.dtype == "bfloat16")
 
     def measure(arch: ArchSpec) -> float:
         import torch
@@ -302,7 +304,7 @@ def winner_latency(s: Session) -> Callable[[ArchSpec], float] | None:
         threads = torch.get_num_threads()
         torch.set_num_threads(table.threads)
         try:
-            return measure_arch(arch, timing, rounds=10)  # as the table's networks: the median of 10 rounds
+            return measure_arch(arch, timing, rounds=how["rounds"])  # as the table's networks were timed
         finally:
             torch.set_num_threads(threads)
     return measure

@@ -94,6 +94,7 @@ class LatencyTable:
     scale: float = 1.0  # milliseconds of a whole forward per millisecond of its blocks timed alone (fitted)
     accuracy: Accuracy | None = None  # on architectures other than the calibration ones
     drift: float | None = None  # the machine's slowest / fastest speed while the table was timed (1.0: steady)
+    timing: dict[str, int] | None = None  # how: {"warmup", "repeats", "rounds"} (None: a table from before it was kept)
     format: str = field(default=FORMAT)
 
     def check_space(self, space: SearchSpace, source: str = "latency_table") -> None:
@@ -177,6 +178,10 @@ class LatencyTable:
             table = cls(**{**d, "accuracy": Accuracy(**acc) if acc is not None else None})
         except TypeError as e:
             raise LatencyError(f"{source}: {p} is malformed ({e})") from None
+        if table.timing is not None and not (
+                isinstance(table.timing, dict) and set(table.timing) == {"warmup", "repeats", "rounds"}
+                and all(isinstance(v, int) and not isinstance(v, bool) and v >= 0 for v in table.timing.values())):
+            raise LatencyError(f"{source}: {p} has a malformed timing (warmup, repeats and rounds: integers >= 0)")
         bad = [k for k, v in table.blocks.items() if not isinstance(v, (int, float)) or not v >= 0]
         if bad or not isinstance(table.overhead_ms, (int, float)) or not isinstance(table.scale, (int, float)) \
                 or not table.scale > 0:

@@ -208,7 +208,8 @@ def measure_table(space: SearchSpace, timing: Timing, threads: int, calibrate: i
                          device_name=device_name(timing.device), torch=torch.__version__, threads=threads,
                          batch=timing.batch,
                          dtype="bfloat16" if timing.device.type == "cuda" and timing.amp else "float32",
-                         overhead_ms=0.0, blocks=blocks, drift=round(timed.drift, 4))
+                         overhead_ms=0.0, blocks=blocks, drift=round(timed.drift, 4),
+                         timing={"warmup": timing.warmup, "repeats": timing.repeats, "rounds": rounds})
     sums = [table.predict(a) for a in cal]  # the blocks' sum: overhead 0, scale 1 so far
     table = LatencyTable(**{**vars(table), **calibration(sums, [timed.ms[a] for a in cal])})
     rows = [{"arch": a.short(), "macs": macs(a), "predicted_ms": table.predict(a), "measured_ms": timed.ms[a]}

@@ -128,9 +128,13 @@ def test_a_table_survives_json_and_bad_files_are_one_line(tmp_path: Path) -> Non
     (tmp_path / "junk.json").write_text("{not json")
     (tmp_path / "field.json").write_text(json.dumps({**table.to_dict(), "colour": 1}))
     (tmp_path / "scale.json").write_text(json.dumps({**table.to_dict(), "scale": 0}))
+    (tmp_path / "timing.json").write_text(json.dumps({**table.to_dict(), "timing": {"warmup": 1, "repeats": "3"}}))
+    before = {k: v for k, v in table.to_dict().items() if k != "timing"}  # a table from before timing was kept
+    (tmp_path / "before.json").write_text(json.dumps(before))
+    assert LatencyTable.load(tmp_path / "before.json").timing is None
     for name, msg in (("missing.json", "does not exist"), ("junk.json", "is not a latency table"),
                       ("old.json", f"format 'psvit-latency/0', not '{FORMAT}'"), ("field.json", "is malformed"),
-                      ("scale.json", "malformed time")):
+                      ("scale.json", "malformed time"), ("timing.json", "malformed timing")):
         with pytest.raises(LatencyError, match=msg) as e:
             LatencyTable.load(tmp_path / name)
         assert "\n" not in str(e.value)
@@ -146,6 +150,7 @@ def test_the_app_writes_a_table_that_predicts_its_space(tmp_path: Path, run_modu
     table.check_space(space)
     assert set(table.blocks) == set(space_blocks(space)) and all(v > 0 for v in table.blocks.values())
     assert (table.device, table.threads, table.batch, table.dtype) == ("cpu", 1, 1, "float32")
+    assert table.timing == {"warmup": 0, "repeats": 1, "rounds": 2}
     assert table.accuracy is not None and table.accuracy.archs == 3
     assert "MAPE" in r.stdout and r.stdout.count(" measured ") == 3
     arch = space.sample(random.Random(7))  # times of 1 repeat are noise; the arithmetic is what is checked

@@ -311,14 +311,23 @@ def test_two_flops_bands_share_one_cache(ckpt: Path, tmp_path: Path, capsys):
     assert len(run.calls) == len(set(run.calls)) == len(distinct) <= proposals
 
 
-def test_search_under_a_latency_bound(ckpt: Path, tmp_path: Path, capsys):
+def test_search_under_a_latency_bound(ckpt: Path, tmp_path: Path, capsys, monkeypatch):
     """A table measured here (1 thread, batch 1, 3 rounds of 3 repeats), a bound at 30% of its predicted range:
     every candidate's predicted latency is within it, history and best_arch.json carry the prediction, and the winner
     measured on this CPU meets the bound within the table's worst error, times 2 for the drift of a busy VM between
     the table's timing and the winner's (the other test worker shares the 2 cores)."""
+    import supernet.timing
     from space.latency import LatencyTable
     from supernet.timing import Timing, measure_table
 
+    measured = []  # how the winner was timed: as the table's networks were
+    real = supernet.timing.measure_arch
+
+    def measure_arch(arch, timing, rounds=1):
+        measured.append((timing.warmup, timing.repeats, rounds, timing.batch))
+        return real(arch, timing, rounds)
+
+    monkeypatch.setattr(supernet.timing, "measure_arch", measure_arch)
     space = _space(ckpt)
     table, _ = measure_table(space, Timing(torch.device("cpu"), 1, 1, 3, False), threads=1, calibrate=4, archs=4,
                              seed=0, rounds=3, progress=False)
@@ -335,6 +344,7 @@ def test_search_under_a_latency_bound(ckpt: Path, tmp_path: Path, capsys):
     assert meta["latency_ms_predicted"] == table.predict(ArchSpec.load(best)) <= bound
     assert 0 < meta["latency_ms_measured"] <= 2 * bound * (1 + table.accuracy.max_ape / 100)
     assert meta["latency_table"]["threads"] == 1
+    assert table.timing == {"warmup": 1, "repeats": 3, "rounds": 3} and measured == [(1, 3, 3, 1)]
     assert f"latency <= {bound:g} ms" in run.out and "ms measured" in run.out
     assert LatencyTable.load(tmp_path / "lat.json") == table
 
