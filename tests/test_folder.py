@@ -62,7 +62,7 @@ def supernet_args(root: Path) -> list[str]:
 
 def launch(forkserver, run_dir: Path, root: Path):
     """``make supernet NPROC=2``'s command: the launcher forked from conftest.py's ``forkserver``, its ranks
-    started by torchrun as fresh interpreters."""
+    started by torchrun through the server's client (forked too: tests/forkserver.py)."""
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)}
     return forkserver.popen([sys.executable, "-m", "supernet.engine.launch", "--standalone", "--nproc_per_node=2",
                              "-m", "supernet.train", f"run_dir={run_dir}", *supernet_args(root)], cwd=REPO, env=env)

@@ -445,13 +445,69 @@ def test_bad_store_is_one_line_exit_2_and_writes_nothing(run_module, tmp_path, s
 # ------------------------------------------------------------------------------------ training resumes exactly
 SMALL = "space.stages=[{cells:2,tokens:[64],dims:[32,64]},{cells:2,tokens:[64,16],dims:[64]}]"  # a small supernet
 
-def _train_cfg(run_dir: Path, store: Path):
-    overrides = ["space=cifar_2d", "space.num_classes=3", SMALL, "data=imagenet_prepared", f"data.root={store}",
-                 f"data.img_size={IMG}", "data.val_size=6", "data.batch_size=4", "data.eval_batch_size=6",
-                 "data.num_workers=2", "recipe=deit", f"run_dir={run_dir}", "max_steps=4", "ckpt_every=2",
-                 "eval.every=4", "eval.n_random=0", "progress=false", "device=cpu"]
+def _train_args(run_dir: Path, store: Path, *more: str) -> list[str]:
+    return ["space=cifar_2d", "space.num_classes=3", SMALL, "data=imagenet_prepared", f"data.root={store}",
+            f"data.img_size={IMG}", "data.val_size=6", "data.batch_size=4", "data.eval_batch_size=6",
+            "data.num_workers=2", "recipe=deit", f"run_dir={run_dir}", "max_steps=4", "ckpt_every=2",
+            "eval.every=4", "eval.n_random=0", "progress=false", "device=cpu", *more]
+
+
+def _train_cfg(run_dir: Path, store: Path, *more: str):
     with initialize_config_dir(config_dir=str(REPO / "conf"), version_base="1.3"):
-        return compose("supernet", overrides=overrides)
+        return compose("supernet", overrides=_train_args(run_dir, store, *more))
+
+
+# 2 ranks x 2 images, 3 batches an epoch per rank; one checkpoint at step 5, mid-epoch, before the end at 9
+TWO_RANKS = ["data.batch_size=2", "max_steps=9", "ckpt_every=5", "eval.every=9"]
+
+
+def _store_rank(rank: int, port: int, run_dir: str, store: str) -> None:
+    """One rank of an uninterrupted 2-rank run on the store, with the environment torchrun gives it."""
+    import os
+
+    os.environ.update(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE="2", LOCAL_WORLD_SIZE="2",
+                      MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    torch.set_num_threads(1)
+    from supernet.train import train
+
+    train(_train_cfg(Path(run_dir), Path(store), *TWO_RANKS))
+
+
+@pytest.mark.slow
+def test_two_ranks_on_the_store_resume_exactly_after_kill_9_through_the_launcher(store, tmp_path, fork_ranks,
+                                                                                 free_port, forkserver):
+    """`make supernet NPROC=2` on a prepared store, the whole job killed with SIGKILL after a mid-epoch checkpoint
+    (the prefetching thread and the device augmentation mid-flight), then the same command: the run ends with the
+    weights of an uninterrupted 2-rank run, bit for bit."""
+    import os
+    import sys
+    import time
+
+    from test_folder import kill_job
+
+    ref = tmp_path / "ref"
+    fork_ranks(_store_rank, (free_port(), str(ref), str(store)))
+    run = tmp_path / "run"
+    argv = [sys.executable, "-m", "supernet.engine.launch", "--standalone", "--nproc_per_node=2", "-m",
+            "supernet.train", *_train_args(run, store, *TWO_RANKS)]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)}
+    p = forkserver.popen(argv, cwd=REPO, env=env)
+    deadline = time.time() + 240
+    while not (run / "last.ckpt").exists():
+        assert p.poll() is None, p.communicate()
+        assert time.time() < deadline, "no checkpoint within 240 s"
+        time.sleep(0.02)
+    kill_job(p.pid)  # the launcher and both ranks, their prefetching threads with them
+    p.communicate(timeout=60)
+    at = torch.load(run / "last.ckpt", weights_only=True)["step"]
+    assert at == 5
+    rerun = forkserver.popen(argv, cwd=REPO, env=env)
+    out, err = rerun.communicate(timeout=240)
+    assert rerun.returncode == 0, err
+    assert f"resumed from {run / 'last.ckpt'} at step 5/9" in out
+    a, b = (torch.load(d / "last.ckpt", weights_only=True) for d in (ref, run))
+    assert b["step"] == 9 and a["task_state"] == b["task_state"]
+    assert all(torch.equal(a["model"][k], b["model"][k]) for k in a["model"])
 
 
 def test_supernet_training_on_the_store_resumes_exactly_after_a_crash(store, folder, tmp_path, monkeypatch):
