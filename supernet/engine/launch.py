@@ -52,8 +52,8 @@ def main(argv: list[str] | None = None) -> int:
             return 0
         name = signal.Signals(e.sigval).name
         if unclean:
-            shown = ", ".join(f"rank {r}: {code if code is None or code >= 0 else signal.Signals(-code).name}"
-                              for r, code in unclean.items())
+            shown = ", ".join(f"rank {r}: " + ("did not exit" if code is None else f"exit {code}" if code > 0
+                                                else signal.Signals(-code).name) for r, code in unclean.items())
             print(f"error: stopped by {name}, but not every worker finished its step and checkpoint ({shown}); "
                   "rerun the same command to resume from the last checkpoint on disk", file=sys.stderr, flush=True)
         return 1
