@@ -27,11 +27,13 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import signal
 import socket
 import subprocess
 import sys
 import threading
+import time
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -320,3 +322,42 @@ class ForkedProcess:
 
     def kill(self) -> None:
         self.send_signal(signal.SIGKILL)
+
+
+# ----------------------------------------------------------------------------- helpers of the process tests
+def kill_job(pid: int) -> None:
+    """SIGKILL ``pid`` and every process below it at once (torchrun starts each rank in a session of its own,
+    so a process group does not reach them): a node going down."""
+    children: dict[int, list[int]] = {}
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            ppid = int(stat.read_text().rsplit(")", 1)[1].split()[1])
+        except (OSError, IndexError, ValueError):
+            continue
+        children.setdefault(ppid, []).append(int(stat.parent.name))
+    job, todo = [], [pid]
+    while todo:
+        job.append(todo.pop())
+        todo += children.get(job[-1], [])
+    for p in job:
+        try:
+            os.kill(p, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+
+
+def wait_for(p: ForkedProcess | subprocess.Popen, path: Path, timeout: float = 240) -> None:
+    """Return as soon as ``path`` exists (a checkpoint is written atomically), failing if ``p`` ends first."""
+    deadline = time.time() + timeout
+    while not path.exists():
+        assert p.poll() is None, p.communicate()
+        assert time.time() < deadline, f"no {path.name} within {timeout:g} s"
+        time.sleep(0.02)
+
+
+_TORCH_WARNING = re.compile(r"W\d{4} \d\d:\d\d:\d\d")  # torch's own warnings: "W1207 07:58:04.114000 ..."
+
+
+def own_lines(stderr: str) -> list[str]:
+    """The lines of a launcher's stderr that are not torch's own warnings (on shutting workers down, say)."""
+    return [line for line in stderr.splitlines() if not _TORCH_WARNING.match(line)]

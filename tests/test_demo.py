@@ -14,7 +14,6 @@ from pathlib import Path
 
 import pytest
 
-from search.evolve import evolve
 from space.arch import ArchSpec
 from space.cost import macs
 
@@ -86,7 +85,7 @@ def test_demo_runs_end_to_end_without_the_test_split_until_retraining_and_a_reru
     # same files again; the baseline's retraining, deleted, is redone from scratch to the same test accuracy
     import search.evolve
 
-    searches = []
+    searches, evolve = [], search.evolve.evolve
     monkeypatch.setattr(search.evolve, "evolve", lambda cfg: searches.append(evolve(cfg)) or searches[-1])
     kept = [out / "supernet" / "last.ckpt", out / "retrain_best_arch" / "last.ckpt"]
     before = {p: _stamp(p) for p in kept}

@@ -8,14 +8,13 @@ from __future__ import annotations
 
 import json
 import os
-import signal
 import sys
-import time
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
+from forkserver import kill_job, wait_for
 from hydra import compose, initialize_config_dir
 
 REPO = Path(__file__).resolve().parents[1]
@@ -68,27 +67,6 @@ def launch(forkserver, run_dir: Path, root: Path):
                              "-m", "supernet.train", f"run_dir={run_dir}", *supernet_args(root)], cwd=REPO, env=env)
 
 
-def kill_job(pid: int) -> None:
-    """SIGKILL ``pid`` and every process below it at once (torchrun starts each rank in a session of its own,
-    so a process group does not reach them): a node going down."""
-    children: dict[int, list[int]] = {}
-    for stat in Path("/proc").glob("[0-9]*/stat"):
-        try:
-            ppid = int(stat.read_text().rsplit(")", 1)[1].split()[1])
-        except (OSError, IndexError, ValueError):
-            continue
-        children.setdefault(ppid, []).append(int(stat.parent.name))
-    job, todo = [], [pid]
-    while todo:
-        job.append(todo.pop())
-        todo += children.get(job[-1], [])
-    for p in job:
-        try:
-            os.kill(p, signal.SIGKILL)
-        except ProcessLookupError:
-            pass
-
-
 def ckpt(run_dir: Path) -> dict:
     return torch.load(run_dir / "last.ckpt", weights_only=True)
 
@@ -119,11 +97,7 @@ def test_two_ranks_with_workers_and_the_deit_recipe_resume_exactly_after_kill_9(
     assert ref["identity"]["world_size"] == 2 and ref["config"]["data"]["num_workers"] == 1
     run = tmp_path / "run"
     p = launch(forkserver, run, folder)
-    deadline = time.time() + 240
-    while not (run / "last.ckpt").exists():
-        assert p.poll() is None, p.communicate()
-        assert time.time() < deadline, "no checkpoint within 240 s"
-        time.sleep(0.02)
+    wait_for(p, run / "last.ckpt")
     kill_job(p.pid)  # the launcher, both ranks and their decoding workers
     p.communicate()
     assert ckpt(run)["step"] == 4

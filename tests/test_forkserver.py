@@ -9,7 +9,7 @@ import sys
 import time
 from pathlib import Path
 
-from test_folder import kill_job
+from forkserver import kill_job
 
 APP = '''
 import atexit, os, signal, sys, threading, time

@@ -17,6 +17,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from forkserver import own_lines, wait_for
 from hydra import compose, initialize_config_dir
 
 REPO = Path(__file__).resolve().parents[1]
@@ -62,11 +63,7 @@ def _ckpt(run_dir: Path) -> dict:
 
 def _interrupt_at_first_checkpoint(p: subprocess.Popen, run_dir: Path, sig: signal.Signals) -> tuple[str, str]:
     """Send ``sig`` as soon as ``run_dir/last.ckpt`` appears (written atomically), then wait for the exit."""
-    deadline = time.time() + 240
-    while not (run_dir / "last.ckpt").exists():
-        assert p.poll() is None, p.communicate()
-        assert time.time() < deadline, "no checkpoint within 240 s"
-        time.sleep(0.02)
+    wait_for(p, run_dir / "last.ckpt")
     p.send_signal(sig)
     return p.communicate(timeout=240)
 
@@ -140,7 +137,7 @@ def test_a_signal_to_the_launcher_stops_every_rank_at_a_checkpoint_and_exits_0(f
                           "-m", "supernet.train", f"run_dir={run}", f"data.root={data_root}", *SUPERNET,
                           "ckpt_every=7"], cwd=tmp_path, env=env)
     out, err = _interrupt_at_first_checkpoint(p, run, sig)
-    assert p.returncode == 0 and [line for line in err.splitlines() if not line.startswith("W")] == [], err
+    assert p.returncode == 0 and own_lines(err) == [], err
     ck = _ckpt(run)
     at = ck["step"]
     assert 7 < at < STEPS and (at % 5 == 0 or at % 7 == 0), at
@@ -161,8 +158,7 @@ def test_a_signal_that_kills_the_workers_is_not_a_clean_stop(forkserver, tmp_pat
         time.sleep(0.05)
     p.send_signal(signal.SIGTERM)
     _, err = p.communicate(timeout=120)
-    lines = [line for line in err.splitlines() if not line.startswith("W")]  # torch's own warnings
-    assert p.returncode == 1 and lines == [
+    assert p.returncode == 1 and own_lines(err) == [
         "error: stopped by SIGTERM, but not every worker finished its step and checkpoint (rank 0: SIGTERM, rank 1: "
         "SIGTERM); rerun the same command to resume from the last checkpoint on disk"], err
 

@@ -82,21 +82,21 @@ def test_two_nodes_through_the_launchers_c10d_rendezvous_train_as_one_job(tmp_pa
     run = tmp_path / "run"
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)}
 
-    def launch(steps: int, port: int) -> list[tuple[int, str, str]]:
+    def launch(port: int) -> list[tuple[int, str, str]]:
         nodes = [forkserver.popen([sys.executable, "-m", "supernet.engine.launch", "--nnodes=2",
                                    "--nproc_per_node=1", "--rdzv_backend=c10d", f"--rdzv_endpoint=127.0.0.1:{port}",
                                    "--rdzv_id=psvit-test", "-m", "supernet.train", f"run_dir={run}",
-                                   f"data.root={root}", "data.batch_size=8", "data.val_size=20", f"max_steps={steps}",
+                                   f"data.root={root}", "data.batch_size=8", "data.val_size=20", "max_steps=2",
                                    "eval.every=0", "progress=false", "device=cpu", "log_every=1"],
                                   cwd=tmp_path, env=env) for _ in range(2)]
         outputs = [p.communicate(timeout=240) for p in nodes]
         return [(p.returncode, out, err) for p, (out, err) in zip(nodes, outputs)]
 
-    first = launch(2, free_port())
+    first = launch(free_port())
     assert [code for code, _, _ in first] == [0, 0], first
     ck = torch.load(run / "last.ckpt", weights_only=True)
     assert ck["step"] == 2 and ck["identity"]["world_size"] == 2
-    second = launch(2, free_port())
+    second = launch(free_port())
     assert [code for code, _, _ in second] == [0, 0], second
     assert sum(f"resumed from {run / 'last.ckpt'} at step 2/2" in out for _, out, _ in second) == 1  # rank 0 says so
     assert torch.load(run / "last.ckpt", weights_only=True)["step"] == 2

@@ -481,9 +481,8 @@ def test_two_ranks_on_the_store_resume_exactly_after_kill_9_through_the_launcher
     weights of an uninterrupted 2-rank run, bit for bit."""
     import os
     import sys
-    import time
 
-    from test_folder import kill_job
+    from forkserver import kill_job, wait_for
 
     ref = tmp_path / "ref"
     fork_ranks(_store_rank, (free_port(), str(ref), str(store)))
@@ -492,11 +491,7 @@ def test_two_ranks_on_the_store_resume_exactly_after_kill_9_through_the_launcher
             "supernet.train", *_train_args(run, store, *TWO_RANKS)]
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)}
     p = forkserver.popen(argv, cwd=REPO, env=env)
-    deadline = time.time() + 240
-    while not (run / "last.ckpt").exists():
-        assert p.poll() is None, p.communicate()
-        assert time.time() < deadline, "no checkpoint within 240 s"
-        time.sleep(0.02)
+    wait_for(p, run / "last.ckpt")
     kill_job(p.pid)  # the launcher and both ranks, their prefetching threads with them
     p.communicate(timeout=60)
     at = torch.load(run / "last.ckpt", weights_only=True)["step"]

@@ -17,6 +17,7 @@ from unittest import mock
 
 import pytest
 import torch
+from forkserver import own_lines
 from hydra import compose, initialize_config_dir
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
@@ -341,8 +342,8 @@ def test_user_error_under_the_launcher_is_one_line_exit_2(forkserver, make_recip
     assert argv[2:4] == ["supernet.engine.launch", "--standalone"] and f"--nproc_per_node={nproc}" in argv
     fresh = {"PYTHON_EXEC": sys.executable} if nproc == 1 else {}
     p = run_cli(forkserver, *argv[2:], **fresh)
-    lines = [line for line in p.stderr.splitlines() if not line.startswith("W")]  # torch's own warnings
-    assert p.returncode == 2 and lines == ["error: optim.lr: 0 is not allowed (allowed: a number > 0)"], p.stderr
+    assert p.returncode == 2, p.stderr
+    assert own_lines(p.stderr) == ["error: optim.lr: 0 is not allowed (allowed: a number > 0)"], p.stderr
 
 
 def test_divergence_under_the_launcher_is_one_line_exit_1(forkserver, make_recipe, tmp_path, data_root):
@@ -353,7 +354,7 @@ def test_divergence_under_the_launcher_is_one_line_exit_1(forkserver, make_recip
                        "data.batch_size=8 max_steps=4 eval.every=0 optim.lr=1e30 optim.warmup_epochs=0 "
                        "progress=false device=cpu")
     p = run_cli(forkserver, *argv[2:])
-    lines = [line for line in p.stderr.splitlines() if not line.startswith("W")]  # torch's own warnings
+    lines = own_lines(p.stderr)
     assert p.returncode == 1 and len(lines) == 1 and lines[0].startswith("error: non-finite "), p.stderr
     assert "no checkpoint was written; start over with a lower optim.lr" in lines[0]
     assert not (run / "last.ckpt").exists()
