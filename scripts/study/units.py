@@ -1,0 +1,153 @@
+"""One unit of the study = one small committed JSON file under docs/study/. A unit is done when its file
+exists; a worker claims a unit with a lock file under runs/study/claims/ (on this machine only), runs it
+through the project's own apps, and writes its file atomically. A fresh machine with the repository
+continues where the last one stopped: nothing but the result files is needed.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import platform
+import subprocess
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+REPO = Path(__file__).resolve().parents[2]
+RESULTS = REPO / "docs" / "study"
+WORK = REPO / "runs" / "study"
+PY = sys.executable
+
+
+def arch_hash(arch_dict: dict) -> str:
+    from space.arch import ArchSpec
+
+    return hashlib.sha256(ArchSpec.from_dict(arch_dict).to_json().encode()).hexdigest()[:12]
+
+
+def machine() -> dict[str, Any]:
+    """Where a unit ran: CPU model, cores, torch, threads."""
+    import torch
+
+    cpu = next((line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
+                if line.startswith("model name")), platform.processor()) if Path("/proc/cpuinfo").exists() else ""
+    return {"cpu": cpu, "cores": os.cpu_count(), "torch": torch.__version__, "threads": torch.get_num_threads(),
+            "host": platform.node(), "gpu": torch.cuda.get_device_name() if torch.cuda.is_available() else None}
+
+
+@dataclass(frozen=True)
+class Standalone:
+    """``arch`` trained from scratch by `python -m supernet.retrain` for ``epochs`` epochs with ``seed``
+    (init and data order): warmup 10% of the schedule, then cosine (conf/optim/adamw.yaml otherwise), light
+    recipe, batch 256, Fashion-MNIST's 50k training split; scored on the 10k held-out validation split (the
+    ranking's ground truth) and on the official 10k test split (F2/F3)."""
+
+    arch: dict = field(hash=False, compare=False)
+    seed: int
+    epochs: int
+    key: str = ""  # the architecture's hash
+
+    @staticmethod
+    def of(arch_dict: dict, seed: int, epochs: int) -> "Standalone":
+        return Standalone(arch_dict, seed, epochs, arch_hash(arch_dict))
+
+    @property
+    def name(self) -> str:
+        return f"standalone/{self.key}_s{self.seed}_e{self.epochs}"
+
+    @property
+    def result(self) -> Path:
+        return RESULTS / f"{self.name}.json"
+
+    def cost(self) -> float:
+        """Relative cost (MACs, with a floor for the per-step overhead of tiny nets) x epochs."""
+        from space.arch import ArchSpec
+        from space.cost import macs
+
+        return max(macs(ArchSpec.from_dict(self.arch)), 1.5e6) * self.epochs
+
+    def run(self) -> dict[str, Any]:
+        from space.arch import ArchSpec
+        from space.cost import macs, params
+
+        run_dir = WORK / self.name
+        run_dir.mkdir(parents=True, exist_ok=True)
+        arch_file = run_dir / "arch.json"
+        ArchSpec.from_dict(self.arch).save(arch_file)
+        cmd = [PY, "-m", "supernet.retrain", f"arch={arch_file}", f"run_dir={run_dir}", f"seed={self.seed}",
+               f"optim.epochs={self.epochs}", f"optim.warmup_epochs={0.1 * self.epochs:g}", "eval.every=100000000",
+               "progress=false", "compile=false", "ckpt_every=200", "log_every=50"]
+        t = time.time()
+        with open(run_dir / "log.txt", "a") as log:
+            rc = subprocess.run(cmd, cwd=REPO, stdout=log, stderr=subprocess.STDOUT,
+                                env={**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)}).returncode
+        if rc != 0:
+            raise RuntimeError(f"{' '.join(cmd)} exited {rc}; see {run_dir / 'log.txt'}")
+        res = json.loads((run_dir / "result.json").read_text())
+        a = ArchSpec.from_dict(self.arch)
+        return {"unit": "standalone", "arch": self.arch, "short": a.short(), "macs": macs(a), "params": params(a),
+                "seed": self.seed, "epochs": self.epochs, "steps": res["steps"],
+                "schedule": {"batch": 256, "lr": 1e-3, "warmup_epochs": 0.1 * self.epochs, "cosine_to": 1e-5,
+                             "weight_decay": 0.05, "label_smoothing": 0.1, "recipe": res["recipe"]},
+                "val_top1": res["val_top1"], "test_top1": res["test_top1"], "wall_s": round(time.time() - t, 1),
+                "machine": machine(), "date": time.strftime("%Y-%m-%d"), "command": " ".join(cmd[1:])}
+
+
+# ----------------------------------------------------------------------------- the queue
+def done(unit) -> bool:
+    return unit.result.exists()
+
+
+def claim(unit) -> bool:
+    """Take ``unit`` for this process unless another live process holds it (claims die with their process)."""
+    path = WORK / "claims" / (unit.name.replace("/", "__") + ".lock")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    for _ in range(2):
+        try:
+            fd = os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY)
+            os.write(fd, str(os.getpid()).encode())
+            os.close(fd)
+            return True
+        except FileExistsError:
+            try:
+                pid = int(path.read_text() or 0)
+                os.kill(pid, 0)
+                return False
+            except (ProcessLookupError, ValueError):
+                path.unlink(missing_ok=True)  # its process is gone: retake it
+    return False
+
+
+def write_result(unit, record: dict[str, Any], commit: bool) -> None:
+    unit.result.parent.mkdir(parents=True, exist_ok=True)
+    tmp = unit.result.with_suffix(".tmp")
+    tmp.write_text(json.dumps(record, indent=1) + "\n")
+    os.replace(tmp, unit.result)
+    if commit:
+        msg = f"study: {unit.name} ({record.get('short', '')}): " + ", ".join(
+            f"{k} {record[k]:.4f}" for k in ("val_top1", "test_top1") if isinstance(record.get(k), float))
+        for _ in range(30):  # the developer may be committing too: retry while the index is locked
+            r = subprocess.run(["git", "commit", "-q", "-m", msg, "--", str(unit.result)], cwd=REPO,
+                               capture_output=True, text=True) if subprocess.run(
+                ["git", "add", "--", str(unit.result)], cwd=REPO, capture_output=True).returncode == 0 else None
+            if r is not None and r.returncode == 0:
+                return
+            time.sleep(10)
+        print(f"study: could not commit {unit.result}", flush=True)
+
+
+def drain(units: list, commit: bool) -> None:
+    """Run every unit not yet done, in order, skipping those another worker holds."""
+    for unit in units:
+        if done(unit) or not claim(unit):
+            continue
+        t = time.time()
+        print(f"[{time.strftime('%H:%M:%S')}] {unit.name} ...", flush=True)
+        record = unit.run()
+        write_result(unit, record, commit)
+        print(f"[{time.strftime('%H:%M:%S')}] {unit.name} done in {(time.time() - t) / 60:.1f} min: "
+              + ", ".join(f"{k} {record[k]:.4f}" for k in ("val_top1", "test_top1") if k in record), flush=True)
