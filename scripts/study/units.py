@@ -18,8 +18,11 @@ from pathlib import Path
 from typing import Any
 
 REPO = Path(__file__).resolve().parents[2]
-RESULTS = REPO / "docs" / "study"
-WORK = REPO / "runs" / "study"
+# The checkout whose docs/study/ receives (and whose git commits) the result files: the code may run from a
+# frozen copy of the repository (a git worktree) while the main checkout changes under development.
+HOME = Path(os.environ.get("PSVIT_STUDY_HOME", REPO))
+RESULTS = HOME / "docs" / "study"
+WORK = HOME / "runs" / "study"
 PY = sys.executable
 
 
@@ -131,9 +134,9 @@ def write_result(unit, record: dict[str, Any], commit: bool) -> None:
         msg = f"study: {unit.name} ({record.get('short', '')}): " + ", ".join(
             f"{k} {record[k]:.4f}" for k in ("val_top1", "test_top1") if isinstance(record.get(k), float))
         for _ in range(30):  # the developer may be committing too: retry while the index is locked
-            r = subprocess.run(["git", "commit", "-q", "-m", msg, "--", str(unit.result)], cwd=REPO,
+            r = subprocess.run(["git", "commit", "-q", "-m", msg, "--", str(unit.result)], cwd=HOME,
                                capture_output=True, text=True) if subprocess.run(
-                ["git", "add", "--", str(unit.result)], cwd=REPO, capture_output=True).returncode == 0 else None
+                ["git", "add", "--", str(unit.result)], cwd=HOME, capture_output=True).returncode == 0 else None
             if r is not None and r.returncode == 0:
                 return
             time.sleep(10)
