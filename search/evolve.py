@@ -39,7 +39,7 @@ from supernet.engine.distributed import DistEnv, distributed
 if TYPE_CHECKING:
     from torch.utils.tensorboard import SummaryWriter
 
-    from search.inherited import InheritedAccuracy
+    from search.inherited import InheritedAccuracy, WholeSplit
     from supernet.engine.checkpoint import SupernetCheckpoint
 
 STRATEGIES: dict[str, type[Search]] = {"evolution": Evolution, "random": RandomSearch}
@@ -66,6 +66,7 @@ class Session:
     scorer: InheritedAccuracy
     searches: list[Search]
     run_dir: Path
+    whole: WholeSplit | None = None  # the finalists' scorer on the whole validation split (finalists > 0)
 
     @property
     def state_path(self) -> Path:
@@ -76,6 +77,7 @@ class Session:
         if self.env.is_main:
             atomic_write(self.state_path, json.dumps({
                 "checkpoint_sha256": self.supernet.sha256, "eval_images": self.scorer.images,
+                "eval_digest": self.scorer.digest,
                 "seed": self.job.seed, "searches": [s.state_dict() for s in self.searches]}))
 
 
@@ -154,7 +156,8 @@ def setup(cfg: DictConfig, job: Job, env: DistEnv) -> Session:
         UserError: the checkpoint or its data is unusable, ``space=`` disagrees with it, or a budget is
             infeasible in its space (each search checks its own constraint once, before any evaluation).
     """
-    from search.inherited import InheritedAccuracy, validation_batches  # torch and the model: only now
+    from search.inherited import InheritedAccuracy, WholeSplit, validation_batches  # torch and the model: only now
+    from supernet.data import build_data
     from supernet.engine.checkpoint import load_supernet
 
     sck = load_supernet(job.checkpoint, env.device)
@@ -175,7 +178,11 @@ def setup(cfg: DictConfig, job: Job, env: DistEnv) -> Session:
     searches = [job.strategy(space, scorer, random.Random(f"psvit-search:{cfg.seed}:{i}"), c, job.evolution, cache)
                 for i, c in enumerate(job.constraints)]
     run_dir = Path(cfg.run_dir) if cfg.run_dir else job.checkpoint.parent / "search"
-    return Session(job, env, sck, scorer, searches, run_dir)
+    whole = None
+    if cfg.finalists:  # this rank's block of the whole split (the vectors are gathered)
+        val = build_data({**data_cfg, "eval_batch_size": cfg.eval_batch_size}, env.rank, env.world_size, env.device).val
+        whole = WholeSplit(sck.net, val, env, amp=cfg.amp)
+    return Session(job, env, sck, scorer, searches, run_dir, whole)
 
 
 RETRY = "use another run_dir= or resume=never"
@@ -199,6 +206,10 @@ def resume(cfg: DictConfig, s: Session) -> None:
     if state.get("eval_images", images) != images:  # cached scores would not compare
         raise UserError(f"resume: {path} scored candidates on {state['eval_images']} validation images, "
                         f"this command on {images} (eval_images=); {RETRY}")
+    if state.get("eval_digest") != s.scorer.digest:  # the same count of other images (or of other pixels)
+        raise UserError(f"resume: {path} scored candidates on another fitness set than this command's "
+                        f"{images} validation images (other data, split, preprocessing, or a state from before the "
+                        f"fitness set was fixed); {RETRY}")
     if state.get("seed", s.job.seed) != s.job.seed:  # the saved RNG streams are another seed's
         raise UserError(f"resume: {path} was searched with seed={state['seed']}, this command has "
                         f"seed={s.job.seed}; {RETRY}")
@@ -272,16 +283,26 @@ def log_generation(writer: SummaryWriter, bar: tqdm, search: Search, step: int) 
 
 
 def finish(cfg: DictConfig, s: Session) -> dict[str, Any]:
-    """Rank 0 writes the outputs and prints the table; every rank returns the summary, with what its own
-    scorer did (architectures scored, seconds spent scoring)."""
+    """Re-score each budget's finalists on the whole split (every rank), then rank 0 writes the outputs and
+    prints the table; every rank returns the summary, with what its own scorers did (architectures scored,
+    seconds spent scoring)."""
+    finals = None
+    if s.whole is not None:
+        from search.finalists import finalists, rescore
+
+        history = [r for x in s.searches for r in x.history]
+        chosen = [finalists(history, c, cfg.finalists) for c in s.job.constraints]
+        finals = rescore(chosen, s.whole, cfg.bootstrap, cfg.seed)
     if s.env.is_main:
         prov = Provenance(s.job.checkpoint, s.supernet.sha256, s.scorer.images,
                           OmegaConf.to_container(cfg, resolve=True))
-        summary = write_report(s.run_dir, s.searches, s.job.constraints, prov, cfg.show_top, winner_latency(s))
+        summary = write_report(s.run_dir, s.searches, s.job.constraints, prov, cfg.show_top, winner_latency(s),
+                               finals)
     else:
         summary = {"run_dir": str(s.run_dir), "evaluations": len(s.searches[0].cache),
                    "proposals": sum(len(x.history) for x in s.searches), "best": []}
-    return {**summary, "scored": s.scorer.evaluations, "scoring_s": s.scorer.seconds}
+    rescored = {"rescored": s.whole.evaluations, "rescoring_s": s.whole.seconds} if s.whole is not None else {}
+    return {**summary, "scored": s.scorer.evaluations, "scoring_s": s.scorer.seconds, **rescored}
 
 
 def winner_latency(s: Session) -> Callable[[ArchSpec], float] | None:

@@ -6,23 +6,26 @@ scores rank architectures the way training them from scratch does?
 
 1. Picks ``archs`` architectures stratified over the space's whole FLOPs range and, with ``band=[lo, hi]``,
    ``band_archs`` more inside that band (space/samplers.py), deterministically from ``seed``.
-2. Scores each with the supernet's inherited weights on the whole held-out validation split.
+2. Scores each with the supernet's inherited weights on the whole held-out validation split (what the search's
+   finalists are ranked by) and on its first ``eval_images`` (the search's fitness set, what its evolution ranks
+   by); with ``checkpoints=[...]``, also each further checkpoint's (a curve of tau against training length).
 3. Trains each from scratch through the retraining loop (supernet/retrain.py) with seeds 0..``seeds``-1 (init
    and data order), scored on the same validation split; never the test split. Each run has its own
    resumable directory under ``standalone_dir``, so a rerun continues, and another supernet of the same space
    and data reuses them. Under torchrun, each rank trains its share of the runs alone (no DDP inside a run),
    balanced by MACs; a run's result does not depend on which rank trained it.
-4. Reports Kendall tau, Spearman rho and top-k overlap between inherited and stand-alone (mean over seeds)
-   scores, each with a bootstrap 95% interval, for the range and the band separately, next to the ground
-   truth's own seed-to-seed tau, the noise ceiling (search/ranking.py). Writes ``fidelity.json`` and
-   ``fidelity.png`` to ``run_dir`` and prints a table.
+4. Reports Kendall tau, Spearman rho and top-k overlap between each inherited score and the stand-alone
+   mean over seeds, and tau against single seeds, each with a bootstrap 95% interval, for the range and the
+   band separately, next to the noise ceilings that apply to each: the tau that the architectures' true quality
+   would reach against the mean of the seeds, and against one seed (search/ranking.py). Writes
+   ``fidelity.json`` and ``fidelity.png`` to ``run_dir`` and prints a table. ``seeds=0`` trains nothing and
+   reports the inherited scores only.
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
-import math
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -31,7 +34,7 @@ import hydra
 from omegaconf import DictConfig, OmegaConf
 from tqdm import tqdm
 
-from search.ranking import agreement, seed_to_seed_tau
+from search.ranking import agreement, noise_ceiling, tau_single
 from space.app import CONF_DIR, atomic_write, check_overrides, run_app, run_dir_lock
 from space.arch import ArchSpec
 from space.cost import macs, params
@@ -51,6 +54,7 @@ class Job:
 
     checkpoint: Path
     band: tuple[float, float] | None
+    checkpoints: tuple[Path, ...] = ()  # more checkpoints of the same space, scored against the same ground truth
 
 
 @dataclass(frozen=True)
@@ -80,11 +84,18 @@ def fidelity(cfg: DictConfig) -> dict[str, Any]:
             data_cfg["root"] = str(cfg.data_root)
         run_dir = Path(cfg.run_dir) if cfg.run_dir else job.checkpoint.parent / "fidelity"
         with run_dir_lock(run_dir, env.is_main):
-            inherited, images = score_inherited(picked.unique, sck, data_cfg, cfg, env)
-            standalone = train_standalone(picked.unique, data_cfg, cfg, env, run_dir)
+            inherited = score_inherited(picked.unique, sck, data_cfg, cfg, env)
+            curve = []
+            for path in job.checkpoints:  # the same architectures and images, another checkpoint's weights
+                other = load_supernet(path, env.device)
+                if other.net.space.to_config() != sck.net.space.to_config():
+                    raise UserError(f"checkpoints: {path} is a supernet of space {other.net.space.name!r}, not of "
+                                    f"checkpoint's {sck.net.space.name!r}; give checkpoints of one space")
+                curve.append((path, other, score_inherited(picked.unique, other, data_cfg, cfg, env)))
+            standalone = train_standalone(picked.unique, data_cfg, cfg, env, run_dir) if cfg.seeds else {}
             if standalone is None:
                 return {}
-            result = summarize(picked, inherited, standalone, cfg, sck, {**data_cfg, "val_images": images})
+            result = summarize(picked, inherited, standalone, cfg, sck, data_cfg, curve)
             if env.is_main:
                 write_outputs(run_dir, result)
             return result
@@ -105,14 +116,20 @@ def validate(cfg: DictConfig) -> Job:
     ckpt = Path(cfg.checkpoint)
     if not ckpt.is_file():
         raise UserError(f"checkpoint: {ckpt} does not exist (train one with `make supernet`)")
+    more = []
+    for c in plain.get("checkpoints") or []:
+        if not isinstance(c, str) or not Path(c).is_file():
+            raise UserError(f"checkpoints: {c!r} is not a checkpoint file (give supernet checkpoints of the same "
+                            "run or space, e.g. checkpoints='[runs/sn/step_600.ckpt,runs/sn/step_1200.ckpt]')")
+        more.append(Path(c))
     band = plain.get("band")
     if band is None:
-        return Job(ckpt, None)
+        return Job(ckpt, None, tuple(more))
     if (not isinstance(band, list) or len(band) != 2
             or not all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in band) or band[0] >= band[1]):
         raise UserError(f"band: {band!r} is not allowed (allowed: [lo, hi] in MACs with lo < hi, e.g. [3e6,5e6], "
                         "or null)")
-    return Job(ckpt, (float(band[0]), float(band[1])))
+    return Job(ckpt, (float(band[0]), float(band[1])), tuple(more))
 
 
 def pick(space: SearchSpace, cfg: DictConfig, job: Job) -> Picked:
@@ -143,22 +160,38 @@ def standalone_cfg(cfg: DictConfig, data_cfg: dict[str, Any], seed: int, run_dir
 
 
 # ----------------------------------------------------------------------------- scoring
+@dataclass(frozen=True)
+class Inherited:
+    """Inherited-weight top-1 of each architecture on the whole validation split (what the search's finalists
+    are ranked by) and on its first ``eval_images`` (the search's fitness set, what the evolution ranks by)."""
+
+    whole: dict[ArchSpec, float]
+    fitness: dict[ArchSpec, float]
+    images: int  # the whole split
+    fitness_images: int
+
+
 def score_inherited(archs: list[ArchSpec], sck: SupernetCheckpoint, data_cfg: dict[str, Any], cfg: DictConfig,
-                    env: DistEnv) -> tuple[dict[ArchSpec, float], int]:
-    """Inherited-weight top-1 of each architecture on the whole validation split (split over ranks), and the
-    number of validation images."""
+                    env: DistEnv) -> Inherited:
+    """Both inherited scores of each architecture from one pass over the whole split (architectures dealt
+    to the ranks; the per-image results gathered)."""
     from search.inherited import InheritedAccuracy, validation_batches
+    from supernet.engine.distributed import gather_objects
 
     batches = validation_batches(data_cfg, None, cfg.eval_batch_size, env.device)
     scorer = InheritedAccuracy(sck.net, batches, env, amp=cfg.amp, compile=cfg.compile)
-    out: dict[ArchSpec, float] = {}
+    n = min(cfg.eval_images, scorer.images)
+    whole: dict[ArchSpec, float] = {}
+    fitness: dict[ArchSpec, float] = {}
     bar = tqdm(total=len(archs), desc="inherited", disable=not env.is_main or not cfg.progress, dynamic_ncols=True)
     for i in range(0, len(archs), env.world_size):
         chunk = archs[i:i + env.world_size]
-        out.update(zip(chunk, scorer(chunk)))
+        mine = scorer.correct(chunk[env.rank]) if env.rank < len(chunk) else None
+        for a, bits in zip(chunk, gather_objects(mine, env)):
+            whole[a], fitness[a] = float(bits.mean()), float(bits[:n].mean())
         bar.update(len(chunk))
     bar.close()
-    return out, scorer.images
+    return Inherited(whole, fitness, scorer.images, n)
 
 
 def run_id(arch: ArchSpec, seed: int) -> str:
@@ -231,34 +264,53 @@ def standalone_run(arch: ArchSpec, seed: int, run_dir: Path, data_cfg: dict[str,
 
 
 # ----------------------------------------------------------------------------- report
-def summarize(picked: Picked, inherited: dict[ArchSpec, float], standalone: dict[ArchSpec, list[float]],
-              cfg: DictConfig, sck: SupernetCheckpoint, data_cfg: dict[str, Any]) -> dict[str, Any]:
-    """What fidelity.json holds: every architecture's scores, and per group the agreement statistics."""
+def summarize(picked: Picked, inherited: Inherited, standalone: dict[ArchSpec, list[float]], cfg: DictConfig,
+              sck: SupernetCheckpoint, data_cfg: dict[str, Any],
+              curve: list[tuple[Path, SupernetCheckpoint, Inherited]] | None = None) -> dict[str, Any]:
+    """What fidelity.json holds: every architecture's scores, per group the agreement statistics of both
+    inherited scores against the stand-alone ground truth (none without stand-alone runs), and with several
+    checkpoints the statistics of each."""
     groups = {"range": picked.range, "band": picked.band}
-    stats = {}
-    for name, archs in groups.items():
-        if not archs:
-            continue
-        proxy = [inherited[a] for a in archs]
-        truth = [sum(standalone[a]) / len(standalone[a]) for a in archs]
-        agree = agreement(proxy, truth, cfg.topk, cfg.bootstrap, cfg.seed)
-        ceiling = seed_to_seed_tau([standalone[a] for a in archs], cfg.bootstrap, cfg.seed)
-        tau = agree["kendall_tau"].value
-        # a ceiling whose interval reaches 0 is no measurable ceiling: a ratio to it would mean nothing
-        ratio = tau / ceiling.value if ceiling and ceiling.low > 0 and not math.isnan(tau) else None
-        stats[name] = {"archs": len(archs), "macs_min": min(map(macs, archs)), "macs_max": max(map(macs, archs)),
-                       **{k: v.to_dict() for k, v in agree.items()},
-                       "noise_ceiling_tau": ceiling.to_dict() if ceiling else None, "tau_over_ceiling": ratio}
+    stats = {name: group_stats(archs, inherited, standalone, cfg) for name, archs in groups.items() if archs}
     rows = [{"arch": a.to_dict(), "short": a.short(), "macs": macs(a), "params": params(a),
-             "groups": [g for g, archs in groups.items() if a in archs], "inherited_val_top1": inherited[a],
-             "standalone_val_top1": standalone[a], "standalone_mean": sum(standalone[a]) / len(standalone[a])}
-            for a in picked.unique]
+             "groups": [g for g, archs in groups.items() if a in archs], "inherited_val_top1": inherited.whole[a],
+             "inherited_fitness_top1": inherited.fitness[a]} for a in picked.unique]
+    for r, a in zip(rows, picked.unique):
+        if a in standalone:
+            r.update(standalone_val_top1=standalone[a], standalone_mean=sum(standalone[a]) / len(standalone[a]))
     s = cfg.standalone
-    return {"checkpoint": str(cfg.checkpoint), "checkpoint_sha256": sck.sha256, "seed": cfg.seed,
+    return {"checkpoint": str(cfg.checkpoint), "checkpoint_sha256": sck.sha256, "step": sck.step,
+            "total_steps": sck.total_steps, "seed": cfg.seed,
             "band": list(cfg.band) if cfg.band is not None else None, "seeds": cfg.seeds,
             "standalone": {"max_steps": s.max_steps, "optim": OmegaConf.to_container(s.optim, resolve=True)},
-            "data": {k: data_cfg.get(k) for k in ("name", "val_size", "split_seed", "val_images")},
-            "stats": stats, "archs": rows}
+            "data": {**{k: data_cfg.get(k) for k in ("name", "val_size", "split_seed")},
+                     "val_images": inherited.images, "fitness_images": inherited.fitness_images},
+            "stats": stats, "archs": rows,
+            "curve": [{"checkpoint": str(path), "step": other.step, "total_steps": other.total_steps,
+                       "inherited_val_top1": [inh.whole[a] for a in picked.unique],
+                       "inherited_fitness_top1": [inh.fitness[a] for a in picked.unique],
+                       "stats": {n: group_stats(archs, inh, standalone, cfg) for n, archs in groups.items() if archs}}
+                      for path, other, inh in (curve or [])]}
+
+
+def group_stats(archs: list[ArchSpec], inherited: Inherited, standalone: dict[ArchSpec, list[float]],
+                cfg: DictConfig) -> dict[str, Any]:
+    """One group's statistics: for the whole-split and the fitness-subset inherited scores, Kendall tau,
+    Spearman rho and top-k overlap against the stand-alone mean over seeds, and tau against single seeds;
+    and the ground truth's noise ceilings (search/ranking.py: against one seed and against the mean)."""
+    out: dict[str, Any] = {"archs": len(archs), "macs_min": min(map(macs, archs)), "macs_max": max(map(macs, archs))}
+    if not standalone:
+        return out
+    runs = [standalone[a] for a in archs]
+    truth = [sum(r) / len(r) for r in runs]
+    for name, scores in (("whole", inherited.whole), ("fitness", inherited.fitness)):
+        proxy = [scores[a] for a in archs]
+        agree = {k: v.to_dict() for k, v in agreement(proxy, truth, cfg.topk, cfg.bootstrap, cfg.seed).items()}
+        single = tau_single(proxy, runs, cfg.bootstrap, cfg.seed).to_dict() if len(runs[0]) > 1 else None
+        out[name] = {**agree, "kendall_tau_single_seed": single}
+    ceiling = noise_ceiling(runs, cfg.bootstrap, cfg.seed)
+    out["ceiling"] = None if ceiling is None else {k: v.to_dict() for k, v in ceiling.items()}
+    return out
 
 
 def write_outputs(run_dir: Path, result: dict[str, Any]) -> None:
@@ -270,24 +322,36 @@ def write_outputs(run_dir: Path, result: dict[str, Any]) -> None:
 
 
 def print_table(run_dir: Path, result: dict[str, Any]) -> None:
-    print(f"\n{'arch':52s} {'MACs':>8s} {'inherited':>9s} {'stand-alone (per seed)':>24s}")
+    n, k = result["data"]["val_images"], result["data"]["fitness_images"]
+    print(f"\n{'arch':52s} {'MACs':>8s} {'inh. all':>8s} {'inh. fit':>8s} {'stand-alone (per seed)':>24s}")
     for r in sorted(result["archs"], key=lambda r: r["macs"]):
-        seeds = ", ".join(f"{v:.4f}" for v in r["standalone_val_top1"])
+        seeds = ", ".join(f"{v:.4f}" for v in r.get("standalone_val_top1", []))
         tag = "*" if "band" in r["groups"] else " "
-        print(f"{tag}{r['short'][:51]:51s} {r['macs'] / 1e6:7.2f}M {r['inherited_val_top1']:9.4f} {seeds:>24s}")
-    print(f"\n{'group':6s} {'archs':>5s}  {'Kendall tau':22s} {'Spearman rho':22s} {'top-k overlap':22s} "
-          f"{'noise ceiling tau':22s} tau/ceiling")
+        print(f"{tag}{r['short'][:51]:51s} {r['macs'] / 1e6:7.2f}M {r['inherited_val_top1']:8.4f} "
+              f"{r['inherited_fitness_top1']:8.4f} {seeds:>24s}")
+    print(f"(* = in the band; inh. all: inherited top-1 on all {n} validation images, what the search's finalists "
+          f"are ranked by; inh. fit: on the first {k}, the search's fitness set)")
+    if not any("ceiling" in st for st in result["stats"].values()):
+        print(f"no stand-alone runs (seeds=0): inherited scores only -> {run_dir / 'fidelity.json'}")
+        return
+    print(f"\n{'group':6s} {'proxy':7s} {'Kendall tau vs mean':22s} {'ceiling (mean)':22s} "
+          f"{'tau vs one seed':22s} {'ceiling (one seed)':22s} {'Spearman rho':22s}")
     for name, st in result["stats"].items():
-        topk = next(k for k in st if k.endswith("_overlap"))
-        ceil = st["noise_ceiling_tau"]
-        ratio = st["tau_over_ceiling"]
-        print(f"{name:6s} {st['archs']:5d}  {_ci(st['kendall_tau']):22s} {_ci(st['spearman_rho']):22s} "
-              f"{_ci(st[topk]):22s} {_ci(ceil) if ceil else 'n/a (1 seed)':22s} "
-              f"{f'{ratio:.2f}' if ratio is not None else 'n/a'}")
-    print(f"(* = in the band; 95% bootstrap intervals in brackets) -> {run_dir / 'fidelity.json'}")
+        c = st["ceiling"] or {}
+        for proxy in ("whole", "fitness"):
+            p = st[proxy]
+            print(f"{name:6s} {proxy:7s} {_ci(p['kendall_tau']):22s} {_ci(c.get('mean')):22s} "
+                  f"{_ci(p['kendall_tau_single_seed']):22s} {_ci(c.get('single')):22s} {_ci(p['spearman_rho']):22s}")
+    for point in result["curve"]:
+        taus = ", ".join(f"{g} {_ci(st['whole']['kendall_tau'])}" for g, st in point["stats"].items())
+        print(f"step {point['step']}/{point['total_steps']}: Kendall tau (all images) {taus}")
+    print(f"(95% bootstrap intervals over architectures; a ceiling is the tau that the architectures' true quality "
+          f"would reach against this noisy ground truth) -> {run_dir / 'fidelity.json'}")
 
 
-def _ci(e: dict[str, float | None]) -> str:
+def _ci(e: dict[str, float | None] | None) -> str:
+    if e is None:
+        return "n/a"
     if e["value"] is None:
         return "undefined (constant)"
     return f"{e['value']:.3f} [{e['low']:.3f}, {e['high']:.3f}]"
@@ -302,7 +366,7 @@ def plot(path: Path, result: dict[str, Any]) -> None:
 
     fig, ax = plt.subplots(figsize=(6, 5), dpi=120)
     for group, style in (("range", dict(marker="o", color="tab:blue")), ("band", dict(marker="s", color="tab:red"))):
-        rows = [r for r in result["archs"] if group in r["groups"]]
+        rows = [r for r in result["archs"] if group in r["groups"] and "standalone_mean" in r]
         if not rows:
             continue
         x = [r["inherited_val_top1"] for r in rows]
@@ -310,7 +374,8 @@ def plot(path: Path, result: dict[str, Any]) -> None:
         err = [[m - min(r["standalone_val_top1"]) for r, m in zip(rows, y)],
                [max(r["standalone_val_top1"]) - m for r, m in zip(rows, y)]]
         ax.errorbar(x, y, yerr=err, linestyle="none", capsize=2, alpha=0.8, **style,
-                    label=f"{group} ({len(rows)} archs): Kendall tau {_ci(result['stats'][group]['kendall_tau'])}")
+                    label=f"{group} ({len(rows)} archs): Kendall tau "
+                          f"{_ci(result['stats'][group]['whole']['kendall_tau'])}")
     ax.set_xlabel("inherited-weight validation top-1")
     ax.set_ylabel("stand-alone validation top-1 (mean, range over seeds)")
     ax.set_title("ranking fidelity of the supernet")

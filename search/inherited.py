@@ -1,5 +1,5 @@
 """Inherited-weight accuracy, the search's score: top-1 of a subnet that uses the trained supernet's weights,
-on a fixed subset of the held-out validation split (never the test split). The only torch in search/.
+on a fixed, class-balanced subset of the held-out validation split (never the test split). The only torch in search/.
 
 :class:`InheritedAccuracy` is an ``evaluate(archs) -> scores`` for :class:`search.evolution.Search`. Under
 torchrun, the candidates of a batch are dealt to the ranks balanced by MACs (an evaluation's cost; a batch can
@@ -10,10 +10,12 @@ the scores of a single process.
 
 from __future__ import annotations
 
+import hashlib
 import time
 from collections.abc import Sequence
 from typing import Any
 
+import numpy as np
 import torch
 import torch.distributed as dist
 
@@ -30,7 +32,9 @@ Batches = list[tuple[torch.Tensor, torch.Tensor]]  # (images (B, C, H, W), label
 
 def validation_batches(data_cfg: dict[str, Any], images: int | None, batch_size: int,
                        device: torch.device) -> Batches:
-    """The first ``images`` images (None: all) of the held-out validation split, as batches kept in memory."""
+    """The first ``images`` images (None: all) of the held-out validation split, as batches kept in memory. The
+    split is in a fixed class-interleaved order (supernet/data/config.py: ``split_train_val``), so these are a
+    fixed subset that holds every class in proportion, identical for every candidate, rank and resume."""
     cfg = {**data_cfg, "eval_batch_size": batch_size}
     data = build_data(cfg, rank=0, world_size=1, device=device)  # every rank holds the whole subset
     if data.val is None:
@@ -50,6 +54,16 @@ def validation_batches(data_cfg: dict[str, Any], images: int | None, batch_size:
     return out
 
 
+def fitness_digest(batches: Batches) -> str:
+    """sha256 of the scored images as the model sees them (pixels after preprocessing, labels, order): two
+    scores compare only if they were computed on the same digest."""
+    h = hashlib.sha256()
+    for x, y in batches:
+        h.update(x.detach().cpu().contiguous().numpy().tobytes())
+        h.update(y.detach().cpu().to(torch.int64).numpy().tobytes())
+    return h.hexdigest()
+
+
 class InheritedAccuracy:
     """``evaluate(archs) -> top-1 accuracies`` with inherited supernet weights; counts what it does, so a
     caller (the search app's summary, the benchmark) can report evaluations and time without wrapping it."""
@@ -59,6 +73,7 @@ class InheritedAccuracy:
         self.net, self.batches, self.env, self.amp = net, batches, env, amp
         compile_cells(net, compile, env.device, announce=env.is_main)  # the apps' ``compile`` setting
         self.images = sum(len(y) for _, y in batches)
+        self.digest = fitness_digest(batches)
         self.evaluations = 0  # architectures scored by this rank
         self.seconds = 0.0  # wall time inside __call__ on this rank, the all-reduce included
 
@@ -71,6 +86,16 @@ class InheritedAccuracy:
             with autocast(self.env.device, self.amp):
                 correct += int((self.net(x, arch).argmax(-1) == y).sum())
         return correct / self.images
+
+    @torch.inference_mode()
+    def correct(self, arch: ArchSpec) -> np.ndarray:
+        """0/1 per image of the subset, in its order (on this rank alone)."""
+        self.evaluations += 1
+        bits = []
+        for x, y in self.batches:
+            with autocast(self.env.device, self.amp):
+                bits.append((self.net(x, arch).argmax(-1) == y).to(torch.uint8).cpu())
+        return torch.cat(bits).numpy()
 
     def share(self, archs: Sequence[ArchSpec]) -> list[int]:
         """Indices of the candidates this rank scores: every rank computes the same split by MACs, largest
@@ -89,5 +114,35 @@ class InheritedAccuracy:
             scores = scores.to(env.device)
             dist.all_reduce(scores)  # each slot is non-zero on exactly one rank: the sum is that rank's score
         out = scores.cpu().tolist()
+        self.seconds += time.perf_counter() - start
+        return out
+
+
+class WholeSplit:
+    """``correct(archs) -> one 0/1 vector per architecture`` over the whole held-out validation split, with
+    inherited weights: the finalist re-scoring's measure (search/finalists.py). Under torchrun each rank scores
+    every architecture on its own block of the split and the blocks are gathered in rank order, so every rank
+    returns the vectors a single process would."""
+
+    def __init__(self, net: Supernet, loader: Any, env: DistEnv, amp: bool = True) -> None:
+        self.net, self.loader, self.env, self.amp = net, loader, env, amp
+        self.evaluations = 0
+        self.seconds = 0.0
+
+    @torch.inference_mode()
+    def __call__(self, archs: Sequence[ArchSpec]) -> list[Any]:
+        from supernet.engine.distributed import gather_objects
+
+        start = time.perf_counter()
+        mine = []
+        for arch in archs:
+            self.evaluations += 1
+            bits = []
+            for x, y in self.loader:
+                with autocast(self.env.device, self.amp):
+                    bits.append((self.net(x, arch).argmax(-1) == y).to(torch.uint8).cpu())
+            mine.append(torch.cat(bits) if bits else torch.zeros(0, dtype=torch.uint8))
+        blocks = gather_objects([b.numpy() for b in mine], self.env)
+        out = [np.concatenate([blocks[r][i] for r in range(len(blocks))]) for i in range(len(archs))]
         self.seconds += time.perf_counter() - start
         return out

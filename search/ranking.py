@@ -38,12 +38,18 @@ def spearman_rho(a: np.ndarray, b: np.ndarray, axis: int = -1) -> np.ndarray:
 
 
 def topk_overlap(a: np.ndarray, b: np.ndarray, k: int, axis: int = -1) -> np.ndarray:
-    """Fraction of the ``k`` best by ``a`` that are among the ``k`` best by ``b`` (ties broken by position)."""
+    """Overlap of the ``k`` best by ``a`` with the ``k`` best by ``b``, ties counted fractionally: an item's
+    membership in a top k is the share of the top k's remaining slots its tie group fills (the expected
+    membership if ties were broken at random), so the result never depends on the order of the lists."""
     a, b = np.moveaxis(np.asarray(a, float), axis, -1), np.moveaxis(np.asarray(b, float), axis, -1)
-    top_a = np.argsort(-a, axis=-1, kind="stable")[..., :k]
-    top_b = np.argsort(-b, axis=-1, kind="stable")[..., :k]
-    hits = (top_a[..., :, None] == top_b[..., None, :]).any(-1).sum(-1)
-    return hits / k
+    return (_membership(a, k) * _membership(b, k)).sum(-1) / k
+
+
+def _membership(x: np.ndarray, k: int) -> np.ndarray:
+    """Each item's (fractional) membership in the top ``k`` of ``x`` along the last axis."""
+    above = (x[..., None, :] > x[..., :, None]).sum(-1)  # items strictly better
+    tied = (x[..., None, :] == x[..., :, None]).sum(-1)  # its tie group, itself included
+    return np.clip(k - above, 0, tied) / tied
 
 
 @dataclass(frozen=True)
@@ -100,6 +106,67 @@ def seed_to_seed_tau(runs: list[list[float]], resamples: int = 2000, seed: int =
         return np.mean([kendall_tau(cols[i], cols[j], axis=axis) for i, j in pairs], axis=0)
 
     cols = tuple(scores[:, s] for s in range(scores.shape[1]))
+    value = float(mean_tau(*cols, axis=-1))
+    res = stats.bootstrap(cols, lambda *c, axis: np.nan_to_num(mean_tau(*c, axis=axis), nan=0.0), paired=True,
+                          vectorized=True, n_resamples=resamples, confidence_level=0.95, method="percentile",
+                          rng=np.random.default_rng(seed))
+    return Estimate(value, float(res.confidence_interval.low), float(res.confidence_interval.high))
+
+
+def paired_difference(a: np.ndarray, b: np.ndarray, resamples: int = 2000, seed: int = 0) -> Estimate:
+    """mean(a) - mean(b) for two per-image 0/1 (or score) vectors of the SAME images, with a paired percentile
+    bootstrap 95% interval (images resampled, both vectors together): the winner's lead over the runner-up."""
+    a, b = np.asarray(a, float), np.asarray(b, float)
+    if a.shape != b.shape or a.ndim != 1 or not len(a):
+        raise ValueError(f"paired_difference: two vectors over the same images, got shapes {a.shape} and {b.shape}")
+    d = a - b
+    res = stats.bootstrap((d,), lambda x, axis: x.mean(axis=axis), vectorized=True, n_resamples=resamples,
+                          confidence_level=0.95, method="percentile", rng=np.random.default_rng(seed))
+    return Estimate(float(d.mean()), float(res.confidence_interval.low), float(res.confidence_interval.high))
+
+
+def ceiling_tau(seed_tau: float | np.ndarray, seeds: int) -> float | np.ndarray:
+    """The Kendall tau that a perfect proxy (the architectures' true quality) reaches against the mean of
+    ``seeds`` trainings, given ``seed_tau``, the tau between two single trainings (seed_to_seed_tau).
+
+    Under the usual normal model (score = quality + independent seed noise): two single trainings correlate at
+    r = sin(pi tau / 2) (Greiner's relation between Pearson's r and Kendall's tau), which is a single
+    training's reliability; the mean of k trainings has reliability R_k = k r / (1 + (k - 1) r)
+    (Spearman-Brown); the quality correlates with it at sqrt(R_k), a tau of (2 / pi) arcsin(sqrt(R_k)). A
+    seed_tau <= 0 gives 0. The map is increasing, so an interval of seed_tau maps to the ceiling's interval."""
+    r = np.clip(np.sin(np.pi * np.asarray(seed_tau, float) / 2), 0.0, 1.0)
+    rk = seeds * r / (1 + (seeds - 1) * r)
+    out = 2 / np.pi * np.arcsin(np.sqrt(rk))
+    return float(out) if np.ndim(out) == 0 else out
+
+
+def noise_ceiling(runs: list[list[float]], resamples: int = 2000, seed: int = 0) -> dict[str, Estimate] | None:
+    """The ground truth's own noise, with bootstrap intervals over architectures: ``seed_to_seed`` (the mean
+    tau between two single seeds), ``single`` (the ceiling of a proxy against one seed's scores) and ``mean``
+    (against the mean of all the seeds, what the fidelity study compares with). None with fewer than 2 seeds.
+
+    A proxy's tau against the mean can exceed the seed-to-seed tau: the mean of k seeds is less noisy than
+    either seed, so only ``mean`` is the bound that applies to it."""
+    ss = seed_to_seed_tau(runs, resamples, seed)
+    if ss is None:
+        return None
+    k = len(runs[0])
+
+    def mapped(n: int) -> Estimate:
+        return Estimate(ceiling_tau(ss.value, n), ceiling_tau(ss.low, n), ceiling_tau(ss.high, n))
+
+    return {"seed_to_seed": ss, "single": mapped(1), "mean": mapped(k)}
+
+
+def tau_single(proxy: list[float], runs: list[list[float]], resamples: int = 2000, seed: int = 0) -> Estimate:
+    """Kendall tau of ``proxy`` against each seed's scores alone, averaged over seeds, with its bootstrap
+    interval (architectures resampled): the figure to hold against the ``single`` ceiling."""
+    scores = np.asarray(runs, float)
+    cols = (np.asarray(proxy, float), *(scores[:, s] for s in range(scores.shape[1])))
+
+    def mean_tau(p: np.ndarray, *seeds: np.ndarray, axis: int) -> np.ndarray:
+        return np.mean([kendall_tau(p, s, axis=axis) for s in seeds], axis=0)
+
     value = float(mean_tau(*cols, axis=-1))
     res = stats.bootstrap(cols, lambda *c, axis: np.nan_to_num(mean_tau(*c, axis=axis), nan=0.0), paired=True,
                           vectorized=True, n_resamples=resamples, confidence_level=0.95, method="percentile",

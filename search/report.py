@@ -13,6 +13,7 @@ from typing import Any
 
 from search.constraint import Constraint
 from search.evolution import Record, Search, best_per_budget, pareto_front, ranked
+from search.finalists import Final
 from space.app import atomic_write
 from space.arch import ArchSpec
 from space.cost import fmt_macs, fmt_params
@@ -36,36 +37,54 @@ class Chosen:
     record: Record
     path: Path
     measured_ms: float | None = None  # the winner's latency measured on this machine (a table of this device)
+    final: Final | None = None  # the finalists re-scored on the whole validation split, when they were
 
 
 def write_report(run_dir: Path, searches: list[Search], constraints: Sequence[Constraint], prov: Provenance,
-                 show_top: int, measure: Callable[[ArchSpec], float] | None = None) -> dict[str, Any]:
+                 show_top: int, measure: Callable[[ArchSpec], float] | None = None,
+                 finals: Sequence[Final | None] | None = None) -> dict[str, Any]:
     """Write best_arch.json (one per budget when several), history.jsonl and pareto.png, print the final
     table, and return the summary of the run. ``measure`` times a winner on this machine (a latency table of
-    this device)."""
+    this device). With ``finals`` (search/finalists.py), each budget's winner is its re-scored best."""
     history = [r for s in searches for r in s.history]
-    bests = best_per_budget(history, searches[0].space, constraints)
-    chosen = write_best_archs(run_dir, constraints, bests, prov, measure)
-    write_history(run_dir / "history.jsonl", searches)
+    if finals is None:
+        bests = best_per_budget(history, searches[0].space, constraints)
+        finals = [None] * len(bests)
+    else:
+        bests = [None if f is None else f.winner.record for f in finals]
+    chosen = write_best_archs(run_dir, constraints, bests, prov, measure, finals)
+    full = {f.record.arch: f.full for fin in finals if fin is not None for f in fin.finalists}
+    write_history(run_dir / "history.jsonl", searches, full)
     plot_pareto(run_dir / "pareto.png", history, constraints, [c.record for c in chosen])
     evaluated = len(searches[0].cache)  # the cache is shared by every budget
     print_table(run_dir, searches[0].strategy, history, evaluated, chosen, prov.eval_images, show_top)
     return {"run_dir": str(run_dir), "evaluations": evaluated, "proposals": len(history),
-            "best": [str(c.path) for c in chosen], "best_records": [c.record for c in chosen]}
+            "best": [str(c.path) for c in chosen], "best_records": [c.record for c in chosen],
+            "finals": list(finals)}
 
 
 def write_best_archs(run_dir: Path, constraints: Sequence[Constraint], bests: list[Record | None],
-                     prov: Provenance, measure: Callable[[ArchSpec], float] | None = None) -> list[Chosen]:
+                     prov: Provenance, measure: Callable[[ArchSpec], float] | None = None,
+                     finals: Sequence[Final | None] | None = None) -> list[Chosen]:
     """best_arch.json, or best_arch_{i}.json per budget when there are several; none for an empty budget. With
-    a latency table the meta holds the predicted latency, and the measured one when ``measure`` is given."""
+    a latency table the meta holds the predicted latency, and the measured one when ``measure`` is given. With
+    re-scored finalists, ``val_acc`` is the winner's top-1 on the whole split (what it was picked by) and
+    ``fitness_acc`` its score on the ``eval_images`` subset."""
     out = []
-    for i, (c, best) in enumerate(zip(constraints, bests)):
+    finals = finals or [None] * len(bests)
+    for i, (c, best, final) in enumerate(zip(constraints, bests, finals)):
         if best is None:
             continue
         path = run_dir / ("best_arch.json" if len(constraints) == 1 else f"best_arch_{i}.json")
         meta = {"flops_macs": best.macs, "params": best.params, "val_acc": best.score,
                 "val_images": prov.eval_images, "constraint": c.describe(), "checkpoint": str(prov.checkpoint),
                 "checkpoint_sha256": prov.checkpoint_sha256, "search": prov.search}
+        if final is not None:
+            meta.update(val_acc=final.winner.full, val_images=final.images, fitness_acc=best.score,
+                        fitness_images=prov.eval_images,
+                        finalists=[{"arch": f.record.arch.short(), "fitness_acc": f.record.score, "val_acc": f.full,
+                                    "flops_macs": f.record.macs} for f in final.finalists],
+                        lead_over_runner_up=None if final.lead is None else final.lead.to_dict())
         if c.latency is not None:
             t = c.latency
             meta["latency_ms_predicted"] = c.latency_ms(best.arch)
@@ -75,15 +94,18 @@ def write_best_archs(run_dir: Path, constraints: Sequence[Constraint], bests: li
             if measure is not None:
                 meta["latency_ms_measured"] = measure(best.arch)
         best.arch.save(path, meta=meta)
-        out.append(Chosen(c, best, path, meta.get("latency_ms_measured")))
+        out.append(Chosen(c, best, path, meta.get("latency_ms_measured"), final))
     return out
 
 
-def write_history(path: Path, searches: list[Search]) -> None:
-    """One JSON line per candidate of every budget, in proposal order."""
+def write_history(path: Path, searches: list[Search], full: dict[ArchSpec, float] | None = None) -> None:
+    """One JSON line per candidate of every budget, in proposal order: ``val_acc`` is the fitness score (the
+    ``eval_images`` subset); finalists also have ``val_acc_full``, their top-1 on the whole validation split."""
+    full = full or {}
     atomic_write(path, "".join(
         json.dumps({"budget": b, "generation": r.generation, "flops_macs": r.macs, "params": r.params,
-                    **_latency(s.constraint, r), "val_acc": r.score, "arch": r.arch.to_dict()}) + "\n"
+                    **_latency(s.constraint, r), "val_acc": r.score,
+                    **({"val_acc_full": full[r.arch]} if r.arch in full else {}), "arch": r.arch.to_dict()}) + "\n"
         for b, s in enumerate(searches) for r in s.history))
 
 
@@ -104,10 +126,29 @@ def print_table(run_dir: Path, strategy: str, history: list[Record], evaluated: 
         lat = "" if c.constraint.latency is None else f", {c.constraint.latency_ms(b.arch):.3f} ms predicted"
         if c.measured_ms is not None:
             lat += f" ({c.measured_ms:.3f} ms measured)"
-        print(f"best under {c.constraint.describe()}: val top-1 {b.score:.4f}, {fmt_macs(b.macs)} MACs, "
+        if c.final is not None:
+            print_finalists(c.final, eval_images)
+        score = (f"val top-1 {b.score:.4f}" if c.final is None else
+                 f"val top-1 {c.final.winner.full:.4f} on all {c.final.images} images ({b.score:.4f} on {eval_images})")
+        print(f"best under {c.constraint.describe()}: {score}, {fmt_macs(b.macs)} MACs, "
               f"{fmt_params(b.params)} params{lat} -> {c.path}")
     for name in ("history.jsonl", "pareto.png", "state.json", "tb/"):
         print(f"  {run_dir / name}")
+
+
+def print_finalists(final: Final, eval_images: int) -> None:
+    """The finalists re-scored on the whole split, and the winner's lead over the runner-up."""
+    print(f"finalists re-scored on all {final.images} validation images:")
+    print(f"{'':>4}  {'all':>7}  {'subset':>7}  {'FLOPs (MACs)':>12}  arch")
+    for k, f in enumerate(final.finalists):
+        r = f.record
+        print(f"{k + 1:>4}  {f.full:>7.4f}  {r.score:>7.4f}  {fmt_macs(r.macs):>12}  {r.arch.short()}")
+    if final.lead is not None:
+        lead = final.lead
+        verdict = ("the interval excludes 0" if lead.low > 0 else
+                   "within the noise of the validation split: the runner-up is as good a pick")
+        print(f"winner's lead over the runner-up: {lead.value:+.4f} top-1 [{lead.low:+.4f}, {lead.high:+.4f}] "
+              f"(paired bootstrap over the same images, 95%): {verdict}")
 
 
 def plot_pareto(path: Path, history: list[Record], constraints: Sequence[Constraint], bests: list[Record]) -> None:

@@ -9,6 +9,7 @@ rules, the largest, the smallest and ``n`` random ones for BigNAS's sandwich rul
 from __future__ import annotations
 
 import bisect
+import math
 import random
 from dataclasses import dataclass, field
 
@@ -44,32 +45,55 @@ class FlopsBinsSampler:
     """SPOS's FLOPs-uniform scheme: pick a FLOPs bin uniformly, then a path inside it.
 
     The exact range [min, max] of the space is cut into ``bins`` equal bins. Uniform architectures are
-    concentrated in the middle of the range, so bins that none of ``probe`` uniform samples reach (the
-    extremes, e.g. only the single all-identity net) are left out; they are listed in ``empty_bins``. Inside
-    a bin, paths are drawn uniformly by rejection (``tries`` draws), falling back to a probe sample of that
-    bin so a step never stalls.
+    concentrated in the middle of the range, so the end bins hold a tiny share of the space (fmnist_2d's
+    lowest: the all-identity net and a few more). Adjacent bins are merged, from each end inward, until every
+    bin holds at least ``min_share`` of ``probe`` uniform samples; inside a bin, paths are drawn uniformly by
+    rejection, with enough tries that a bin of ``min_share`` misses with probability 0.001, then falling back
+    to one of the bin's probe samples (at least ``min_share * probe`` of them). So no path gets much more than
+    its uniform share of its bin's steps (before, sparse bins fell back to a pool of one or two paths: one
+    path got 10.7% of 2000 steps).
     """
 
     space: SearchSpace
     seed: int
     bins: int = 10
-    probe: int = 2000
-    tries: int = 200
-    edges: list[float] = field(init=False)
-    pool: dict[int, list[ArchSpec]] = field(init=False)
+    probe: int = 4000
+    min_share: float = 0.02
+    edges: list[float] = field(init=False)  # upper edges of the merged bins but the last, ascending
+    pool: dict[int, list[ArchSpec]] = field(init=False)  # probe samples of each merged bin
+    tries: int = field(init=False)
 
     def __post_init__(self) -> None:
         lo, hi = self.space.macs_range()
-        self.edges = [lo + (hi - lo) * k / self.bins for k in range(1, self.bins)]
+        edges = [lo + (hi - lo) * k / self.bins for k in range(1, self.bins)]
         rng = random.Random(f"psvit-bins:{self.seed}")
+        probes = [self.space.sample(rng) for _ in range(self.probe)]
+        cost = [macs(a) for a in probes]
+        need = self.min_share * self.probe
+        count = lambda a, b: sum(a < c <= b for c in cost)  # noqa: E731 - probe samples in (a, b]
+        bounds = [-math.inf, *edges, math.inf]
+        while len(bounds) > 2:  # merge the sparsest end bin into its neighbour until both ends hold enough
+            first, last = count(bounds[0], bounds[1]), count(bounds[-2], bounds[-1])
+            if min(first, last) >= need:
+                break
+            if first <= last:
+                del bounds[1]
+            else:
+                del bounds[-2]
+        inner = [i for i in range(1, len(bounds) - 2) if count(bounds[i], bounds[i + 1]) < need]
+        for i in reversed(inner):  # a sparse bin inside the range (rare): merge it into its upper neighbour
+            del bounds[i + 1]
+        self.edges = bounds[1:-1]
         self.pool = {}
-        for _ in range(self.probe):
-            a = self.space.sample(rng)
+        for a in probes:
             self.pool.setdefault(self.bin_of(a), []).append(a)
         self._bins = sorted(self.pool)
+        share = min(len(v) for v in self.pool.values()) / self.probe
+        self.tries = max(1, math.ceil(math.log(0.001) / math.log1p(-share))) if share < 1 else 1
 
     def bin_of(self, arch: ArchSpec) -> int:
-        return bisect.bisect_right(self.edges, macs(arch))
+        """Index of ``arch``'s merged bin; MACs equal to an edge belong to the lower bin."""
+        return bisect.bisect_left(self.edges, macs(arch))
 
     def __call__(self, step: int) -> ArchSpec:
         rng = step_rng(self.seed, step)

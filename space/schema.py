@@ -104,6 +104,7 @@ RUN = {
     "recipe.ema_decay": Key("float", low=0, high=1),
 }
 SUPERNET = {**RUN, "run_dir": Key("str"), "max_steps": Key("int", low=1, nullable=True),
+            "keep_every": Key("int", low=0),
             "sampler": Key("str", choices=("uniform", "flops_bins", "sandwich")), "flops_bins": Key("int", low=1),
             "sandwich_n": Key("int", low=0), "distill": Key("str", choices=("none", "inplace")),
             "distill_weight": Key("float", low=0, most=1),
@@ -118,12 +119,14 @@ EVOLVE = {"checkpoint": Key("str", nullable=True), "run_dir": Key("str", nullabl
           "flops_min": Key("float", low=0, nullable=True), "flops_max": Key("float", low=0, nullable=True),
           "params_max": Key("float", low=0, nullable=True), "latency_table": Key("str", nullable=True),
           "latency_max": Key("float", low=0, nullable=True), "eval_images": Key("int", low=1),
+          "finalists": Key("int", low=0), "bootstrap": Key("int", low=100),
           "eval_batch_size": Key("int", low=1), "data_root": Key("str", nullable=True), "device": RUN["device"],
           "amp": RUN["amp"], "compile": RUN["compile"], "progress": RUN["progress"], "show_top": Key("int", low=0)}
 
 FIDELITY = {"checkpoint": EVOLVE["checkpoint"], "run_dir": Key("str", nullable=True),
             "standalone_dir": Key("str", nullable=True), "seed": RUN["seed"], "archs": Key("int", low=3),
-            "band_archs": Key("int", low=3), "seeds": Key("int", low=1), "topk": Key("int", low=1),
+            "band_archs": Key("int", low=3), "seeds": Key("int", low=0), "topk": Key("int", low=1),
+            "eval_images": Key("int", low=1),
             "bootstrap": Key("int", low=100), "eval_batch_size": Key("int", low=1),
             "data_root": Key("str", nullable=True), "device": RUN["device"], "amp": RUN["amp"],
             "compile": RUN["compile"], "progress": RUN["progress"],

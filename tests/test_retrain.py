@@ -15,6 +15,7 @@ import torch
 from hydra import compose, initialize_config_dir
 
 from space.cost import macs, params
+from space.errors import UserError
 
 REPO = Path(__file__).resolve().parents[1]
 QUICK = ["data.batch_size=64", "data.val_size=512", "progress=false", "log_every=5"]
@@ -72,6 +73,30 @@ def test_inherit_starts_from_the_supernet_path(tmp_path, supernet_ckpt):
     data = build_data(sck.data, test=True)
     expected = top1(lambda x: net(x, arch), data.test, setup_distributed("cpu"))
     assert res["test_top1"] == expected
+
+
+@pytest.mark.fmnist
+@pytest.mark.parametrize("override, field", [("data.split_seed=1", "split_seed"), ("data.val_size=5000", "val_size")])
+def test_inherit_on_another_split_is_one_line_and_writes_nothing(tmp_path, supernet_ckpt, override, field):
+    """Inherited weights validated on another held-out split would be scored on images the supernet trained on."""
+    from supernet.retrain import retrain
+
+    sck_data = torch.load(supernet_ckpt, map_location="cpu", weights_only=False)["config"]["data"]
+    arch = random_path_json(supernet_ckpt, tmp_path)
+    cfg = make_cfg("retrain", f"arch={arch}", "init=inherit", f"supernet={supernet_ckpt}", "max_steps=0",
+                   f"data.val_size={sck_data['val_size']}", override, f"run_dir={tmp_path / 'run'}")
+    with pytest.raises(UserError) as e:
+        retrain(cfg)
+    assert str(e.value).startswith(f"data.{field}: ") and "init=inherit needs the supernet's split" in str(e.value)
+    assert "\n" not in str(e.value) and not (tmp_path / "run").exists()
+
+
+def random_path_json(supernet_ckpt: Path, tmp_path: Path) -> Path:
+    from supernet.engine.checkpoint import load_supernet
+
+    arch = load_supernet(supernet_ckpt, torch.device("cpu")).net.space.sample(random.Random(14))
+    arch.save(tmp_path / "path.json")
+    return tmp_path / "path.json"
 
 
 @pytest.mark.slow

@@ -135,3 +135,26 @@ def test_sandwich_distill_run_resumes_exactly_after_a_crash(tmp_path, fake_fmnis
     for k, v in a["model"].items():
         assert torch.equal(v, b["model"][k]), k
     assert a["optimizer"]["state"].keys() == b["optimizer"]["state"].keys()
+
+
+def test_flops_bins_spreads_its_steps_over_many_paths_and_its_bins_evenly():
+    """2000 steps on fmnist_2d: no path gets more than 3 of them (before: one path got 214, 10.7%, from the
+    fallback pool of a sparse end bin) and every merged bin gets its uniform share; every bin holds at least
+    min_share of the probe samples, so the fallback pool is never one or two paths."""
+    from collections import Counter
+
+    from omegaconf import OmegaConf
+
+    from space.samplers import FlopsBinsSampler
+    from space.space import SearchSpace
+
+    space = SearchSpace.from_config(OmegaConf.load(Path(__file__).resolve().parents[1] / "conf" / "space"
+                                                   / "fmnist_2d.yaml"))
+    s = FlopsBinsSampler(space, 0)
+    assert min(len(v) for v in s.pool.values()) >= s.min_share * s.probe and 2 <= len(s.pool) <= 10
+    paths = [s(step) for step in range(2000)]
+    assert max(Counter(p.to_json() for p in paths).values()) <= 3
+    per_bin = Counter(s.bin_of(p) for p in paths)
+    expected = 2000 / len(s.pool)
+    assert set(per_bin) == set(s.pool) and all(abs(n - expected) < 4 * expected ** 0.5 for n in per_bin.values())
+    assert [s(7) for _ in range(2)] == [paths[7]] * 2  # a step's path depends on (seed, step) alone

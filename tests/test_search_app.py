@@ -30,7 +30,7 @@ REPO = Path(__file__).resolve().parents[1]
 pytestmark = [pytest.mark.fmnist, pytest.mark.usefixtures("one_thread")]
 
 FLOPS_MAX = 8_000_000  # MACs; about the 75th percentile of fmnist_2d's uniform samples
-GENERATIONS, POPULATION, IMAGES = 5, 6, 100
+GENERATIONS, POPULATION, IMAGES, VAL, FINALISTS = 5, 6, 100, 1000, 10
 # Tiny search: 5 generations of 6 candidates (2 mutations, 2 crossovers, 2 random) scored on 100 held-out images.
 SEARCH = [f"evolution.population={POPULATION}", "evolution.topk=2", "evolution.mutations=2",
           "evolution.crossovers=2", f"evolution.generations={GENERATIONS}", f"eval_images={IMAGES}",
@@ -122,7 +122,7 @@ def test_outputs(ckpt: Path, reference: Run):
     meta = json.loads((d / "best_arch.json").read_text())["meta"]
     assert meta["flops_macs"] == cost.macs and meta["params"] == cost.params
     assert meta["checkpoint_sha256"] == hashlib.sha256(ckpt.read_bytes()).hexdigest()
-    assert meta["val_images"] == IMAGES
+    assert meta["fitness_images"] == IMAGES and meta["val_images"] == VAL
     assert meta["search"]["evolution"]["population"] == POPULATION and meta["search"]["flops_max"] == FLOPS_MAX
 
     hist = reference.history()
@@ -133,13 +133,56 @@ def test_outputs(ckpt: Path, reference: Run):
         c = arch_cost(arch)
         assert (h["flops_macs"], h["params"]) == (c.macs, c.params) and c.macs <= FLOPS_MAX
         assert 0.0 <= h["val_acc"] <= 1.0 and round(h["val_acc"] * IMAGES) / IMAGES == h["val_acc"]
-    # The best is the top of the history (score, then fewer FLOPs) and carries its own score.
-    top = max(hist, key=lambda h: (h["val_acc"], -h["flops_macs"]))
-    assert meta["val_acc"] == top["val_acc"] and meta["flops_macs"] == top["flops_macs"]
+    # The finalists are the best 10 by the fitness subset (score, then fewer FLOPs), each re-scored on the whole
+    # split; the winner is the best of those and carries both scores.
+    by_arch = {json.dumps(h["arch"], sort_keys=True): h for h in hist}
+    ranked = sorted(by_arch.values(), key=lambda h: (-h["val_acc"], h["flops_macs"]))
+    finalists = [h for h in by_arch.values() if "val_acc_full" in h]
+    assert len(finalists) == FINALISTS
+    assert {h["val_acc"] for h in finalists} >= {h["val_acc"] for h in ranked[:FINALISTS - 1]}
+    assert min(h["val_acc"] for h in finalists) >= ranked[FINALISTS - 1]["val_acc"]
+    top = max(finalists, key=lambda h: h["val_acc_full"])
+    assert meta["val_acc"] == top["val_acc_full"] and meta["fitness_acc"] == top["val_acc"]
+    assert [f["val_acc"] for f in meta["finalists"]] == sorted((h["val_acc_full"] for h in finalists), reverse=True)
+    lead = meta["lead_over_runner_up"]
+    assert lead["value"] == meta["finalists"][0]["val_acc"] - meta["finalists"][1]["val_acc"]
+    assert lead["low"] <= lead["value"] <= lead["high"]
     assert (d / "pareto.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     state = json.loads((d / "state.json").read_text())
     assert state["searches"][0]["generation"] == GENERATIONS
     assert list((d / "tb").glob("events.out.tfevents.*"))
+
+
+def test_finalists_are_scored_on_the_whole_split_as_the_fitness_scorer_would(ckpt: Path, reference: Run):
+    """The re-scoring's per-image vectors (each rank's block, gathered) give the top-1 that the fitness scorer
+    gives on all the held-out images, and the lead's interval is the paired bootstrap of those vectors."""
+    from search.inherited import InheritedAccuracy, validation_batches
+    from supernet.engine.checkpoint import load_supernet
+    from supernet.engine.distributed import DistEnv
+
+    sck = load_supernet(ckpt, torch.device("cpu"))
+    env = DistEnv(0, 1, 0, torch.device("cpu"))
+    full = InheritedAccuracy(sck.net, validation_batches(sck.data, None, 250, env.device), env, amp=False)
+    meta = json.loads((reference.run_dir / "best_arch.json").read_text())["meta"]
+    hist = [h for h in reference.history() if "val_acc_full" in h]
+    archs = list({json.dumps(h["arch"], sort_keys=True): ArchSpec.from_dict(h["arch"]) for h in hist}.values())
+    assert full.images == VAL
+    assert {a.short(): s for a, s in zip(archs, full(archs))} == {h_short(h): h["val_acc_full"] for h in hist}
+    assert meta["finalists"][0]["arch"] == ArchSpec.load(reference.run_dir / "best_arch.json").short()
+
+
+def h_short(h: dict) -> str:
+    return ArchSpec.from_dict(h["arch"]).short()
+
+
+def test_without_finalists_the_best_is_the_fitness_subsets(ckpt: Path, tmp_path: Path, capsys):
+    """finalists=0: no re-scoring, the winner is the top of the history by the fitness score."""
+    run = run_search(ckpt, tmp_path, capsys, f"flops_max={FLOPS_MAX}", "finalists=0")
+    meta = json.loads((run.run_dir / "best_arch.json").read_text())["meta"]
+    hist = run.history()
+    top = max(hist, key=lambda h: (h["val_acc"], -h["flops_macs"]))
+    assert meta["val_acc"] == top["val_acc"] and meta["val_images"] == IMAGES and "finalists" not in meta
+    assert not any("val_acc_full" in h for h in hist) and "finalists re-scored" not in run.out
 
 
 def test_defaults_are_spos_on_1000_images_and_the_run_dir_is_next_to_the_checkpoint(ckpt: Path, tmp_path: Path,
@@ -306,7 +349,12 @@ def test_two_flops_bands_share_one_cache(ckpt: Path, tmp_path: Path, capsys):
         arch = ArchSpec.load(tmp_path / f"best_arch_{i}.json")
         assert lo <= arch_cost(arch).macs <= hi
         meta = json.loads((tmp_path / f"best_arch_{i}.json").read_text())["meta"]
-        assert meta["val_acc"] == max(h["val_acc"] for h in hist if lo <= h["flops_macs"] <= hi)
+        inside = sorted({json.dumps(h["arch"]): h["val_acc"] for h in hist if lo <= h["flops_macs"] <= hi}.values(),
+                        reverse=True)  # the band's fitness scores, one per architecture
+        fin = meta["finalists"]
+        assert sorted((f["fitness_acc"] for f in fin), reverse=True) == inside[:FINALISTS]
+        assert all(lo <= f["flops_macs"] <= hi for f in fin) and meta["val_acc"] == fin[0]["val_acc"] == max(
+            f["val_acc"] for f in fin)
     distinct = {json.dumps(h["arch"]) for h in hist}
     assert len(run.calls) == len(set(run.calls)) == len(distinct) <= proposals
 

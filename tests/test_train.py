@@ -257,3 +257,18 @@ def test_unknown_sampler_is_a_user_error(tmp_path):
     with pytest.raises(UserError, match=r"sampler: 'foo' is not allowed \(allowed: uniform, flops_bins, sandwich\)"):
         train(make_cfg(tmp_path, "max_steps=1", "sampler=foo"))
     assert not (tmp_path / "last.ckpt").exists()
+
+
+def test_keep_every_keeps_the_checkpoints_of_those_steps(tmp_path):
+    """keep_every=2 over 5 steps: step_2.ckpt and step_4.ckpt are the checkpoints of those steps (loadable
+    supernets, different weights), last.ckpt goes on to step 5; the fidelity app scores such files."""
+    from supernet.engine.checkpoint import load_supernet
+    from supernet.train import train
+
+    cfg = make_cfg(tmp_path, "max_steps=5", "eval.every=0", "keep_every=2")
+    assert train(cfg).step == 5
+    kept = sorted(p.name for p in tmp_path.glob("step_*.ckpt"))
+    assert kept == ["step_2.ckpt", "step_4.ckpt"]
+    two, four = (load_supernet(tmp_path / k, torch.device("cpu")) for k in kept)
+    assert (two.step, four.step) == (2, 4) and load_supernet(tmp_path / "last.ckpt", torch.device("cpu")).step == 5
+    assert any(not torch.equal(a, b) for a, b in zip(two.net.state_dict().values(), four.net.state_dict().values()))

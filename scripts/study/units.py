@@ -84,12 +84,8 @@ class Standalone:
         cmd = [PY, "-m", "supernet.retrain", f"arch={arch_file}", f"run_dir={run_dir}", f"seed={self.seed}",
                f"optim.epochs={self.epochs}", f"optim.warmup_epochs={0.1 * self.epochs:g}", "eval.every=100000000",
                "progress=false", "compile=false", "ckpt_every=200", "log_every=50"]
-        t = time.time()
-        with open(run_dir / "log.txt", "a") as log:
-            rc = subprocess.run(cmd, cwd=REPO, stdout=log, stderr=subprocess.STDOUT,
-                                env={**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)}).returncode
-        if rc != 0:
-            raise RuntimeError(f"{' '.join(cmd)} exited {rc}; see {run_dir / 'log.txt'}")
+        t, cpu = time.time(), child_cpu()
+        app(cmd, run_dir)
         res = json.loads((run_dir / "result.json").read_text())
         a = ArchSpec.from_dict(self.arch)
         return {"unit": "standalone", "arch": self.arch, "short": a.short(), "macs": macs(a), "params": params(a),
@@ -97,7 +93,72 @@ class Standalone:
                 "schedule": {"batch": 256, "lr": 1e-3, "warmup_epochs": 0.1 * self.epochs, "cosine_to": 1e-5,
                              "weight_decay": 0.05, "label_smoothing": 0.1, "recipe": res["recipe"]},
                 "val_top1": res["val_top1"], "test_top1": res["test_top1"], "wall_s": round(time.time() - t, 1),
+                "cpu_s": round(child_cpu() - cpu, 1),
                 "machine": machine(), "date": time.strftime("%Y-%m-%d"), "command": " ".join(cmd[1:])}
+
+
+def child_cpu() -> float:
+    """CPU seconds (user + system) of this process's finished children: a unit's cost, whatever the load."""
+    import resource
+
+    r = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return r.ru_utime + r.ru_stime
+
+
+def app(cmd: list[str], run_dir: Path) -> None:
+    """Run one of the project's apps on one thread, its output appended to run_dir/log.txt."""
+    with open(run_dir / "log.txt", "a") as log:
+        rc = subprocess.run(cmd, cwd=REPO, stdout=log, stderr=subprocess.STDOUT,
+                            env={**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)}).returncode
+    if rc != 0:
+        raise RuntimeError(f"{' '.join(map(str, cmd))} exited {rc}; see {run_dir / 'log.txt'}")
+
+
+@dataclass(frozen=True)
+class Supernet:
+    """A supernet of fmnist_2d trained by `python -m supernet.train` with ``rule``'s sampler for ``steps``
+    steps, keeping every ``keep``-th step's checkpoint; then each kept checkpoint's inherited scores of the
+    study's architectures (whole split and the search's 1000-image fitness set) by `python -m search.fidelity
+    seeds=0`. The result file holds those scores per checkpoint; the checkpoints stay in runs/ (never
+    committed: a fresh machine trains the supernet again)."""
+
+    rule: str
+    steps: int
+    keep: int
+    overrides: tuple[str, ...]
+    fidelity: tuple[str, ...]  # the architecture sets (archs, band, band_archs, seed)
+
+    @property
+    def name(self) -> str:
+        return f"supernet/{self.rule}_{self.steps}"
+
+    @property
+    def result(self) -> Path:
+        return RESULTS / f"{self.name}.json"
+
+    def run(self) -> dict[str, Any]:
+        run_dir = WORK / self.name
+        run_dir.mkdir(parents=True, exist_ok=True)
+        t, cpu = time.time(), child_cpu()
+        cmd = [PY, "-m", "supernet.train", f"run_dir={run_dir}", "space=fmnist_2d", f"max_steps={self.steps}",
+               f"keep_every={self.keep}", "ckpt_every=100", "eval.every=0", "progress=false", *self.overrides]
+        app(cmd, run_dir)
+        train_cpu = child_cpu() - cpu
+        points = []
+        for step in range(self.keep, self.steps + 1, self.keep):
+            out = run_dir / f"fidelity_{step}"
+            app([PY, "-m", "search.fidelity", f"checkpoint={run_dir / f'step_{step}.ckpt'}", f"run_dir={out}",
+                 "seeds=0", "progress=false", "eval_images=1000", *self.fidelity], run_dir)
+            fid = json.loads((out / "fidelity.json").read_text())
+            points.append({"step": step, "archs": [{"arch": r["arch"], "whole": r["inherited_val_top1"],
+                                                    "fitness": r["inherited_fitness_top1"], "groups": r["groups"]}
+                                                   for r in fid["archs"]]})
+        return {"unit": "supernet", "rule": self.rule, "steps": self.steps, "keep_every": self.keep,
+                "overrides": list(self.overrides), "fidelity": list(self.fidelity), "points": points,
+                "val_images": fid["data"]["val_images"], "fitness_images": fid["data"]["fitness_images"],
+                "train_cpu_s": round(train_cpu, 1), "cpu_s": round(child_cpu() - cpu, 1),
+                "wall_s": round(time.time() - t, 1), "machine": machine(), "date": time.strftime("%Y-%m-%d"),
+                "command": " ".join(map(str, cmd[1:]))}
 
 
 # ----------------------------------------------------------------------------- the queue

@@ -86,7 +86,7 @@ def build_data(cfg: DataConfig | DictConfig | Mapping[str, Any], rank: int = 0, 
     info = DATASETS[c.name]
     full_train, test_set = (load_fashion_mnist(c.root, test) if c.name == "fashion_mnist"
                             else load_cifar(c.name, c.root, test))
-    train_idx, val_idx = split_train_val(len(full_train), c.val_size, c.split_seed)
+    train_idx, val_idx = split_train_val(len(full_train), c.val_size, c.split_seed, full_train.labels)
     common = dict(mean=info.mean, std=info.std, rank=rank, world_size=world_size, device=device)
     augment = BatchAugment.build(r, info.num_classes, label_smoothing, device) if c.augment else None
     train = TensorLoader(full_train.subset(train_idx), c.batch_size, train=True, seed=c.seed,

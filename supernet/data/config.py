@@ -5,7 +5,7 @@ the ``Loader`` protocol, and the sharding / splitting / normalization arithmetic
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, fields, replace
 from typing import Any, Protocol
 
@@ -137,12 +137,39 @@ def mix_seed(*values: int) -> int:
     return int(np.random.SeedSequence(list(values)).generate_state(1, np.uint64)[0] >> np.uint64(1))
 
 
-def split_train_val(n: int, val_size: int, split_seed: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Sorted, disjoint indices ``(train, val)`` covering ``range(n)``; ``val`` has ``val_size`` of them."""
+def split_train_val(n: int, val_size: int, split_seed: int, labels: torch.Tensor | np.ndarray | Sequence[int] | None
+                    = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Disjoint indices ``(train, val)`` covering ``range(n)``; ``val`` has ``val_size`` of them.
+
+    ``train`` is sorted. ``val`` is in the class-interleaved order of :func:`interleave_classes` when the
+    labels of all ``n`` images are given (every loader gives them), else sorted: the search's fitness set
+    (its first ``eval_images``) and supernet validation under ``eval.max_batches`` read a prefix of it, and a
+    prefix of a class-sorted image folder's indices would hold its first classes only."""
     if not 0 <= val_size < n:
         raise DataError(f"data.val_size: {val_size} for a {n}-image training set (allowed: 0..{n - 1})")
     perm = torch.randperm(n, generator=torch.Generator().manual_seed(split_seed))
-    return perm[val_size:].sort().values, perm[:val_size].sort().values
+    train, val = perm[val_size:].sort().values, perm[:val_size].sort().values
+    if labels is not None and val_size:
+        val = interleave_classes(val, torch.as_tensor(np.asarray(labels)[val.numpy()]), split_seed)
+    return train, val
+
+
+def interleave_classes(index: torch.Tensor, labels: torch.Tensor, seed: int) -> torch.Tensor:
+    """``index`` reordered so that every prefix holds each class in proportion to its share of the whole,
+    within one image, in a fixed order drawn from ``seed`` (``labels[i]`` is ``index[i]``'s class).
+
+    Each class's images are shuffled and spread evenly over [0, 1) from a random phase: image ``j`` of the
+    ``n_c`` of class ``c`` sits at ``(j + u_c) / n_c``; sorting by position interleaves the classes."""
+    g = torch.Generator().manual_seed(mix_seed(seed, 29))
+    shuffle = torch.randperm(len(index), generator=g)
+    index, labels = index[shuffle], labels[shuffle].long()
+    classes, inverse, counts = torch.unique(labels, return_inverse=True, return_counts=True)
+    phase = torch.rand(len(classes), generator=g, dtype=torch.float64)
+    order = torch.argsort(inverse, stable=True)  # images grouped by class, shuffled within it
+    rank = torch.empty_like(order)
+    rank[order] = torch.arange(len(order)) - torch.repeat_interleave(torch.cumsum(counts, 0) - counts, counts)
+    position = (rank.double() + phase[inverse]) / counts[inverse].double()
+    return index[torch.argsort(position, stable=True)]
 
 
 def normalizer(mean: tuple[float, ...], std: tuple[float, ...], device: torch.device) -> tuple[torch.Tensor, ...]:

@@ -185,7 +185,7 @@ def build_imagenet_folder(c: DataConfig, rank: int, world_size: int, device: tor
                         f"{len(test_set.classes)}, and they differ; both need the same class folders")
     val_set = copy.copy(train_set)  # shares the file list, evaluates without augmentation
     val_set.transform = eval_tf
-    train_idx, val_idx = split_train_val(len(train_set), int(c.val_size), c.split_seed)
+    train_idx, val_idx = split_train_val(len(train_set), int(c.val_size), c.split_seed, train_set.targets)
     common: dict[str, Any] = dict(mean=info.mean, std=info.std, rank=rank, world_size=world_size, seed=c.seed,
                                   num_workers=c.num_workers, device=device)
     augment = BatchAugment.build(recipe, len(train_set.classes), label_smoothing, device) if c.augment else None

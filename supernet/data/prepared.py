@@ -262,7 +262,8 @@ def build_imagenet_prepared(c: DataConfig, rank: int, world_size: int, device: t
     check_store(c, meta, recipe, root)
     size, info, classes = int(c.img_size), DATASETS[c.name], len(meta.classes)
     train_split = SplitArrays(root, "train", meta.splits["train"], classes)
-    train_idx, val_idx = (i.numpy() for i in split_train_val(train_split.count, int(c.val_size), c.split_seed))
+    train_idx, val_idx = (i.numpy() for i in split_train_val(train_split.count, int(c.val_size), c.split_seed,
+                                                                      train_split.labels))
     view = lambda x: center_view(x, size, meta.eval_resize, recipe.interpolation)  # noqa: E731
     augment = batch_augment = None
     if c.augment:

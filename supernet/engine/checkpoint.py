@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import hashlib
 import io
+import os
 import threading
 from dataclasses import dataclass
 from pathlib import Path
@@ -81,19 +82,27 @@ class CheckpointWriter:
         self._thread: threading.Thread | None = None
         self._error: BaseException | None = None
 
-    def submit(self, state: dict[str, Any], path: Path) -> None:
-        """Snapshot ``state`` now and write it to ``path`` in the background."""
+    def submit(self, state: dict[str, Any], path: Path, keep: Path | None = None) -> None:
+        """Snapshot ``state`` now and write it to ``path`` in the background; with ``keep``, that file is then
+        also kept under this second name (a hard link: the next checkpoint replaces ``path``, not it)."""
         self.wait()
         snapshot, ready = host_snapshot(state)
-        self._thread = threading.Thread(target=self._write, args=(snapshot, ready, Path(path)),
+        self._thread = threading.Thread(target=self._write, args=(snapshot, ready, Path(path), keep),
                                         name="checkpoint-writer", daemon=True)
         self._thread.start()
 
-    def _write(self, snapshot: dict[str, Any], ready: torch.cuda.Event | None, path: Path) -> None:
+    def _write(self, snapshot: dict[str, Any], ready: torch.cuda.Event | None, path: Path,
+               keep: Path | None = None) -> None:
         try:
             if ready is not None:
                 ready.synchronize()  # the device-to-host copies have landed
             save_checkpoint(snapshot, path)
+            if keep is not None:
+                keep.unlink(missing_ok=True)
+                try:
+                    os.link(path, keep)
+                except OSError:  # a file system without hard links
+                    atomic_write(keep, path.read_bytes())
         except BaseException as e:  # noqa: BLE001 - handed to the training thread by wait()
             self._error = e
 

@@ -367,8 +367,10 @@ class Trainer:
                                    config=OmegaConf.to_container(self.cfg, resolve=True))
             if self.ema is not None:
                 state["ema"] = self.ema.module.state_dict()
+            keep = self.cfg.get("keep_every") or 0
             self.checkpoints.submit({**state, **self.task.checkpoint_extras, "lr_history": self.lr_history},
-                                    self.ckpt_path)
+                                    self.ckpt_path,
+                                    self.run_dir / f"step_{self.step}.ckpt" if keep and self.step % keep == 0 else None)
         self.saved_step = self.step
         self._last_save = self.clock()
 
@@ -433,13 +435,15 @@ class Trainer:
         self._interval.add(stats)
         run.meter.add(x.shape[0] * self.env.world_size)
         run.bar.update(1)
-        if logged or step % cfg.ckpt_every == 0:
+        keep = cfg.get("keep_every") or 0
+        kept = bool(keep) and step % keep == 0  # a step whose checkpoint is also kept as step_<N>.ckpt
+        if logged or step % cfg.ckpt_every == 0 or kept:
             point = self.sync(stop.requested)
             run.losses.extend(point.losses)
             run.grad_norms.extend(point.grad_norms)
             self._log(run, point, stats.scalars if logged else None)
             run.stopped = point.stop
-            if point.stop or step == total or step % cfg.ckpt_every == 0 or point.checkpoint:
+            if point.stop or step == total or step % cfg.ckpt_every == 0 or point.checkpoint or kept:
                 self.save()
         if cfg.eval.every and (step % cfg.eval.every == 0 or step == total) and not run.stopped:
             run.val = self.validate()

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
+from typing import Any
 
 import torch
 from omegaconf import DictConfig
@@ -66,7 +67,27 @@ def initial_model(arch: ArchSpec, cfg: DictConfig) -> tuple[nn.Module, str | Non
     from supernet.engine.checkpoint import load_supernet  # the supernet is imported for init=inherit only
 
     sck = load_supernet(Path(cfg.supernet), torch.device("cpu"))
+    check_same_split(cfg.data, sck.data, Path(cfg.supernet))
     return sck.net.extract(arch), sck.sha256  # extract raises ArchError naming the field if arch is off its paths
+
+
+def check_same_split(data: Any, supernet_data: dict[str, Any], path: Path) -> None:
+    """Inherited weights have seen the supernet's training split: validating them on other held-out images
+    would score them on images they trained on. The dataset, ``val_size`` and ``split_seed`` must be the
+    supernet's (after the dataset defaults).
+
+    Raises:
+        UserError: naming the first field that differs and the value to use.
+    """
+    from supernet.data import DataConfig
+
+    mine, theirs = DataConfig.from_cfg(data).resolved(), DataConfig.from_cfg(supernet_data).resolved()
+    for key in ("name", "val_size", "split_seed"):
+        if getattr(mine, key) != getattr(theirs, key):
+            raise UserError(f"data.{key}: {getattr(mine, key)!r} but the supernet {path} held out its validation "
+                            f"split with {key}={getattr(theirs, key)!r}; init=inherit needs the supernet's split "
+                            f"(data.{key}={getattr(theirs, key)}), or its weights are validated on images they "
+                            "trained on")
 
 
 def train_arch(arch: ArchSpec, name: str, cfg: DictConfig, data: DataBundle,

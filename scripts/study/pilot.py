@@ -1,0 +1,75 @@
+"""The pilot's analysis, from the committed result files alone: per schedule, the accuracy, the seed-to-seed
+Kendall tau and the noise ceiling of the 2-seed mean over the pilot's 8 architectures, and the tau between the
+rankings at E and 2E; the chosen schedule E is the shortest at which the ranking has settled."""
+
+from __future__ import annotations
+
+import json
+import statistics
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from scripts.study import plan
+from scripts.study.units import RESULTS
+
+SETTLED = 0.8  # tau(E, 2E) and the ceiling of the 2-seed mean must both reach it (issue: the trained regime)
+
+
+def load(kind: str, results: Path = RESULTS) -> list[dict[str, Any]]:
+    return [json.loads(p.read_text()) for p in sorted((results / kind).glob("*.json"))]
+
+
+def table(records: list[dict[str, Any]]) -> dict[tuple[str, int], dict[int, float]]:
+    """(architecture JSON, epochs) -> {seed: validation top-1}."""
+    from space.arch import ArchSpec
+
+    out: dict[tuple[str, int], dict[int, float]] = {}
+    for r in records:
+        out.setdefault((ArchSpec.from_dict(r["arch"]).to_json(), r["epochs"]), {})[r["seed"]] = r["val_top1"]
+    return out
+
+
+@dataclass(frozen=True)
+class Schedule:
+    epochs: int
+    runs: int  # finished of the pilot's 16
+    mean: float | None
+    low: float | None
+    high: float | None
+    seed_tau: Any  # Estimate or None
+    ceiling: Any  # Estimate of the 2-seed mean's ceiling, or None
+    settle: Any  # tau between this schedule's and the next one's ranking (Estimate), or None
+
+
+def schedules(results: Path = RESULTS, resamples: int = 2000) -> list[Schedule]:
+    from search.ranking import bootstrap, kendall_tau, noise_ceiling
+
+    t = table(load("standalone", results))
+    archs = [a.to_json() for a in plan.pilot_archs()]
+    out = []
+    for i, e in enumerate(plan.PILOT_SCHEDULES):
+        runs = [[t.get((a, e), {}).get(s) for s in plan.PILOT_SEEDS] for a in archs]
+        done = sum(v is not None for r in runs for v in r)
+        flat = [v for r in runs for v in r if v is not None]
+        complete = done == len(archs) * len(plan.PILOT_SEEDS)
+        ceiling = noise_ceiling(runs, resamples) if complete else None
+        settle = None
+        if complete and i + 1 < len(plan.PILOT_SCHEDULES):
+            nxt = [[t.get((a, plan.PILOT_SCHEDULES[i + 1]), {}).get(s) for s in plan.PILOT_SEEDS] for a in archs]
+            if all(v is not None for r in nxt for v in r):
+                settle = bootstrap(kendall_tau, [statistics.mean(r) for r in runs], [statistics.mean(r) for r in nxt],
+                                   resamples, 0)
+        out.append(Schedule(e, done, statistics.mean(flat) if flat else None, min(flat, default=None),
+                            max(flat, default=None), ceiling["seed_to_seed"] if ceiling else None,
+                            ceiling["mean"] if ceiling else None, settle))
+    return out
+
+
+def chosen_schedule(results: Path = RESULTS) -> int | None:
+    """The shortest pilot schedule E whose ranking has settled (tau(E, 2E) >= 0.8) and whose 2-seed mean has
+    a ceiling >= 0.8; None while the pilot cannot tell."""
+    for s in schedules(results, resamples=200):
+        if s.settle is not None and s.settle.value >= SETTLED and s.ceiling.value >= SETTLED:
+            return s.epochs
+    return None
