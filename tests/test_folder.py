@@ -165,3 +165,34 @@ def test_bad_image_folder_is_one_line_exit_2(run_module, tmp_path, how, expected
     res = run_module("supernet.train", *args)
     assert res.returncode == 2 and len(res.stderr.strip().splitlines()) == 1, res.stderr
     assert re.match(expected, res.stderr.strip()), res.stderr
+
+
+def test_the_fitness_set_of_a_class_sorted_folder_holds_every_class(tmp_path):
+    """ImageFolder lists images class by class and the held-out split was sorted: the search's first 40 fitness
+    images of a 20-class folder covered 5 classes. The held-out split is now class-interleaved: any prefix holds
+    each class in proportion to its share of the split (within one image), the same images on every build."""
+    from collections import Counter
+
+    from PIL import Image
+
+    from search.inherited import validation_batches
+
+    rng = np.random.default_rng(0)
+    classes = [f"c{k:02d}" for k in range(20)]
+    for name in classes:
+        (tmp_path / "train" / name).mkdir(parents=True)
+        (tmp_path / "val" / name).mkdir(parents=True)
+        Image.fromarray(rng.integers(0, 256, (16, 16, 3), dtype=np.uint8)).save(tmp_path / "val" / name / "0.png")
+        for i in range(10):
+            image = rng.integers(0, 256, (16, 16, 3), dtype=np.uint8)
+            Image.fromarray(image).save(tmp_path / "train" / name / f"{i}.png")
+    cfg = {"name": "imagenet_folder", "root": str(tmp_path), "img_size": 16, "val_size": 100, "num_workers": 0,
+           "batch_size": 50}
+    every = torch.cat([y for _, y in validation_batches(cfg, None, 25, torch.device("cpu"))])
+    first = torch.cat([y for _, y in validation_batches(cfg, 40, 25, torch.device("cpu"))])
+    share = Counter(every.tolist())
+    assert len(share) == 20 and sorted(share.elements()) != every.tolist()  # not in class order any more
+    got = Counter(first.tolist())
+    assert set(got) == set(range(20)) and all(abs(got[c] - 40 * share[c] / 100) <= 1 for c in share)
+    again = torch.cat([y for _, y in validation_batches(cfg, 40, 25, torch.device("cpu"))])
+    assert torch.equal(first, again)

@@ -245,6 +245,12 @@ def test_resume_after_a_crash_scores_only_the_rest(ckpt: Path, reference: Run, t
     with pytest.raises(UserError, match=f"scored candidates on {IMAGES} validation images, this command on 50"):
         evolve(search_cfg(ckpt, tmp_path, f"flops_max={FLOPS_MAX}", "eval_images=50"))
     assert (tmp_path / "state.json").read_bytes() == saved
+    # The same number of other images (another split, preprocessing or a state from before the fitness set was
+    # fixed): its digest differs, refused too.
+    (tmp_path / "state.json").write_text(json.dumps({**state, "eval_digest": "0" * 64}))
+    with pytest.raises(UserError, match="scored candidates on another fitness set than this command's 100"):
+        evolve(search_cfg(ckpt, tmp_path, f"flops_max={FLOPS_MAX}"))
+    (tmp_path / "state.json").write_bytes(saved)
 
     again = run_search(ckpt, tmp_path, capsys, f"flops_max={FLOPS_MAX}")
     assert f"resumed {tmp_path / 'state.json'} at generation 2/{GENERATIONS}" in again.out
