@@ -141,6 +141,7 @@ PREPARE = {"src": Key("str", nullable=True), "out": Key("str", nullable=True), "
            "shards": Key("int", low=1), "workers": Key("int", low=0, nullable=True), "progress": RUN["progress"]}
 
 EXPORT = {"arch": Key("str", nullable=True), "checkpoint": Key("str", nullable=True),
+          "weights": Key("str", choices=("model", "ema")),
           "format": Key("str", choices=("onnx", "torchscript", "pt2")), "out": Key("str", nullable=True),
           "batch": Key("int", low=1, nullable=True), "atol": Key("float", low=0), "seed": RUN["seed"]}
 
