@@ -135,7 +135,8 @@ LATENCY = {"out": Key("str", nullable=True), "device": Key("str", choices=("cpu"
            "repeats": Key("int", low=1), "rounds": Key("int", low=1), "calibrate": Key("int", low=0),
            "archs": Key("int", low=0), "seed": Key("int"), "progress": Key("bool")}
 
-CONVERT = {"checkpoint": Key("str", nullable=True), "arch": Key("str", nullable=True), "out": Key("str", nullable=True)}
+CONVERT = {"checkpoint": Key("str", nullable=True), "arch": Key("str", nullable=True), "out": Key("str", nullable=True),
+           "num_heads": Key("int", low=1, nullable=True), "weights": Key("str", choices=("model", "ema"))}
 PREPARE = {"src": Key("str", nullable=True), "out": Key("str", nullable=True), "img_size": Key("int", low=1),
            "short_side": Key("int", low=1, nullable=True), "interpolation": RUN["recipe.interpolation"],
            "shards": Key("int", low=1), "workers": Key("int", low=0, nullable=True), "progress": RUN["progress"]}

@@ -48,7 +48,7 @@ class RetrainTask(Task):
         return res
 
 
-def initial_model(arch: ArchSpec, cfg: DictConfig) -> tuple[nn.Module, str | None]:
+def initial_model(arch: ArchSpec, cfg: DictConfig, announce: bool = True) -> tuple[nn.Module, str | None]:
     """A fresh ``PSViT(arch)``; with ``init=inherit`` the path ``arch`` extracted from the supernet, with
     ``init=pretrained`` ``PSViT(arch)`` holding the weights of ``cfg.pretrained`` (e.g. DeiT's, through
     supernet/convert.py); and the sha256 of the file the weights came from."""
@@ -62,7 +62,10 @@ def initial_model(arch: ArchSpec, cfg: DictConfig) -> tuple[nn.Module, str | Non
     if cfg.init == "pretrained":
         from supernet.pretrained import load_pretrained
 
-        return load_pretrained(Path(cfg.pretrained), arch)
+        model, digest, notes = load_pretrained(Path(cfg.pretrained), arch)
+        if notes and announce:
+            print(f"pretrained: {cfg.pretrained}: {'; '.join(notes)}")
+        return model, digest
     from supernet.engine.checkpoint import load_supernet  # the supernet is imported for init=inherit only
 
     sck = load_supernet(Path(cfg.supernet), torch.device("cpu"))
@@ -75,7 +78,7 @@ def train_arch(arch: ArchSpec, name: str, cfg: DictConfig, data: DataBundle,
     and the run's result, whose ``val`` holds the final validation unless the run was stopped or
     ``eval.every`` is 0."""
     check_fits("arch", arch, data)
-    model, source_sha256 = initial_model(arch, cfg)
+    model, source_sha256 = initial_model(arch, cfg, announce=env.is_main)
     task = RetrainTask(model.to(env.device), arch, name, cfg, data, env, source_sha256)
     compile_cells(task.net, cfg.compile, env.device, announce=env.is_main)
     res = Trainer(task, data, cfg, env).fit()
