@@ -133,6 +133,7 @@ def folder_config(root: Path, preset: str, batch_size: int, workers: int) -> Dic
     return _compose(f"space={preset}", "data=imagenet_folder", f"data.root={root}", "data.val_size=0",
                     f"data.img_size={img_size}",
                     f"data.batch_size={batch_size}", f"data.num_workers={workers}", "recipe=deit",
+                    "recipe.repeated_aug=1",  # one process: repeats are refused (timm too); the cost per image is the same
                     "max_steps=100000", "device=cpu")
 
 
@@ -234,7 +235,8 @@ def measure_prepared(root: Path, out: Path, img_size: int, batch_size: int, batc
     elapsed = time.perf_counter() - t
     images = sum(1 for p in root.rglob("*.jpg"))
     cfg = _compose("data=imagenet_prepared", f"data.root={out}", "data.val_size=0", f"data.img_size={img_size}",
-                   f"data.batch_size={batch_size}", "data.num_workers=0", "recipe=deit", "device=cpu")
+                   f"data.batch_size={batch_size}", "data.num_workers=0", "recipe=deit", "recipe.repeated_aug=1",
+                   "device=cpu")
     loader = build_data(cfg.data, recipe=cfg.recipe, label_smoothing=cfg.optim.label_smoothing).train
     assert isinstance(loader, PreparedLoader) and loader.augment is not None
     rows = list(itertools.islice(itertools.cycle(loader.plan(0)), batches + 1))

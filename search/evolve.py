@@ -5,8 +5,9 @@
     torchrun --standalone --nproc_per_node=8 -m search.evolve checkpoint=...   # candidates dealt to ranks by MACs
     (`make search NPROC=8 ARGS=...` runs the latter through supernet.engine.launch)
 
-The search space comes from the checkpoint. Candidates are scored by inherited-weight top-1 on a fixed
-subset of the held-out validation split (search/inherited.py); the loop itself is search/evolution.py and
+The search space comes from the checkpoint, and so does everything that shapes the held-out images (the data
+config and the recipe's interpolation): candidates are scored by inherited-weight top-1 on a fixed subset of the
+validation images training validated on (search/inherited.py); the loop itself is search/evolution.py and
 the outputs search/report.py. FLOPs are multiply-accumulates (MACs) everywhere. Outputs go to ``run_dir``
 (default: ``search/`` next to the checkpoint): best_arch.json (retrain it with `make retrain ARCH=...`),
 history.jsonl, pareto.png, state.json (rerunning the same command resumes from it) and TensorBoard scalars.
@@ -169,7 +170,8 @@ def setup(cfg: DictConfig, job: Job, env: DistEnv) -> Session:
     data_cfg = sck.data
     if cfg.data_root is not None:
         data_cfg["root"] = str(cfg.data_root)
-    batches = validation_batches(data_cfg, cfg.eval_images, cfg.eval_batch_size, env.device)
+    batches = validation_batches(data_cfg, cfg.eval_images, cfg.eval_batch_size, env.device, sck.recipe,
+                                 sck.source_digest)
     scorer = InheritedAccuracy(sck.net, batches, env, amp=cfg.amp, compile=cfg.compile)
     cache: dict[ArchSpec, float] = {}  # one shared cache: no architecture is evaluated twice, across budgets too
     searches = [job.strategy(space, scorer, random.Random(f"psvit-search:{cfg.seed}:{i}"), c, job.evolution, cache)

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 from space.errors import UserError
@@ -128,7 +128,9 @@ FIDELITY = {"checkpoint": EVOLVE["checkpoint"], "run_dir": Key("str", nullable=T
             "data_root": Key("str", nullable=True), "device": RUN["device"], "amp": RUN["amp"],
             "compile": RUN["compile"], "progress": RUN["progress"],
             "standalone.max_steps": Key("int", low=1, nullable=True), "standalone.ckpt_every": RUN["ckpt_every"],
-            **{f"standalone.{k}": v for k, v in RUN.items() if k.startswith("optim.")}}
+            **{f"standalone.{k}": v for k, v in RUN.items() if k.startswith("optim.")},
+            # null: the supernet's recipe (recipe@standalone.recipe=NAME selects one, then its keys are checked)
+            **{f"standalone.{k}": replace(v, nullable=True) for k, v in RUN.items() if k.startswith("recipe.")}}
 
 LATENCY = {"out": Key("str", nullable=True), "device": Key("str", choices=("cpu", "cuda")),
            "threads": Key("int", low=1), "batch": Key("int", low=1), "amp": Key("bool"), "warmup": Key("int", low=0),

@@ -19,6 +19,7 @@ import torch
 from hydra import compose, initialize_config_dir
 from omegaconf import OmegaConf
 
+from space.errors import UserError
 from supernet.data import DataError, build_data
 from supernet.data.device_aug import (AFFINE, BLEND, LUT, DeviceAugment, RandAugmentSpec, affine_theta, blend_op,
                                       crop_theta, lut_op, resample, rrc_boxes)
@@ -27,7 +28,8 @@ from supernet.data.store import SplitArrays
 REPO = Path(__file__).resolve().parents[1]
 CLASSES = ("ant", "bee", "cat")
 IMG = 32  # evaluation crop; the training squares are floor(32 / 0.875) = 36
-DEIT = OmegaConf.to_container(OmegaConf.load(REPO / "conf" / "recipe" / "deit.yaml"))
+# on one process, without repeated augmentation (refused there, as timm does)
+DEIT = {**OmegaConf.to_container(OmegaConf.load(REPO / "conf" / "recipe" / "deit.yaml")), "repeated_aug": 1}
 MEAN = (0.485, 0.456, 0.406)
 LIGHT = {"interpolation": "bicubic"}  # recipe=light with the store's interpolation
 
@@ -149,6 +151,18 @@ def test_ranks_shards_are_disjoint_and_cover_the_split(store):
     blocks = [s.val.rows for s in shards]
     assert np.array_equal(np.concatenate(blocks), val_idx)  # contiguous blocks, each image once
     assert sum(s.val.num_examples for s in shards) == 6 and len(shards[0].val) == 1
+
+
+def test_shuffles_are_seeded_with_a_mix_of_seed_and_epoch(store, folder):
+    """DistributedSampler seeds its permutation with seed + epoch, which made seed 0's epoch 1 seed 1's epoch 0
+    (and every epoch of seed s the next one of seed s - 1); the store and the folder mix the two instead."""
+    plans = {seed: build_data(cfg(store, seed=seed), recipe=LIGHT).train for seed in (0, 1)}
+    assert not np.array_equal(plans[0].plan(1), plans[1].plan(0))
+    assert not np.array_equal(plans[0].plan(2), plans[1].plan(1))
+    folders = {seed: build_data(cfg(folder, name="imagenet_folder", seed=seed, augment=False), recipe=LIGHT).train
+               for seed in (0, 1)}
+    labels = {(seed, e): [y.tolist() for _, y in folders[seed].epoch(e)] for seed, e in ((0, 1), (1, 0))}
+    assert labels[0, 1] != labels[1, 0]
 
 
 def test_batches_are_a_function_of_their_key_so_a_resume_replays_them(store):
@@ -457,6 +471,7 @@ def _train_cfg(run_dir: Path, store: Path, *more: str):
         return compose("supernet", overrides=_train_args(run_dir, store, *more))
 
 
+ONE = "recipe.repeated_aug=1"  # one process: no repeats (refused there, as timm does)
 # 2 ranks x 2 images, 3 batches an epoch per rank; one checkpoint at step 5, mid-epoch, before the end at 9
 TWO_RANKS = ["data.batch_size=2", "max_steps=9", "ckpt_every=5", "eval.every=9"]
 
@@ -516,7 +531,7 @@ def test_supernet_training_on_the_store_resumes_exactly_after_a_crash(store, fol
     from supernet.train import train
 
     torch.set_num_threads(1)
-    ref = train(_train_cfg(tmp_path / "ref", store))
+    ref = train(_train_cfg(tmp_path / "ref", store, ONE))
     save = Trainer.save
 
     def crash_after_first_checkpoint(self):
@@ -525,14 +540,96 @@ def test_supernet_training_on_the_store_resumes_exactly_after_a_crash(store, fol
             raise RuntimeError("crash")  # mid-epoch: 3 batches per epoch
     monkeypatch.setattr(Trainer, "save", crash_after_first_checkpoint)
     with pytest.raises(RuntimeError, match="crash"):
-        train(_train_cfg(tmp_path / "run", store))
+        train(_train_cfg(tmp_path / "run", store, ONE))
     monkeypatch.setattr(Trainer, "save", save)
     other = shutil.copytree(folder, tmp_path / "other")
     shutil.copy(other / "train" / CLASSES[0] / "1.jpg", other / "train" / CLASSES[0] / "0.jpg")
     prepare(prepare_args(other, tmp_path / "other_store"))
     with pytest.raises(UserError, match=r"^resume: .* trained with other settings: data.source_digest \("):
-        train(_train_cfg(tmp_path / "run", tmp_path / "other_store"))
-    res = train(_train_cfg(tmp_path / "run", shutil.copytree(store, tmp_path / "moved")))
+        train(_train_cfg(tmp_path / "run", tmp_path / "other_store", ONE))
+    res = train(_train_cfg(tmp_path / "run", shutil.copytree(store, tmp_path / "moved"), ONE))
     assert res.losses == ref.losses[2:] and res.val == ref.val
     a, b = (torch.load(p / "last.ckpt", weights_only=True)["model"] for p in (tmp_path / "ref", tmp_path / "run"))
     assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+# --------------------------------------------------------------------- search and fidelity see training's pixels
+@pytest.fixture(scope="module")
+def store_supernet(store: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A supernet trained 4 steps on the store with recipe=deit (bicubic crops; one process: no repeats)."""
+    from supernet.train import train
+
+    torch.set_num_threads(1)
+    run = tmp_path_factory.mktemp("store_supernet")
+    train(_train_cfg(run, store, ONE))
+    return run / "last.ckpt"
+
+
+def test_a_search_on_a_deit_recipe_store_scores_the_images_training_validated_on(store, store_supernet, tmp_path):
+    """The search rebuilt its held-out images with the light recipe, whatever the supernet trained with: on a store
+    prepared for recipe=deit (bicubic, the default) it stopped at once ("recipe.interpolation: bilinear but the
+    store ... bicubic", and conf/evolve.yaml has no recipe key); on a folder it scored bilinear crops of a net
+    validated on bicubic ones. The recipe now comes from the checkpoint: the search runs, on exactly the images
+    training's validation used; a store of other images at data_root= is refused."""
+    from search.evolve import evolve
+    from search.inherited import validation_batches
+    from supernet.engine.checkpoint import load_supernet
+
+    with initialize_config_dir(config_dir=str(REPO / "conf"), version_base="1.3"):
+        search = compose("evolve", overrides=[f"checkpoint={store_supernet}", f"run_dir={tmp_path / 'search'}",
+                                              "eval_images=6", "eval_batch_size=4", "evolution.population=2",
+                                              "evolution.topk=1", "evolution.mutations=1", "evolution.crossovers=1",
+                                              "evolution.generations=1", "progress=false", "device=cpu"])
+    summary = evolve(search)
+    assert summary["scored"] >= 2 and (tmp_path / "search" / "best_arch.json").is_file()
+    sck = load_supernet(store_supernet, torch.device("cpu"))
+    assert sck.recipe["name"] == "deit" and sck.recipe["interpolation"] == "bicubic"
+    scored = validation_batches(sck.data, None, 4, torch.device("cpu"), sck.recipe, sck.source_digest)
+    validated = list(build_data(sck.data, recipe=DEIT).val)  # what training's validation saw
+    for k in (0, 1):  # images, labels: the same 6, in batches of 4 and 6
+        assert torch.equal(torch.cat([b[k] for b in scored]), torch.cat([b[k] for b in validated]))
+    other = shutil.copytree(store, tmp_path / "other")
+    meta = json.loads((other / "meta.json").read_text())
+    meta["source"]["digest"] = "sha256:" + "0" * 64
+    (other / "meta.json").write_text(json.dumps(meta))
+    with pytest.raises(UserError, match=r"^data_root: .*/other holds a store prepared from other images"):
+        validation_batches({**sck.data, "root": str(other)}, None, 4, torch.device("cpu"), sck.recipe,
+                           sck.source_digest)
+
+
+def test_folder_search_images_follow_the_checkpoints_recipe(folder):
+    """On an image folder nothing failed: the search decoded bilinear crops (max 0.245 off in normalized units
+    on ImageNet images) of a net trained and validated on bicubic ones."""
+    from search.inherited import validation_batches
+
+    data = cfg(folder, name="imagenet_folder", eval_batch_size=6, batch_size=4)
+    scored = validation_batches(data, None, 6, torch.device("cpu"), DEIT)
+    validated = list(build_data(data, recipe=DEIT).val)
+    assert all(torch.equal(a, b) for (a, _), (b, _) in zip(scored, validated, strict=True))
+    bilinear = validation_batches(data, None, 6, torch.device("cpu"), None)  # what the old search used
+    assert not torch.equal(bilinear[0][0], scored[0][0])
+
+
+def test_fidelity_trains_its_stand_alone_runs_with_the_supernets_recipe(store_supernet, tmp_path):
+    """Stand-alone runs trained with the light recipe whatever the supernet used (and the inherited scores could not
+    read a bicubic store at all); now with the supernet's recipe, without its repeats (one process per run), and
+    recipe@standalone.recipe=NAME picks another."""
+    from search.fidelity import fidelity
+
+    def run(*more: str) -> dict:
+        with initialize_config_dir(config_dir=str(REPO / "conf"), version_base="1.3"):
+            c = compose("fidelity", overrides=[f"checkpoint={store_supernet}", "archs=3", "seeds=1", "bootstrap=100",
+                                               "standalone.max_steps=1", "eval_batch_size=6", "progress=false",
+                                               "device=cpu", *more])
+        return fidelity(c)
+
+    res = run(f"run_dir={tmp_path / 'a'}")
+    deit = {k: v for k, v in DEIT.items()}
+    assert res["standalone"]["recipe"] == deit and len(res["archs"]) == 3
+    saved = [json.loads(p.read_text()) for p in (tmp_path / "a" / "standalone").glob("*/result.json")]
+    assert len(saved) == 3 and all(r["setup"]["recipe"]["rand_augment"] == DEIT["rand_augment"] for r in saved)
+    ck = torch.load(next((tmp_path / "a" / "standalone").glob("*/last.ckpt")), weights_only=True)
+    assert ck["identity"]["recipe"]["reprob"] == DEIT["reprob"] and ck["identity"]["recipe"]["repeated_aug"] == 1
+    light = run(f"run_dir={tmp_path / 'b'}", "recipe@standalone.recipe=light",
+                "standalone.recipe.interpolation=bicubic")  # the store's interpolation
+    assert light["standalone"]["recipe"]["name"] == "light" and light["standalone"]["recipe"]["mixup"] == 0.0

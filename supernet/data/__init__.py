@@ -74,7 +74,7 @@ def build_data(cfg: DataConfig | DictConfig | Mapping[str, Any], rank: int = 0, 
     r = RecipeConfig.from_cfg(recipe)
     if not 0 <= rank < world_size:
         raise DataError(f"rank: {rank} with world_size {world_size} (allowed: 0..{world_size - 1})")
-    r.check(in_memory=c.name not in FILE_DATASETS, batch_size=c.batch_size)
+    r.check(in_memory=c.name not in FILE_DATASETS, batch_size=c.batch_size, world_size=world_size)
     if c.name == "imagenet_folder":
         from supernet.data.folder import build_imagenet_folder  # torchvision only on demand
 

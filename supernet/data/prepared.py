@@ -159,7 +159,7 @@ class PreparedLoader:
             self._batches, self.num_examples = repeated_plan(len(indices), repeats, batch_size, world_size, rank)
         else:  # the folder loader's sampler, over positions in the split
             self.sampler = DistributedSampler(range(len(indices)), num_replicas=world_size, rank=rank, shuffle=True,
-                                              seed=seed, drop_last=True)
+                                              seed=0, drop_last=True)  # seeded per epoch: mix_seed(seed, epoch)
         self.prefetch = Prefetcher(split, batch_size, self.device, threads)
 
     def __len__(self) -> int:
@@ -180,7 +180,7 @@ class PreparedLoader:
         if self.repeats > 1:
             order = repeated_order(len(self.indices), self.repeats, self.world_size, self.rank, self.seed, epoch)
         else:
-            self.sampler.set_epoch(epoch)
+            self.sampler.set_epoch(mix_seed(self.seed, epoch))
             order = list(self.sampler)
         return self.indices[np.asarray(order[:len(self) * self.batch_size])].reshape(len(self), self.batch_size)
 
