@@ -133,7 +133,7 @@ def folder_config(root: Path, preset: str, batch_size: int, workers: int) -> Dic
     return _compose(f"space={preset}", "data=imagenet_folder", f"data.root={root}", "data.val_size=0",
                     f"data.img_size={img_size}",
                     f"data.batch_size={batch_size}", f"data.num_workers={workers}", "recipe=deit",
-                    "recipe.repeated_aug=1",  # one process: repeats are refused (timm too); the cost per image is the same
+                    "recipe.repeated_aug=1",  # one process: repeats are refused (timm too); same cost per image
                     "max_steps=100000", "device=cpu")
 
 

@@ -8,10 +8,10 @@ scores rank architectures the way training them from scratch does?
    ``band_archs`` more inside that band (space/samplers.py), deterministically from ``seed``.
 2. Scores each with the supernet's inherited weights on the whole held-out validation split, decoded as the
    supernet's training validated on it (its data config and recipe).
-3. Trains each from scratch through the retraining loop (supernet/retrain.py) with seeds 0..``seeds``-1 (init
-   and data order) and the supernet's recipe (``recipe@standalone.recipe=NAME`` for another; each run is one
-   process, so without repeated augmentation), scored on the same validation split; never the test split. Each run has its own
-   resumable directory under ``standalone_dir``, so a rerun continues, and another supernet of the same space
+3. Trains each from scratch through the retraining loop (supernet/retrain.py) with seeds 0..``seeds``-1 (init and
+   data order) and the supernet's recipe (``recipe@standalone.recipe=NAME`` for another; each run is one process,
+   so without repeated augmentation), scored on the same validation split; never the test split. Each run has its
+   own resumable directory under ``standalone_dir``, so a rerun continues, and another supernet of the same space
    and data reuses them. Under torchrun, each rank trains its share of the runs alone (no DDP inside a run),
    balanced by MACs; a run's result does not depend on which rank trained it.
 4. Reports Kendall tau, Spearman rho and top-k overlap between inherited and stand-alone (mean over seeds)

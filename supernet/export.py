@@ -11,8 +11,9 @@ very arch; ``weights=ema`` takes its moving average, kept with ``recipe.ema=true
 step of the checkpoint out of its run's total; a checkpoint of an unfinished run is exported with a warning. The file
 (supernet/deploy.py) is written to a scratch directory, run in its own runtime (onnxruntime, torch.jit.load,
 torch.export.load) on random images and compared with the PyTorch model; only a file whose logits are finite and
-within ``atol`` is copied to ``out`` (atomically), otherwise the app says by how much it missed and exits 1 with nothing written. User
-errors print one ``error: ...`` line on stderr, exit with status 2 and write nothing (see conf/export.yaml).
+within ``atol`` is copied to ``out`` (atomically), otherwise the app says by how much it missed and exits 1 with
+nothing written. User errors print one ``error: ...`` line on stderr, exit with status 2 and write nothing (see
+conf/export.yaml).
 """
 
 from __future__ import annotations
