@@ -161,7 +161,7 @@ def setup(cfg: DictConfig, job: Job, env: DistEnv) -> Session:
     sck = load_supernet(job.checkpoint, env.device)
     space = sck.net.space
     if job.constraints[0].latency is not None:
-        job.constraints[0].latency.check_space(space)
+        check_table(job.constraints[0].latency, space, cfg, env)
     if cfg.get("space") is not None:
         given = SearchSpace.from_config(cfg.space)
         if given.to_config() != space.to_config():
@@ -178,6 +178,20 @@ def setup(cfg: DictConfig, job: Job, env: DistEnv) -> Session:
                 for i, c in enumerate(job.constraints)]
     run_dir = Path(cfg.run_dir) if cfg.run_dir else job.checkpoint.parent / "search"
     return Session(job, env, sck, scorer, searches, run_dir)
+
+
+def check_table(table: LatencyTable, space: SearchSpace, cfg: DictConfig, env: DistEnv) -> None:
+    """The latency table must be of this space (every block of it), of this machine unless
+    ``latency_other_machine=true``, and of the threads and batch ``latency_threads`` / ``latency_batch`` name.
+
+    Raises:
+        LatencyError: one line naming what differs and the way out.
+    """
+    from supernet.timing import machine
+
+    table.check_space(space)
+    table.check_machine(machine(env.device), bool(cfg.get("latency_other_machine", False)))
+    table.check_device(table.device, cfg.get("latency_threads"), cfg.get("latency_batch"))
 
 
 RETRY = "use another run_dir= or resume=never"
@@ -288,13 +302,13 @@ def finish(cfg: DictConfig, s: Session) -> dict[str, Any]:
 
 def winner_latency(s: Session) -> Callable[[ArchSpec], float] | None:
     """Measures an architecture as the latency table was measured (threads, batch, warmup, repeats, rounds), when
-    the table's device is this one (the same kind and model); None otherwise, or without a table."""
+    the table was measured on this machine (device, model, torch); None otherwise, or without a table."""
     table = s.job.constraints[0].latency
     if table is None:
         return None
-    from supernet.timing import Timing, device_name, measure_arch
+    from supernet.timing import Timing, machine, measure_arch
 
-    if (table.device, table.device_name) != (s.env.device.type, device_name(s.env.device)):
+    if table.machine != machine(s.env.device):
         return None
     how = table.timing or {"warmup": 3, "repeats": 10, "rounds": 10}  # a table from before it recorded how
     timing = Timing(s.env.device, table.batch, warmup=how["warmup"], repeats=how["repeats"],

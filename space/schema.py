@@ -117,7 +117,9 @@ EVOLVE = {"checkpoint": Key("str", nullable=True), "run_dir": Key("str", nullabl
           "strategy": Key("str", choices=("evolution", "random")), "seed": RUN["seed"],
           "flops_min": Key("float", low=0, nullable=True), "flops_max": Key("float", low=0, nullable=True),
           "params_max": Key("float", low=0, nullable=True), "latency_table": Key("str", nullable=True),
-          "latency_max": Key("float", low=0, nullable=True), "eval_images": Key("int", low=1),
+          "latency_max": Key("float", low=0, nullable=True), "latency_other_machine": Key("bool"),
+          "latency_threads": Key("int", low=1, nullable=True), "latency_batch": Key("int", low=1, nullable=True),
+          "eval_images": Key("int", low=1),
           "eval_batch_size": Key("int", low=1), "data_root": Key("str", nullable=True), "device": RUN["device"],
           "amp": RUN["amp"], "compile": RUN["compile"], "progress": RUN["progress"], "show_top": Key("int", low=0)}
 
