@@ -143,6 +143,7 @@ CONVERT = {"checkpoint": Key("str", nullable=True), "arch": Key("str", nullable=
            "num_heads": Key("int", low=1, nullable=True), "weights": Key("str", choices=("model", "ema"))}
 PREPARE = {"src": Key("str", nullable=True), "out": Key("str", nullable=True), "img_size": Key("int", low=1),
            "short_side": Key("int", low=1, nullable=True), "interpolation": RUN["recipe.interpolation"],
+           "val_size": Key("int", low=0), "split_seed": Key("int", low=0),
            "shards": Key("int", low=1), "workers": Key("int", low=0, nullable=True), "progress": RUN["progress"]}
 
 EXPORT = {"arch": Key("str", nullable=True), "checkpoint": Key("str", nullable=True),
