@@ -88,8 +88,9 @@ def retrain(cfg: DictConfig) -> dict[str, Any]:
             result["test_top1_ema"] = top1(res.ema, data.test, env, None, cfg.amp)
             result["val_top1_ema"] = res.val.get("ema")
     if env.is_main:
-        ckpt = Path(cfg.run_dir) / CKPT_NAME
-        result.update(checkpoint=str(ckpt), checkpoint_sha256=hashlib.sha256(ckpt.read_bytes()).hexdigest())
+        ckpt = Path(cfg.run_dir) / CKPT_NAME  # none when max_steps=0 evaluated the initial weights as they are
+        result.update(checkpoint=str(ckpt) if ckpt.is_file() else None,
+                      checkpoint_sha256=hashlib.sha256(ckpt.read_bytes()).hexdigest() if ckpt.is_file() else None)
         out = atomic_write(result_path, json.dumps(result, indent=2) + "\n")
         print(f"{arch.short()}: test top-1 {test_acc:.4f} ({data.name} official test split), "
               f"{macs(arch) / 1e6:.2f} M MACs, {params(arch) / 1e3:.1f} K params -> {out}")
@@ -122,8 +123,8 @@ def read_result(run_dir: str | Path) -> dict[str, Any]:
     except (OSError, ValueError) as e:
         raise UserError(f"{path}: no readable result ({type(e).__name__}); rerun the retraining to write it") from None
     digest = hashlib.sha256(ckpt.read_bytes()).hexdigest() if ckpt.is_file() else None
-    if not isinstance(result, dict) or result.get("checkpoint_sha256") is None or \
-            result.get("checkpoint_sha256") != digest:
+    # None: a max_steps=0 run measured its initial weights and wrote no checkpoint (nor may there be one since)
+    if not isinstance(result, dict) or "checkpoint_sha256" not in result or result["checkpoint_sha256"] != digest:
         raise UserError(f"{path}: stale, it was not measured on {ckpt} (an earlier run's, or written before results "
                         "named their checkpoint); rerun the retraining command to measure this checkpoint")
     return result
