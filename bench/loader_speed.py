@@ -9,7 +9,7 @@
    (not measured) to train imagenet_tiny_2d at; `make gpu-check` measures it on a GPU;
 4. the same folder decoded once into a prepared store (``python -m supernet.prepare``, supernet/data/store.py):
    img/s of one decoding process doing that once, and the CPU's share of ``data=imagenet_prepared`` per core
-   (copying memory-mapped uint8 squares into the batch, drawing the crop and RandAugment parameters), next to
+   (copying memory-mapped whole uint8 images into the batch, drawing the crop and RandAugment parameters), next to
    the folder's worker; the rest (crop, flip, RandAugment, normalization, erasing, Mixup/CutMix) runs on the
    device, timed here on the CPU.
 
@@ -77,10 +77,11 @@ class PreparedFigures:
     """The prepared store's rates on this CPU, one core each (supernet/data/prepared.py)."""
 
     batch_size: int
-    side: int  # of the stored training squares
+    max_h: int  # the stored training images' largest height and width (whole images, short side at most 320)
+    max_w: int
     images: int  # in the store
     prepare: float  # img/s of one decoding process of `python -m supernet.prepare`, once per store
-    read: float  # img/s of one reading thread: memory-mapped uint8 squares into the batch buffer
+    read: float  # img/s of one reading thread: memory-mapped whole uint8 images into the batch buffer
     draws_ms: float  # ms per batch of the crop, flip and RandAugment draws (on the CPU in training too)
     device_ms: float  # ms per batch of the device side, here on this CPU
 
@@ -133,6 +134,7 @@ def folder_config(root: Path, preset: str, batch_size: int, workers: int) -> Dic
     return _compose(f"space={preset}", "data=imagenet_folder", f"data.root={root}", "data.val_size=0",
                     f"data.img_size={img_size}",
                     f"data.batch_size={batch_size}", f"data.num_workers={workers}", "recipe=deit",
+                    "recipe.repeated_aug=1",  # one process: repeats are refused (timm too); same cost per image
                     "max_steps=100000", "device=cpu")
 
 
@@ -230,33 +232,36 @@ def measure_prepared(root: Path, out: Path, img_size: int, batch_size: int, batc
 
     t = time.perf_counter()
     prepare({"src": str(root), "out": str(out), "img_size": img_size, "short_side": None, "interpolation": "bicubic",
-             "shards": 1, "workers": 0, "progress": False})
+             "shards": 1, "workers": 0, "progress": False, "val_size": 0, "split_seed": 0})
     elapsed = time.perf_counter() - t
     images = sum(1 for p in root.rglob("*.jpg"))
     cfg = _compose("data=imagenet_prepared", f"data.root={out}", "data.val_size=0", f"data.img_size={img_size}",
-                   f"data.batch_size={batch_size}", "data.num_workers=0", "recipe=deit", "device=cpu")
+                   f"data.batch_size={batch_size}", "data.num_workers=0", "recipe=deit", "recipe.repeated_aug=1",
+                   "device=cpu")
     loader = build_data(cfg.data, recipe=cfg.recipe, label_smoothing=cfg.optim.label_smoothing).train
     assert isinstance(loader, PreparedLoader) and loader.augment is not None
     rows = list(itertools.islice(itertools.cycle(loader.plan(0)), batches + 1))
-    side = loader.prefetch.split.side
-    buf = np.empty((batch_size, 3, side, side), np.uint8)
+    split = loader.prefetch.split
+    buf = np.empty((batch_size, 3, split.max_h, split.max_w), np.uint8)
     loader.prefetch.gather(rows[0], buf)  # warm-up: page cache, allocator
     t = time.perf_counter()
     for r in rows[1:]:
         loader.prefetch.gather(r, buf)
     read = batches * batch_size / (time.perf_counter() - t)
-    x, y = torch.from_numpy(buf), torch.from_numpy(loader.prefetch.split.labels[rows[0]].astype(np.int64))
-    keys = itertools.count()
-    draws, device = interleaved([lambda: loader.augment.draws(next(keys), batch_size, side),
-                                 lambda: loader.augmented(x, y, 0, next(keys))], reps=reps)
-    return PreparedFigures(batch_size, side, images, images / elapsed, read, draws * 1e3, device * 1e3)
+    x, y = torch.from_numpy(buf), torch.from_numpy(split.labels[rows[0]].astype(np.int64))
+    sizes, keys = split.sizes[rows[0]], itertools.count()
+    draws, device = interleaved([lambda: loader.augment.draws(next(keys), sizes),
+                                 lambda: loader.augmented(x, y, sizes, 0, next(keys))], reps=reps)
+    return PreparedFigures(batch_size, split.max_h, split.max_w, images, images / elapsed, read, draws * 1e3,
+                           device * 1e3)
 
 
 def report_prepared(p: PreparedFigures, per_worker: float, gpu_rate: float) -> None:
     """The prepared store's lines, next to the folder's ``per_worker`` img/s."""
     print(f"  prepared store (python -m supernet.prepare, once): {p.prepare:.1f} img/s per decoding process, "
           f"{p.images} images")
-    print(f"    1 core reading it (memory-mapped {p.side}x{p.side} uint8 squares -> batch: {p.read:.0f} img/s; crop, "
+    print(f"    1 core reading it (memory-mapped whole uint8 images up to {p.max_h}x{p.max_w} -> batch: {p.read:.0f} "
+          f"img/s; crop, "
           f"flip and RandAugment draws: {p.draws_ms:.1f} ms/batch of {p.batch_size}): {p.per_core:.0f} img/s per core, "
           f"x{p.per_core / per_worker:.1f} the folder's {per_worker:.1f}")
     print(f"    device side on this CPU (crop + flip + RandAugment + normalize + erasing + Mixup/CutMix): "

@@ -5,8 +5,9 @@
     torchrun --standalone --nproc_per_node=8 -m search.evolve checkpoint=...   # candidates dealt to ranks by MACs
     (`make search NPROC=8 ARGS=...` runs the latter through supernet.engine.launch)
 
-The search space comes from the checkpoint. Candidates are scored by inherited-weight top-1 on a fixed
-subset of the held-out validation split (search/inherited.py); the loop itself is search/evolution.py and
+The search space comes from the checkpoint, and so does everything that shapes the held-out images (the data
+config and the recipe's interpolation): candidates are scored by inherited-weight top-1 on a fixed subset of the
+validation images training validated on (search/inherited.py); the loop itself is search/evolution.py and
 the outputs search/report.py. FLOPs are multiply-accumulates (MACs) everywhere. Outputs go to ``run_dir``
 (default: ``search/`` next to the checkpoint): best_arch.json (retrain it with `make retrain ARCH=...`),
 history.jsonl, pareto.png, state.json (rerunning the same command resumes from it) and TensorBoard scalars.
@@ -163,7 +164,7 @@ def setup(cfg: DictConfig, job: Job, env: DistEnv) -> Session:
     sck = load_supernet(job.checkpoint, env.device)
     space = sck.net.space
     if job.constraints[0].latency is not None:
-        job.constraints[0].latency.check_space(space)
+        check_table(job.constraints[0].latency, space, cfg, env)
     if cfg.get("space") is not None:
         given = SearchSpace.from_config(cfg.space)
         if given.to_config() != space.to_config():
@@ -172,7 +173,8 @@ def setup(cfg: DictConfig, job: Job, env: DistEnv) -> Session:
     data_cfg = sck.data
     if cfg.data_root is not None:
         data_cfg["root"] = str(cfg.data_root)
-    batches = validation_batches(data_cfg, cfg.eval_images, cfg.eval_batch_size, env.device)
+    batches = validation_batches(data_cfg, cfg.eval_images, cfg.eval_batch_size, env.device, sck.recipe,
+                                 sck.source_digest)
     scorer = InheritedAccuracy(sck.net, batches, env, amp=cfg.amp, compile=cfg.compile)
     cache: dict[ArchSpec, float] = {}  # one shared cache: no architecture is evaluated twice, across budgets too
     searches = [job.strategy(space, scorer, random.Random(f"psvit-search:{cfg.seed}:{i}"), c, job.evolution, cache)
@@ -183,6 +185,20 @@ def setup(cfg: DictConfig, job: Job, env: DistEnv) -> Session:
         val = build_data({**data_cfg, "eval_batch_size": cfg.eval_batch_size}, env.rank, env.world_size, env.device).val
         whole = WholeSplit(sck.net, val, env, amp=cfg.amp)
     return Session(job, env, sck, scorer, searches, run_dir, whole)
+
+
+def check_table(table: LatencyTable, space: SearchSpace, cfg: DictConfig, env: DistEnv) -> None:
+    """The latency table must be of this space (every block of it), of this machine unless
+    ``latency_other_machine=true``, and of the threads and batch ``latency_threads`` / ``latency_batch`` name.
+
+    Raises:
+        LatencyError: one line naming what differs and the way out.
+    """
+    from supernet.timing import machine
+
+    table.check_space(space)
+    table.check_machine(machine(env.device), bool(cfg.get("latency_other_machine", False)))
+    table.check_device(table.device, cfg.get("latency_threads"), cfg.get("latency_batch"))
 
 
 RETRY = "use another run_dir= or resume=never"
@@ -307,13 +323,13 @@ def finish(cfg: DictConfig, s: Session) -> dict[str, Any]:
 
 def winner_latency(s: Session) -> Callable[[ArchSpec], float] | None:
     """Measures an architecture as the latency table was measured (threads, batch, warmup, repeats, rounds), when
-    the table's device is this one (the same kind and model); None otherwise, or without a table."""
+    the table was measured on this machine (device, model, torch); None otherwise, or without a table."""
     table = s.job.constraints[0].latency
     if table is None:
         return None
-    from supernet.timing import Timing, device_name, measure_arch
+    from supernet.timing import Timing, machine, measure_arch
 
-    if (table.device, table.device_name) != (s.env.device.type, device_name(s.env.device)):
+    if table.machine != machine(s.env.device):
         return None
     how = table.timing or {"warmup": 3, "repeats": 10, "rounds": 10}  # a table from before it recorded how
     timing = Timing(s.env.device, table.batch, warmup=how["warmup"], repeats=how["repeats"],

@@ -8,10 +8,12 @@ scores rank architectures the way training them from scratch does?
    ``band_archs`` more inside that band (space/samplers.py), deterministically from ``seed``.
 2. Scores each with the supernet's inherited weights on the whole held-out validation split (what the search's
    finalists are ranked by) and on its first ``eval_images`` (the search's fitness set, what its evolution ranks
-   by); with ``checkpoints=[...]``, also each further checkpoint's (a curve of tau against training length).
-3. Trains each from scratch through the retraining loop (supernet/retrain.py) with seeds 0..``seeds``-1 (init
-   and data order), scored on the same validation split; never the test split. Each run has its own
-   resumable directory under ``standalone_dir``, so a rerun continues, and another supernet of the same space
+   by), decoded as the supernet's training validated on it (its data config and recipe); with
+   ``checkpoints=[...]``, also each further checkpoint's (a curve of tau against training length).
+3. Trains each from scratch through the retraining loop (supernet/retrain.py) with seeds 0..``seeds``-1 (init and
+   data order) and the supernet's recipe (``recipe@standalone.recipe=NAME`` for another; each run is one process,
+   so without repeated augmentation), scored on the same validation split; never the test split. Each run has its
+   own resumable directory under ``standalone_dir``, so a rerun continues, and another supernet of the same space
    and data reuses them. Under torchrun, each rank trains its share of the runs alone (no DDP inside a run),
    balanced by MACs; a run's result does not depend on which rank trained it.
 4. Reports Kendall tau, Spearman rho and top-k overlap between each inherited score and the stand-alone
@@ -26,7 +28,7 @@ from __future__ import annotations
 
 import hashlib
 import json
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -44,6 +46,7 @@ from space.schema import FIDELITY, check_config
 from space.space import SearchSpace
 
 if TYPE_CHECKING:
+    from supernet.data.recipe import RecipeConfig
     from supernet.engine.checkpoint import SupernetCheckpoint
     from supernet.engine.distributed import DistEnv
 
@@ -83,6 +86,7 @@ def fidelity(cfg: DictConfig) -> dict[str, Any]:
         if cfg.data_root is not None:
             data_cfg["root"] = str(cfg.data_root)
         run_dir = Path(cfg.run_dir) if cfg.run_dir else job.checkpoint.parent / "fidelity"
+        recipe = standalone_recipe(cfg, sck.recipe, env.is_main)
         with run_dir_lock(run_dir, env.is_main):
             inherited = score_inherited(picked.unique, sck, data_cfg, cfg, env)
             curve = []
@@ -92,10 +96,10 @@ def fidelity(cfg: DictConfig) -> dict[str, Any]:
                     raise UserError(f"checkpoints: {path} is a supernet of space {other.net.space.name!r}, not of "
                                     f"checkpoint's {sck.net.space.name!r}; give checkpoints of one space")
                 curve.append((path, other, score_inherited(picked.unique, other, data_cfg, cfg, env)))
-            standalone = train_standalone(picked.unique, data_cfg, cfg, env, run_dir) if cfg.seeds else {}
+            standalone = train_standalone(picked.unique, data_cfg, cfg, env, run_dir, recipe) if cfg.seeds else {}
             if standalone is None:
                 return {}
-            result = summarize(picked, inherited, standalone, cfg, sck, data_cfg, curve)
+            result = summarize(picked, inherited, standalone, cfg, sck, data_cfg, recipe, curve)
             if env.is_main:
                 write_outputs(run_dir, result)
             return result
@@ -148,15 +152,42 @@ def pick(space: SearchSpace, cfg: DictConfig, job: Job) -> Picked:
     return Picked(stratified_archs(space, cfg.archs, cfg.seed), band)
 
 
-def standalone_cfg(cfg: DictConfig, data_cfg: dict[str, Any], seed: int, run_dir: Path) -> dict[str, Any]:
+def standalone_recipe(cfg: DictConfig, supernet: dict[str, Any] | None, announce: bool) -> RecipeConfig:
+    """The recipe the stand-alone runs train with: ``standalone.recipe`` when given (``recipe@standalone.recipe=NAME``),
+    else the supernet's. Each run trains on one process, where repeated augmentation is refused
+    (supernet/data/recipe.py): the supernet's repeats are dropped, saying so.
+
+    Raises:
+        UserError: a given recipe with repeated augmentation.
+    """
+    from supernet.data.recipe import RecipeConfig
+
+    given = cfg.standalone.get("recipe")
+    if given is not None:
+        recipe = RecipeConfig.from_cfg(given)
+        if recipe.repeated_aug > 1:
+            raise UserError(f"standalone.recipe.repeated_aug: {recipe.repeated_aug}, but each stand-alone run trains "
+                            "on one process, where repeats are refused; set standalone.recipe.repeated_aug=1")
+        return recipe
+    recipe = RecipeConfig.from_cfg(supernet)
+    if recipe.repeated_aug > 1:
+        if announce:
+            print(f"stand-alone runs: the supernet's recipe {recipe.name!r} without its repeated augmentation "
+                  f"(x{recipe.repeated_aug}): each run trains on one process")
+        recipe = replace(recipe, repeated_aug=1)
+    return recipe
+
+
+def standalone_cfg(cfg: DictConfig, data_cfg: dict[str, Any], seed: int, run_dir: Path,
+                   recipe: RecipeConfig) -> dict[str, Any]:
     """The retraining config (conf/retrain.yaml's keys) of one stand-alone run: seed ``seed`` for the init
-    and the data order, no validation during training (the study scores the whole split at the end)."""
+    and the data order, ``recipe``, no validation during training (the study scores the whole split at the end)."""
     s = cfg.standalone
     return {"arch": None, "init": "scratch", "supernet": None, "run_dir": str(run_dir), "resume": "auto",
             "resume_lr": None, "seed": seed, "device": cfg.device, "amp": cfg.amp, "max_steps": s.max_steps,
             "ckpt_every": s.ckpt_every, "log_every": 50, "progress": False, "compile": cfg.compile,
             "optim": OmegaConf.to_container(s.optim, resolve=True), "eval": {"every": 0, "max_batches": None},
-            "data": {**data_cfg, "seed": seed}}
+            "data": {**data_cfg, "seed": seed}, "recipe": asdict(recipe)}
 
 
 # ----------------------------------------------------------------------------- scoring
@@ -178,7 +209,7 @@ def score_inherited(archs: list[ArchSpec], sck: SupernetCheckpoint, data_cfg: di
     from search.inherited import InheritedAccuracy, validation_batches
     from supernet.engine.distributed import gather_objects
 
-    batches = validation_batches(data_cfg, None, cfg.eval_batch_size, env.device)
+    batches = validation_batches(data_cfg, None, cfg.eval_batch_size, env.device, sck.recipe, sck.source_digest)
     scorer = InheritedAccuracy(sck.net, batches, env, amp=cfg.amp, compile=cfg.compile)
     n = min(cfg.eval_images, scorer.images)
     whole: dict[ArchSpec, float] = {}
@@ -199,7 +230,7 @@ def run_id(arch: ArchSpec, seed: int) -> str:
 
 
 def train_standalone(archs: list[ArchSpec], data_cfg: dict[str, Any], cfg: DictConfig, env: DistEnv,
-                     run_dir: Path) -> dict[ArchSpec, list[float]] | None:
+                     run_dir: Path, recipe: RecipeConfig) -> dict[ArchSpec, list[float]] | None:
     """Each architecture's validation top-1 after training from scratch, one score per seed; None if a run
     was stopped by a signal (every finished run is kept; a rerun continues)."""
     from supernet.engine.distributed import balance, gather_objects
@@ -213,7 +244,7 @@ def train_standalone(archs: list[ArchSpec], data_cfg: dict[str, Any], cfg: DictC
                disable=not env.is_main or not cfg.progress, dynamic_ncols=True)
     for i in mine:
         arch, seed = runs[i]
-        done[i] = standalone_run(arch, seed, root / run_id(arch, seed), data_cfg, cfg, env, datasets)
+        done[i] = standalone_run(arch, seed, root / run_id(arch, seed), data_cfg, cfg, env, datasets, recipe)
         bar.update(1)
         if done[i] is None:
             break
@@ -229,7 +260,7 @@ def train_standalone(archs: list[ArchSpec], data_cfg: dict[str, Any], cfg: DictC
 
 
 def standalone_run(arch: ArchSpec, seed: int, run_dir: Path, data_cfg: dict[str, Any], cfg: DictConfig,
-                   env: DistEnv, datasets: dict[int, Any]) -> float | None:
+                   env: DistEnv, datasets: dict[int, Any], recipe: RecipeConfig) -> float | None:
     """Validation top-1 of ``arch`` trained from scratch with ``seed`` (result.json caches it); None if stopped.
 
     Raises:
@@ -240,10 +271,12 @@ def standalone_run(arch: ArchSpec, seed: int, run_dir: Path, data_cfg: dict[str,
     from supernet.engine.loop import DATA_NOT_IN_IDENTITY, top1
     from supernet.engine.standalone import train_arch
 
-    rcfg = OmegaConf.create(standalone_cfg(cfg, data_cfg, seed, run_dir))
+    rcfg = OmegaConf.create(standalone_cfg(cfg, data_cfg, seed, run_dir, recipe))
     setup = {k: v for k, v in OmegaConf.to_container(rcfg).items() if k in ("seed", "max_steps", "optim", "amp")}
     setup["data"] = {k: v for k, v in rcfg.data.items() if k not in DATA_NOT_IN_IDENTITY}
     setup["arch"] = arch.to_dict()
+    if recipe.identity() is not None:  # a light recipe adds nothing: results from before the recipe still count
+        setup["recipe"] = recipe.identity()
     result_path = run_dir / "result.json"
     if result_path.exists():
         saved = json.loads(result_path.read_text(encoding="utf-8"))
@@ -253,7 +286,8 @@ def standalone_run(arch: ArchSpec, seed: int, run_dir: Path, data_cfg: dict[str,
         return float(saved["val_top1"])
     solo = DistEnv(0, 1, env.local_rank, env.device)  # this rank alone: no collective inside a run
     if seed not in datasets:
-        datasets[seed] = build_data(rcfg.data, 0, 1, env.device)
+        datasets[seed] = build_data(rcfg.data, 0, 1, env.device, recipe=recipe,
+                                    label_smoothing=rcfg.optim.label_smoothing)
     data = datasets[seed]
     model, res = train_arch(arch, run_id(arch, seed), rcfg, data, solo)
     if res.stopped:
@@ -265,7 +299,7 @@ def standalone_run(arch: ArchSpec, seed: int, run_dir: Path, data_cfg: dict[str,
 
 # ----------------------------------------------------------------------------- report
 def summarize(picked: Picked, inherited: Inherited, standalone: dict[ArchSpec, list[float]], cfg: DictConfig,
-              sck: SupernetCheckpoint, data_cfg: dict[str, Any],
+              sck: SupernetCheckpoint, data_cfg: dict[str, Any], recipe: RecipeConfig,
               curve: list[tuple[Path, SupernetCheckpoint, Inherited]] | None = None) -> dict[str, Any]:
     """What fidelity.json holds: every architecture's scores, per group the agreement statistics of both
     inherited scores against the stand-alone ground truth (none without stand-alone runs), and with several
@@ -282,7 +316,8 @@ def summarize(picked: Picked, inherited: Inherited, standalone: dict[ArchSpec, l
     return {"checkpoint": str(cfg.checkpoint), "checkpoint_sha256": sck.sha256, "step": sck.step,
             "total_steps": sck.total_steps, "seed": cfg.seed,
             "band": list(cfg.band) if cfg.band is not None else None, "seeds": cfg.seeds,
-            "standalone": {"max_steps": s.max_steps, "optim": OmegaConf.to_container(s.optim, resolve=True)},
+            "standalone": {"max_steps": s.max_steps, "optim": OmegaConf.to_container(s.optim, resolve=True),
+                           "recipe": asdict(recipe)},
             "data": {**{k: data_cfg.get(k) for k in ("name", "val_size", "split_seed")},
                      "val_images": inherited.images, "fitness_images": inherited.fitness_images},
             "stats": stats, "archs": rows,

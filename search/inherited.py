@@ -1,5 +1,6 @@
 """Inherited-weight accuracy, the search's score: top-1 of a subnet that uses the trained supernet's weights,
-on a fixed, class-balanced subset of the held-out validation split (never the test split). The only torch in search/.
+on a fixed, class-balanced subset of the held-out validation split (never the test split), decoded as training
+validated on it (the checkpoint's data config and recipe). The only torch in search/.
 
 :class:`InheritedAccuracy` is an ``evaluate(archs) -> scores`` for :class:`search.evolution.Search`. Under
 torchrun, the candidates of a batch are dealt to the ranks balanced by MACs (an evaluation's cost; a batch can
@@ -22,7 +23,7 @@ import torch.distributed as dist
 from space.arch import ArchSpec
 from space.cost import macs
 from space.errors import UserError
-from supernet.data import build_data
+from supernet.data import RecipeConfig, build_data
 from supernet.engine.compile import compile_cells
 from supernet.engine.distributed import DistEnv, autocast, balance
 from supernet.model.supernet import Supernet
@@ -30,13 +31,25 @@ from supernet.model.supernet import Supernet
 Batches = list[tuple[torch.Tensor, torch.Tensor]]  # (images (B, C, H, W), labels (B,)) kept on the device
 
 
-def validation_batches(data_cfg: dict[str, Any], images: int | None, batch_size: int,
-                       device: torch.device) -> Batches:
-    """The first ``images`` images (None: all) of the held-out validation split, as batches kept in memory. The
-    split is in a fixed class-interleaved order (supernet/data/config.py: ``split_train_val``), so these are a
-    fixed subset that holds every class in proportion, identical for every candidate, rank and resume."""
+def validation_batches(data_cfg: dict[str, Any], images: int | None, batch_size: int, device: torch.device,
+                       recipe: dict[str, Any] | None = None, source: str | None = None) -> Batches:
+    """The first ``images`` images (None: all) of the held-out validation split, as batches kept in memory: built
+    with the training run's data config and recipe (``recipe``: its ``recipe`` group; only what shapes evaluation
+    pixels is used, its interpolation), so they are the images training validated on. The split is in a fixed
+    class-interleaved order (supernet/data/config.py: ``split_train_val``), so the first ``images`` are a fixed
+    subset that holds every class in proportion, identical for every candidate, rank and resume. ``source``: the
+    digest of the prepared store the supernet was trained on, which the store read now must have.
+
+    Raises:
+        UserError: no validation split, fewer images than asked for, or a store of other images.
+    """
     cfg = {**data_cfg, "eval_batch_size": batch_size}
-    data = build_data(cfg, rank=0, world_size=1, device=device)  # every rank holds the whole subset
+    evaluation = RecipeConfig.from_cfg(recipe).for_evaluation()
+    data = build_data(cfg, rank=0, world_size=1, device=device, recipe=evaluation)  # every rank: the whole subset
+    if source is not None and data.source != source:
+        raise UserError(f"data_root: {cfg.get('root')} holds a store prepared from other images or with other "
+                        f"settings ({data.source}) than the one the supernet was trained on ({source}); point "
+                        "data_root= at that store")
     if data.val is None:
         raise UserError("data.val_size: the supernet was trained without a validation split; search needs one")
     if images is None:

@@ -12,7 +12,14 @@ A block is what a PSViT runs once per forward at given sizes, named by a key:
 
 Identity cells cost nothing. ``predict(arch) = overhead_ms + scale * sum(blocks)``: a block timed alone is not
 exactly what it costs inside a network (calls between modules, caches, threads waking), so ``overhead_ms`` and
-``scale`` are fitted by least squares on calibration architectures timed end to end.
+``scale`` are fitted on calibration architectures timed end to end, spread over the whole range from all-identity
+networks up, by least squares on the relative error (supernet/timing.py): fitted on random networks alone, whose
+cell counts cluster mid-range, the line's intercept was extrapolated to the small end and dominated it there. A
+table reports its error on the space's smallest and largest networks next to random ones.
+
+A table identifies the machine it was measured on (device, CPU or GPU model, torch version; threads and batch are
+its settings); the search refuses a table of another machine, or one that does not say which, unless told to use
+it anyway (``latency_other_machine=true``).
 """
 
 from __future__ import annotations
@@ -67,14 +74,22 @@ def parse_block(key: str) -> tuple[str, tuple[int, ...]]:
     return kind, tuple(int(v) for v in sizes.replace(">", "x").split("x"))
 
 
+# What platform.machine() says when a table could not read its CPU model: such a table identifies no machine.
+NO_MODEL = ("", "x86_64", "amd64", "aarch64", "arm64", "i386", "i686", "ppc64le", "s390x", "riscv64", "unknown")
+
+
 @dataclass(frozen=True)
 class Accuracy:
     """How well the table predicts whole forwards it was not calibrated on."""
 
-    archs: int  # architectures measured end to end
+    archs: int  # random architectures measured end to end
     mape: float  # mean absolute percentage error of predicted vs measured, in %
     kendall_tau: float  # rank agreement of predicted vs measured
     max_ape: float  # the worst architecture's absolute percentage error, in %
+    # the space's smallest and largest networks (by MACs): {"arch", "macs", "predicted_ms", "measured_ms",
+    # "error_pct"} (signed: + = predicted slower than measured); None in tables from before they were measured
+    smallest: dict[str, Any] | None = None
+    largest: dict[str, Any] | None = None
 
 
 @dataclass(frozen=True)
@@ -95,14 +110,49 @@ class LatencyTable:
     accuracy: Accuracy | None = None  # on architectures other than the calibration ones
     drift: float | None = None  # the machine's slowest / fastest speed while the table was timed (1.0: steady)
     timing: dict[str, int] | None = None  # how: {"warmup", "repeats", "rounds"} (None: a table from before it was kept)
+    cores: int | None = None  # CPU cores the measuring process could use (None: a table from before it was kept)
     format: str = field(default=FORMAT)
 
+    @property
+    def machine(self) -> dict[str, str]:
+        """What identifies the machine the table was measured on."""
+        return {"device": self.device, "device_name": self.device_name, "torch": self.torch}
+
+    def check_machine(self, here: dict[str, str], allow_other: bool = False, source: str = "latency_table") -> None:
+        """Raise LatencyError unless the table was measured on the machine ``here`` describes (``machine``'s keys),
+        or ``allow_other``; a table that does not name its CPU or GPU model identifies no machine.
+
+        Raises:
+            LatencyError: one line naming both machines and the two ways out.
+        """
+        if allow_other:
+            return
+        way = ("measure a table here (python -m supernet.latency), or pass latency_other_machine=true to predict "
+               "with it anyway")
+        if self.device_name.strip().lower() in NO_MODEL:
+            raise LatencyError(f"{source}: the table does not identify its machine (device_name {self.device_name!r}: "
+                               f"measured before tables recorded the CPU model); {way}")
+        diff = [k for k in ("device", "device_name", "torch") if self.machine[k] != here.get(k)]
+        if diff:
+            theirs = ", ".join(f"{k} {self.machine[k]!r}" for k in diff)
+            ours = ", ".join(f"{k} {here.get(k)!r}" for k in diff)
+            raise LatencyError(f"{source}: measured on another machine ({theirs}; this one: {ours}); {way}")
+
+    def missing(self, space: SearchSpace) -> list[str]:
+        """The blocks of ``space`` the table lacks (a truncated or edited file)."""
+        return [k for k in space_blocks(space) if k not in self.blocks]
+
     def check_space(self, space: SearchSpace, source: str = "latency_table") -> None:
-        """Raise LatencyError unless the table was measured for ``space``."""
+        """Raise LatencyError unless the table was measured for ``space`` and holds every block of it."""
         if self.space_hash != config_hash(space.to_config()):
             raise LatencyError(f"{source}: the table was measured for space {self.space!r} (hash {self.space_hash}), "
                                f"not for {space.name!r} (hash {config_hash(space.to_config())}); measure one with "
                                f"python -m supernet.latency space={space.name}")
+        missing = self.missing(space)
+        if missing:
+            raise LatencyError(f"{source}: the table lacks {len(missing)} of the {len(space_blocks(space))} blocks of "
+                               f"space {space.name!r} (e.g. {missing[0]!r}): a truncated or edited file; measure it "
+                               f"again with python -m supernet.latency space={space.name}")
 
     def check_device(self, device: str, threads: int | None, batch: int | None,
                      source: str = "latency_table") -> None:
@@ -132,20 +182,36 @@ class LatencyTable:
     def predicted_range(self, space: SearchSpace) -> tuple[float, float]:
         """The exact smallest and largest prediction over ``space``: cells are chosen independently, so per
         (tokens, dim) chain the fixed blocks plus, per stage, its cells times its fastest / slowest op."""
+        fast, slow = self.extreme_archs(space)
+        return self.predict(fast), self.predict(slow)
+
+    def extreme_archs(self, space: SearchSpace) -> tuple[ArchSpec, ArchSpec]:
+        """The fastest and the slowest predicted architectures of ``space``: cells are chosen independently, so per
+        (tokens, dim) chain the fixed blocks plus, per stage, its cells times its fastest / slowest op.
+
+        Raises:
+            LatencyError: the table lacks a block of the space.
+        """
+        missing = self.missing(space)
+        if missing:
+            raise LatencyError(f"latency_table: the table lacks block {missing[0]!r} of space {space.name!r} "
+                               f"({len(missing)} missing); measure it again with python -m supernet.latency")
+
         def op_ms(op: str, t: int, d: int) -> float:
             return 0.0 if op == "identity" else self.blocks[f"{op}:{t}x{d}"]
 
-        lo = hi = None
+        ends: dict[str, tuple[float, ArchSpec]] = {}
         for chain in space.chains:
             (t_last, d_last) = chain[-1]
             fixed = self.blocks[f"embed:{chain[0][1]}"] + self.blocks[f"head:{t_last}x{d_last}"]
             fixed += sum(self.blocks[f"pool:{a[0]}x{a[1]}>{b[0]}x{b[1]}"] for a, b in zip(chain, chain[1:]))
-            times = [[op_ms(op, t, d) for op in space.ops] for t, d in chain]
-            cells = [s.cells for s in space.stages]
-            small = self.overhead_ms + self.scale * (fixed + sum(n * min(ts) for n, ts in zip(cells, times)))
-            large = self.overhead_ms + self.scale * (fixed + sum(n * max(ts) for n, ts in zip(cells, times)))
-            lo, hi = (small, large) if lo is None else (min(lo, small), max(hi, large))
-        return lo, hi
+            for which, pick in (("fast", min), ("slow", max)):
+                ops = [pick(space.ops, key=lambda op, t=t, d=d: op_ms(op, t, d)) for t, d in chain]
+                ms = fixed + sum(s.cells * op_ms(op, t, d) for op, (t, d), s in zip(ops, chain, space.stages))
+                better = which not in ends or (ms < ends[which][0] if which == "fast" else ms > ends[which][0])
+                if better:
+                    ends[which] = (ms, space._build(chain, tuple((op,) * s.cells for op, s in zip(ops, space.stages))))
+        return ends["fast"][1], ends["slow"][1]
 
     # ----------------------------------------------------------------- JSON
     def to_dict(self) -> dict[str, Any]:
@@ -176,6 +242,8 @@ class LatencyTable:
         try:
             acc = d.get("accuracy")
             table = cls(**{**d, "accuracy": Accuracy(**acc) if acc is not None else None})
+            if not isinstance(table.device_name, str) or not isinstance(table.blocks, dict):
+                raise TypeError("device_name must be a string, blocks a mapping")
         except TypeError as e:
             raise LatencyError(f"{source}: {p} is malformed ({e})") from None
         if table.timing is not None and not (

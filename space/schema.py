@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 from space.errors import UserError
@@ -118,8 +118,9 @@ EVOLVE = {"checkpoint": Key("str", nullable=True), "run_dir": Key("str", nullabl
           "strategy": Key("str", choices=("evolution", "random")), "seed": RUN["seed"],
           "flops_min": Key("float", low=0, nullable=True), "flops_max": Key("float", low=0, nullable=True),
           "params_max": Key("float", low=0, nullable=True), "latency_table": Key("str", nullable=True),
-          "latency_max": Key("float", low=0, nullable=True), "eval_images": Key("int", low=1),
-          "finalists": Key("int", low=0), "bootstrap": Key("int", low=100),
+          "latency_max": Key("float", low=0, nullable=True), "latency_other_machine": Key("bool"),
+          "latency_threads": Key("int", low=1, nullable=True), "latency_batch": Key("int", low=1, nullable=True),
+          "eval_images": Key("int", low=1), "finalists": Key("int", low=0), "bootstrap": Key("int", low=100),
           "eval_batch_size": Key("int", low=1), "data_root": Key("str", nullable=True), "device": RUN["device"],
           "amp": RUN["amp"], "compile": RUN["compile"], "progress": RUN["progress"], "show_top": Key("int", low=0)}
 
@@ -131,19 +132,24 @@ FIDELITY = {"checkpoint": EVOLVE["checkpoint"], "run_dir": Key("str", nullable=T
             "data_root": Key("str", nullable=True), "device": RUN["device"], "amp": RUN["amp"],
             "compile": RUN["compile"], "progress": RUN["progress"],
             "standalone.max_steps": Key("int", low=1, nullable=True), "standalone.ckpt_every": RUN["ckpt_every"],
-            **{f"standalone.{k}": v for k, v in RUN.items() if k.startswith("optim.")}}
+            **{f"standalone.{k}": v for k, v in RUN.items() if k.startswith("optim.")},
+            # null: the supernet's recipe (recipe@standalone.recipe=NAME selects one, then its keys are checked)
+            **{f"standalone.{k}": replace(v, nullable=True) for k, v in RUN.items() if k.startswith("recipe.")}}
 
 LATENCY = {"out": Key("str", nullable=True), "device": Key("str", choices=("cpu", "cuda")),
            "threads": Key("int", low=1), "batch": Key("int", low=1), "amp": Key("bool"), "warmup": Key("int", low=0),
            "repeats": Key("int", low=1), "rounds": Key("int", low=1), "calibrate": Key("int", low=0),
            "archs": Key("int", low=0), "seed": Key("int"), "progress": Key("bool")}
 
-CONVERT = {"checkpoint": Key("str", nullable=True), "arch": Key("str", nullable=True), "out": Key("str", nullable=True)}
+CONVERT = {"checkpoint": Key("str", nullable=True), "arch": Key("str", nullable=True), "out": Key("str", nullable=True),
+           "num_heads": Key("int", low=1, nullable=True), "weights": Key("str", choices=("model", "ema"))}
 PREPARE = {"src": Key("str", nullable=True), "out": Key("str", nullable=True), "img_size": Key("int", low=1),
            "short_side": Key("int", low=1, nullable=True), "interpolation": RUN["recipe.interpolation"],
+           "val_size": Key("int", low=0), "split_seed": Key("int", low=0),
            "shards": Key("int", low=1), "workers": Key("int", low=0, nullable=True), "progress": RUN["progress"]}
 
 EXPORT = {"arch": Key("str", nullable=True), "checkpoint": Key("str", nullable=True),
+          "weights": Key("str", choices=("model", "ema")),
           "format": Key("str", choices=("onnx", "torchscript", "pt2")), "out": Key("str", nullable=True),
           "batch": Key("int", low=1, nullable=True), "atol": Key("float", low=0), "seed": RUN["seed"]}
 

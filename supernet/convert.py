@@ -7,7 +7,11 @@ ImageNet weights (Touvron et al., "Training data-efficient image transformers", 
 
 The output is a plain state dict of ``PSViT(arch)``, loaded with
 ``PSViT.from_json(arch).load_state_dict(torch.load(out, weights_only=True))`` or by retraining's
-``init=pretrained pretrained=out``. The conversion is exact (supernet/pretrained.py). User errors print one
+``init=pretrained pretrained=out``. The conversion is exact (supernet/pretrained.py). The weights do not record
+the head count: DeiT's 64-dim heads are assumed (``num_heads=N`` for a checkpoint trained otherwise), and an arch
+of another count is refused. Wrapped checkpoints are unwrapped, saying so in the report line (``{"model": ...}``,
+``{"state_dict": ...}``, a ``module.`` prefix; ``weights=ema`` takes ``model_ema`` / ``state_dict_ema``). User
+errors print one
 ``error: ...`` line on stderr, exit with status 2 and write nothing (see conf/convert.yaml).
 """
 
@@ -25,7 +29,8 @@ from space.arch import ArchSpec
 from space.cost import fmt_params, params
 from space.schema import CONVERT, check_config
 from supernet.engine.checkpoint import save_checkpoint
-from supernet.pretrained import ConvertError, check_deit_layout, load_deit
+from supernet.pretrained import ConvertError, check_deit_layout, load_deit, read_weights, unwrap
+
 
 def convert(cfg: DictConfig | Mapping[str, Any]) -> str:
     """Write ``cfg.out``, the PSViT state dict of ``cfg.arch`` with the weights of the DeiT ``cfg.checkpoint``;
@@ -42,10 +47,15 @@ def convert(cfg: DictConfig | Mapping[str, Any]) -> str:
         raise ConvertError(f"out: {out} is the checkpoint itself (write the PSViT weights to another file)")
     arch = ArchSpec.load(cfg["arch"])
     check_deit_layout(arch, f"arch: {cfg['arch']}")
-    model = load_deit(src, arch)
+    sd, notes = unwrap(read_weights(src), str(src), cfg["weights"])
+    model = load_deit(sd, arch, cfg["num_heads"], source=str(src))
     save_checkpoint(model.state_dict(), out)
-    return (f"{src} -> {out}: PSViT {arch.short()}, {fmt_params(params(arch))} params, DeiT's weights exactly "
-            f"(load: PSViT.from_json({cfg['arch']!r}).load_state_dict(torch.load({str(out)!r}, weights_only=True)))")
+    heads = arch.stages[0].num_heads
+    done = "; ".join([f"{heads} heads" + (" (num_heads as given)" if cfg["num_heads"] else " (DeiT's 64-dim heads)"),
+                      *notes])
+    return (f"{src} -> {out}: PSViT {arch.short()}, {fmt_params(params(arch))} params, DeiT's "
+            f"{'EMA ' if cfg['weights'] == 'ema' else ''}weights exactly ({done}; load: "
+            f"PSViT.from_json({cfg['arch']!r}).load_state_dict(torch.load({str(out)!r}, weights_only=True)))")
 
 
 @hydra.main(version_base="1.3", config_path=CONF_DIR, config_name="convert")

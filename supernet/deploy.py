@@ -154,7 +154,8 @@ def load(fmt: Format, path: Path) -> tuple[Callable[[Tensor], Tensor], str]:
 class Verification:
     """How the written file compared with the PyTorch model."""
 
-    max_diff: float  # max |file logits - PyTorch logits| over every input; inf when it could not run
+    max_diff: float  # max |file logits - PyTorch logits| over every input; inf when it could not run or a logit
+    # was not finite
     problem: str | None  # why the file failed apart from the difference (it did not load or run, wrong arch)
 
     def ok(self, atol: float) -> bool:
@@ -172,6 +173,11 @@ def verify(fmt: Format, path: Path, model: nn.Module, inputs: list[Tensor], arch
                 if tuple(got.shape) != tuple(want.shape):
                     return Verification(math.inf, f"batch {x.shape[0]} gives logits {tuple(got.shape)}, "
                                                   f"PyTorch {tuple(want.shape)}")
+                # max() would pass a NaN over (max(0.0, nan) is 0.0): a non-finite logit is a failure of its own
+                for who, logits in (("PyTorch's", want), ("the file's", got)):
+                    if not bool(torch.isfinite(logits).all()):
+                        return Verification(math.inf, f"{who} logits are not finite (NaN or inf) at batch "
+                                                      f"{x.shape[0]}: the weights or the graph produce them")
                 diff = max(diff, (got.float() - want).abs().max().item())
     except Exception as e:  # noqa: BLE001 - whatever stops the file from running is the verdict
         return Verification(math.inf, f"{fmt.runtime} cannot run it ({type(e).__name__}: "

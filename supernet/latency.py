@@ -6,10 +6,13 @@ predicts whole networks (space/latency.py holds the table and the prediction, su
 
 Every block the space can build (each op at every tokens x dim, each pooling step, embedding and head) is built
 from the model's own modules (supernet/model/layers.py) at its sizes and timed at ``batch`` images: ``warmup``
-untimed calls, then the median of ``repeats`` timed ones (CUDA: events around each call). ``calibrate`` random
-architectures of the space are timed end to end as ``PSViT(arch)``, and ``measured ~ overhead_ms + scale x sum of
-its blocks`` is fitted to them by least squares; ``archs`` other random architectures are timed end to end too and
-the table reports its own accuracy on them: mean absolute percentage error, worst error and Kendall tau. Blocks and
+untimed calls, then the median of ``repeats`` timed ones (CUDA: events around each call). ``calibrate``
+architectures spread over the whole range (an all-identity network first, one without identity cells last) are timed
+end to end as ``PSViT(arch)``, and ``measured ~ overhead_ms + scale x sum of its blocks`` is fitted to them by least
+squares on the relative error; ``archs`` other random architectures and the space's smallest and largest networks
+are timed end to end too, and the table reports its own accuracy on them: mean absolute percentage error, worst
+error and Kendall tau on the random ones, and the error at both ends. The table records the machine (device, CPU
+or GPU model, torch version, cores) with its threads and batch. Blocks and
 networks are all timed together in ``rounds`` interleaved rounds (a new random order each round, the median over
 rounds kept), so a machine whose speed drifts slows them alike; the table records how far the speed moved.
 User errors print one ``error: ...`` line, exit 2 and write nothing.
@@ -50,7 +53,7 @@ def latency(cfg: DictConfig | Mapping[str, Any]) -> str:
                                 cfg["rounds"], cfg["progress"])
     table.save(out)
     lines = [f"{out}: {len(table.blocks)} blocks of space {space.name!r} on {table.device_name} ({table.device}, "
-             f"{table.threads} threads, batch {table.batch}, {table.dtype}, torch {table.torch}); "
+             f"{table.cores} cores, {table.threads} threads, batch {table.batch}, {table.dtype}, torch {table.torch}); "
              f"calibrated on {cfg['calibrate']} networks: overhead {table.overhead_ms:.3f} ms, "
              f"scale {table.scale:.3f}; "
              f"{cfg['rounds']} rounds, the machine's speed moved {table.drift:.2f}x between them"]
@@ -58,6 +61,10 @@ def latency(cfg: DictConfig | Mapping[str, Any]) -> str:
         a = table.accuracy
         lines.append(f"accuracy on {a.archs} other random architectures: MAPE {a.mape:.1f}%, worst {a.max_ape:.1f}%, "
                      f"Kendall tau {a.kendall_tau:.3f}")
+        for name, end in (("smallest", a.smallest), ("largest", a.largest)):
+            if end is not None:
+                lines.append(f"the {name} network ({end['macs'] / 1e6:.2f} M MACs): predicted {end['predicted_ms']:.3f}"
+                             f" ms, measured {end['measured_ms']:.3f} ms ({end['error_pct']:+.1f}%)")
         lines += [f"  {r['arch']}  {r['macs'] / 1e6:8.2f} M MACs  predicted {r['predicted_ms']:8.3f} ms  "
                   f"measured {r['measured_ms']:8.3f} ms" for r in rows]
     return "\n".join(lines)

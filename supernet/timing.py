@@ -5,12 +5,13 @@ and the prediction, pure Python)."""
 from __future__ import annotations
 
 import math
+import os
 import platform
 import random
 import statistics
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 import torch
@@ -172,35 +173,69 @@ def accuracy_of(predicted: list[float], measured: list[float]) -> Accuracy:
     return Accuracy(len(measured), statistics.fmean(ape), float(kendalltau(predicted, measured).statistic), max(ape))
 
 
-def calibration(sums: list[float], measured: list[float]) -> dict[str, float]:
-    """``overhead_ms`` and ``scale`` of ``measured ~ overhead + scale * sum``: the least-squares line when it rises
-    and starts at or above 0; otherwise the least-squares line through the origin (overhead 0), so that no
-    architecture is ever predicted a negative time (a line through two noisy networks can start far below 0)."""
-    if len(set(sums)) >= 2:
-        fit = statistics.linear_regression(sums, measured)
-        if fit.slope > 0 and fit.intercept >= 0:
-            return {"overhead_ms": fit.intercept, "scale": fit.slope}
-    if sums:
-        return {"overhead_ms": 0.0, "scale": sum(s * m for s, m in zip(sums, measured)) / sum(s * s for s in sums)}
-    return {"overhead_ms": 0.0, "scale": 1.0}
+def calibration(sums: list[float], measured: list[float], smallest: float | None = None) -> dict[str, float]:
+    """``overhead_ms`` and ``scale`` of ``measured ~ overhead + scale * sum``, least squares on the relative error
+    (each network's residual over its own time, as the table's accuracy is judged: a 1 ms network counts as much
+    as a 100 ms one): the line when it rises and predicts a positive time for a blocks' sum of ``smallest`` (the
+    space's fastest network; default the smallest calibration sum), so no architecture is predicted a negative
+    time; otherwise the line through the origin (overhead 0). A line may start below 0: networks can cost more
+    than their blocks timed alone, more so the more cells they hold."""
+    if not sums:
+        return {"overhead_ms": 0.0, "scale": 1.0}
+    # minimise sum((overhead / m + scale * s / m - 1) ** 2): ordinary least squares on u = 1 / m, v = s / m
+    u = [1.0 / m for m in measured]
+    v = [s / m for s, m in zip(sums, measured)]
+    suu, svv, suv = sum(x * x for x in u), sum(x * x for x in v), sum(x * y for x, y in zip(u, v))
+    det = suu * svv - suv * suv
+    low = min(sums) if smallest is None else smallest
+    if len(set(sums)) >= 2 and det > 1e-12 * suu * svv:
+        overhead, scale = (sum(u) * svv - sum(v) * suv) / det, (suu * sum(v) - suv * sum(u)) / det
+        if scale > 0 and overhead + scale * low > 0:
+            return {"overhead_ms": overhead, "scale": scale}
+    return {"overhead_ms": 0.0, "scale": sum(v) / svv}
+
+
+def spread_archs(space: SearchSpace, n: int, rng: random.Random, avoid: set[ArchSpec]) -> list[ArchSpec]:
+    """``n`` different architectures over the whole latency range, for the calibration: network ``i`` fills each cell
+    with a random op other than identity with probability ``i / (n - 1)`` (an all-identity network first, one
+    without identity cells last), on a random chain; none in ``avoid``."""
+    ops = [op for op in space.ops if op != "identity"] or list(space.ops)
+    out: list[ArchSpec] = []
+    for i in range(n):
+        fill = i / (n - 1) if n > 1 else 0.5
+        for _ in range(100):
+            chain = space.chains[rng.randrange(len(space.chains))]
+            cells = tuple(tuple(rng.choice(ops) if rng.random() < fill else "identity" for _ in range(st.cells))
+                          for st in space.stages)
+            arch = space._build(chain, cells)
+            if arch not in avoid and arch not in out:
+                out.append(arch)
+                break
+    return out
 
 
 def measure_table(space: SearchSpace, timing: Timing, threads: int, calibrate: int, archs: int, seed: int,
                   rounds: int = 1, progress: bool = True, extra: Sequence[ArchSpec] = ()
                   ) -> tuple[LatencyTable, list[dict[str, Any]]]:
     """The latency table of ``space`` and, for each accuracy architecture and then each of ``extra``, its MACs,
-    prediction and measurement (only the accuracy architectures make the table's accuracy).
+    prediction and measurement (only the accuracy architectures make the table's MAPE, worst error and tau; with
+    them, the space's smallest and largest networks by MACs are timed too, and their errors kept in the table's
+    accuracy).
 
-    Every block, the ``calibrate`` networks the overhead and scale are fitted to, the ``archs`` networks the
-    accuracy is reported on and ``extra`` are timed together in interleaved rounds (:func:`time_rounds`), so the
-    table and every network it is compared with hold the same moments of the machine."""
+    Every block, the ``calibrate`` networks the overhead and scale are fitted to (spread over the whole range,
+    :func:`spread_archs`), the ``archs`` random networks the accuracy is reported on, the two ends and ``extra`` are
+    timed together in interleaved rounds (:func:`time_rounds`), so the table and every network it is compared with
+    hold the same moments of the machine."""
     rng = random.Random(f"psvit-latency:{seed}")
-    cal = distinct_archs(space, calibrate, rng, set())
-    test = distinct_archs(space, archs, rng, set(cal))
+    # the smallest and largest networks, where the accuracy is reported apart (with the accuracy only)
+    ends = (space.extreme("min", "macs"), space.extreme("max", "macs")) if archs else ()
+    cal = spread_archs(space, calibrate, rng, set(ends))
+    test = distinct_archs(space, archs, rng, set(cal) | set(ends))
     items: dict[Any, tuple[Callable[[Tensor], Tensor], Tensor]] = {}
     for key in space_blocks(space):
         items[key] = block_input(space, key, timing)
-    for a in [*cal, *test, *extra]:
+    networks = list(dict.fromkeys([*cal, *test, *ends, *extra]))
+    for a in networks:
         items[a] = arch_input(a, timing)
     timed = time_rounds(items, timing, rounds, seed, progress, desc=f"{len(items)} blocks+networks, rounds")
     blocks = {k: timed.ms[k] for k in space_blocks(space)}
@@ -209,19 +244,45 @@ def measure_table(space: SearchSpace, timing: Timing, threads: int, calibrate: i
                          batch=timing.batch,
                          dtype="bfloat16" if timing.device.type == "cuda" and timing.amp else "float32",
                          overhead_ms=0.0, blocks=blocks, drift=round(timed.drift, 4),
-                         timing={"warmup": timing.warmup, "repeats": timing.repeats, "rounds": rounds})
+                         timing={"warmup": timing.warmup, "repeats": timing.repeats, "rounds": rounds},
+                         cores=available_cores())
     sums = [table.predict(a) for a in cal]  # the blocks' sum: overhead 0, scale 1 so far
-    table = LatencyTable(**{**vars(table), **calibration(sums, [timed.ms[a] for a in cal])})
-    rows = [{"arch": a.short(), "macs": macs(a), "predicted_ms": table.predict(a), "measured_ms": timed.ms[a]}
-            for a in [*test, *extra]]
+    smallest = table.predicted_range(space)[0]
+    table = LatencyTable(**{**vars(table), **calibration(sums, [timed.ms[a] for a in cal], smallest)})
+    row = lambda a: {"arch": a.short(), "macs": macs(a), "predicted_ms": table.predict(a),  # noqa: E731
+                     "measured_ms": timed.ms[a]}
+    rows = [row(a) for a in [*test, *extra]]
     if test:
         acc = accuracy_of([r["predicted_ms"] for r in rows[:len(test)]], [r["measured_ms"] for r in rows[:len(test)]])
-        table = LatencyTable(**{**vars(table), "accuracy": acc})
+        end = {name: {**row(a), "error_pct": 100 * (table.predict(a) / timed.ms[a] - 1)}
+               for name, a in zip(("smallest", "largest"), ends)}
+        table = LatencyTable(**{**vars(table), "accuracy": replace(acc, **end)})
     return table, rows
 
 
 def device_name(device: torch.device) -> str:
-    """The GPU model, or the processor, that a table records and a measurement is compared against."""
+    """The GPU model, or the CPU model, that a table records and a measurement is compared against (on Linux
+    ``platform.processor()`` is empty and ``platform.machine()`` is only ``x86_64``: /proc/cpuinfo's model name)."""
     if device.type == "cuda":
         return torch.cuda.get_device_name(device)
+    try:
+        for line in open("/proc/cpuinfo", encoding="utf-8", errors="replace"):
+            key, _, value = line.partition(":")
+            if key.strip() in ("model name", "Model", "cpu model", "Processor") and value.strip():
+                return value.strip()
+    except OSError:
+        pass
     return platform.processor() or platform.machine()
+
+
+def machine(device: torch.device) -> dict[str, str]:
+    """This machine as a latency table identifies its own (``LatencyTable.machine``)."""
+    return {"device": device.type, "device_name": device_name(device), "torch": torch.__version__}
+
+
+def available_cores() -> int:
+    """CPU cores this process may run on."""
+    try:
+        return len(os.sched_getaffinity(0))
+    except (AttributeError, OSError):
+        return os.cpu_count() or 1

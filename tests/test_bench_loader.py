@@ -55,7 +55,8 @@ def test_prepared_store_figures_are_positive_and_consistent(tmp_path: Path, caps
     folder = tmp_path / "folder"
     loader_speed.write_image_folder(folder, 4, classes=2, size=(40, 30), distinct=2)
     p = loader_speed.measure_prepared(folder, tmp_path / "store", 16, batch_size=2, batches=2, reps=1)
-    assert (p.batch_size, p.side, p.images) == (2, 18, 6)  # 4 training + 2 val JPEGs; squares of floor(16 / 0.875)
+    # 4 training + 2 val JPEGs of 40x30, stored whole with the short side at floor(16 / 0.7) = 22
+    assert (p.batch_size, p.max_h, p.max_w, p.images) == (2, 22, 29, 6)
     assert p.prepare > 0 and p.read > 0 and p.draws_ms > 0 and p.device_ms > 0
     assert p.per_core == pytest.approx(1 / (1 / p.read + p.draws_ms / 1e3 / 2)) and p.per_core < p.read
     loader_speed.report_prepared(p, 100.0, 7000)

@@ -15,6 +15,7 @@ import torch
 from torch import nn
 
 from space.arch import ArchSpec
+from space.errors import UserError
 from supernet.pretrained import deit_to_psvit, load_deit, qkv_per_head
 from supernet.model.psvit import PSViT
 
@@ -178,6 +179,86 @@ def test_bad_input_is_one_line_exit_2_and_writes_nothing(tmp_path: Path, run_mod
     assert r.stderr.startswith("error: ") and r.stderr.count("\n") == 1, r.stderr
     assert fragment.replace("{tmp}", str(tmp_path)) in r.stderr, r.stderr
     assert _entries(tmp_path) == before  # no output, no temp file
+
+
+def _six_heads(tmp: Path) -> str:
+    """DeiT-Ti's arch with 6 heads of 32 dims instead of 3 of 64: every tensor has the same shape."""
+    spec = json.loads(Path(TINY).read_text())
+    spec["stages"][0]["num_heads"] = 6
+    path = tmp / "deit_tiny_6_heads.json"
+    path.write_text(json.dumps(spec))
+    return str(path)
+
+
+def test_a_wrong_head_count_is_refused_and_an_explicit_one_is_converted_with(tmp_path: Path, run_module,
+                                                                            files: dict[str, Path],
+                                                                            deit: Callable[[str], nn.Module]) -> None:
+    """The weights do not record the head count: a 3-head DeiT-Ti converted as 6 heads has the same shapes and was
+    written as "DeiT's weights exactly", with logits 0.4 off. It is refused in one line naming both fixes; with
+    num_heads=6 (a checkpoint really trained with 6 heads) the qkv rows are regrouped for 6 heads."""
+    six = _six_heads(tmp_path)
+    out = tmp_path / "out.pt"
+    r = run_module("supernet.convert", f"checkpoint={files['tiny']}", f"arch={six}", f"out={out}", cwd=tmp_path)
+    assert r.returncode == 2 and r.stderr.count("\n") == 1, r.stderr
+    assert r.stderr == (f"error: arch: 6 heads, but {files['tiny']} is a DeiT of dim 192, whose heads are 64-dim: 3 "
+                        "heads (its weights do not record the count, and another one regroups the qkv rows wrongly); "
+                        "pass an arch with 3 heads, e.g. conf/baselines/deit_tiny.json, or num_heads=6 if the "
+                        "checkpoint was trained with 6 heads\n")
+    assert not out.exists()
+    r = run_module("supernet.convert", f"checkpoint={files['tiny']}", f"arch={six}", f"out={out}", "num_heads=3",
+                   cwd=tmp_path)
+    assert r.returncode == 2 and "error: num_heads: 3 but the arch has 6 heads" in r.stderr and not out.exists()
+    r = run_module("supernet.convert", f"checkpoint={files['tiny']}", f"arch={six}", f"out={out}", "num_heads=6",
+                   cwd=tmp_path)
+    assert r.returncode == 0 and "6 heads (num_heads as given)" in r.stdout, r.stderr
+    sd = deit("tiny").state_dict()
+    assert torch.equal(torch.load(out, weights_only=True)["stages.0.cells.0.layer.attn.qkv.weight"],
+                       qkv_per_head(sd["blocks.0.attn.qkv.weight"], 6))
+    with pytest.raises(UserError, match=r"^arch: 6 heads, but checkpoint is a DeiT of dim 192"):
+        load_deit(sd, six)  # the library call and init=pretrained refuse it the same way
+
+
+@pytest.mark.parametrize("wrapping, args, said", [
+    ("module", [], "dropped the 'module.' prefix of DistributedDataParallel from every name"),
+    ("state_dict", [], "took the 'state_dict' entry"),
+    ("model_and_ema", [], "the file also holds 'model_ema' (weights=ema takes those)"),
+    ("model_and_ema", ["weights=ema"], "took the 'model_ema' entry; the file also holds 'model' (weights=model"),
+    ("timm_ema_with_module", ["weights=ema"], "took the 'state_dict_ema' entry; the file also holds 'state_dict' "
+                                              "(weights=model takes those); dropped the 'module.' prefix"),
+])
+def test_wrapped_and_prefixed_checkpoints_are_unwrapped_saying_so(tmp_path: Path, run_module,
+                                                                 deit: Callable[[str], nn.Module], wrapping: str,
+                                                                 args: list[str], said: str) -> None:
+    sd = deit("tiny").state_dict()
+    ema = {k: v + 1.0 for k, v in sd.items()}  # an average that differs from the weights everywhere
+    module = {f"module.{k}": v for k, v in sd.items()}
+    ck = {"module": module, "state_dict": {"state_dict": sd, "epoch": torch.tensor(3)},
+          "model_and_ema": {"model": sd, "model_ema": ema},
+          "timm_ema_with_module": {"state_dict": sd, "state_dict_ema": {f"module.{k}": v for k, v in ema.items()}},
+          }[wrapping]
+    src, out = tmp_path / "ck.pth", tmp_path / "out.pt"
+    torch.save(ck, src)
+    r = run_module("supernet.convert", f"checkpoint={src}", f"arch={TINY}", f"out={out}", *args, cwd=tmp_path)
+    assert r.returncode == 0 and said in r.stdout, (r.stdout, r.stderr)
+    want = load_deit(ema if args else sd, TINY).state_dict()
+    got = torch.load(out, weights_only=True)
+    assert all(torch.equal(got[k], v) for k, v in want.items())
+
+
+@pytest.mark.parametrize("ck, args, message", [
+    ({"model_ema": "{sd}"}, [], "holds only a moving average of the weights ('model_ema'); pass weights=ema to "
+                                "convert it"),
+    ("{sd}", ["weights=ema"], "error: weights: ema but {src} holds no moving average of the weights (none of "
+                              "model_ema, state_dict_ema); use weights=model"),
+])
+def test_the_weights_asked_for_and_not_there_name_the_fix(tmp_path: Path, run_module, deit, ck, args,
+                                                         message) -> None:
+    sd = deit("tiny").state_dict()
+    src = tmp_path / "ck.pth"
+    torch.save(sd if ck == "{sd}" else {k: sd for k in ck}, src)
+    r = run_module("supernet.convert", f"checkpoint={src}", f"arch={TINY}", f"out={tmp_path / 'o.pt'}", *args)
+    assert r.returncode == 2 and r.stderr.count("\n") == 1 and message.replace("{src}", str(src)) in r.stderr, r.stderr
+    assert not (tmp_path / "o.pt").exists()
 
 
 # ----------------------------------------------------------------------------- retraining from pretrained weights

@@ -202,7 +202,7 @@ def test_supernet_checkpoint_exports_the_path_it_scores(ckpts, run_module, tmp_p
     out = ckpts["supernet"].parent / "2d.pt"  # next to the checkpoint, named after the arch
     assert (r.returncode, r.stderr) == (0, ""), r.stderr
     assert r.stdout.startswith(f"{out}: TorchScript, ") and r.stdout.count("\n") == 1
-    assert f"weights of supernet {ckpts['supernet']} (step 1, path extracted)" in r.stdout
+    assert f"weights of supernet {ckpts['supernet']} (step 1/1, path extracted)" in r.stdout
     net = load_supernet(ckpts["supernet"], torch.device("cpu")).net
     with torch.no_grad():
         want = net(images(3), ARCHS["2d"])  # the supernet's own forward of the path, as the search scores it
@@ -213,12 +213,86 @@ def test_supernet_checkpoint_exports_the_path_it_scores(ckpts, run_module, tmp_p
 def test_retraining_checkpoint_exports_its_weights(ckpts, tmp_path: Path) -> None:
     res = export(config(arch=str(ckpts["1d"]), checkpoint=str(ckpts["retrain"]), format="torchscript",
                         out=str(tmp_path / "m.pt")))
-    assert res.ok and res.check.max_diff <= 1e-4 and f"retraining checkpoint {ckpts['retrain']} (step 1)" in res.line()
+    assert res.ok and res.check.max_diff <= 1e-4 and res.warning is None
+    assert f"weights of retraining checkpoint {ckpts['retrain']} (step 1/1)" in res.line()
     model = PSViT(ARCHS["1d"]).eval()
     model.load_state_dict(torch.load(ckpts["retrain"], weights_only=True)["model"])
     with torch.no_grad():
         assert (torch.jit.load(str(tmp_path / "m.pt"))(images(5)) - model(images(5))).abs().max() <= 1e-5
         assert (model(images(5)) - fresh(ARCHS["1d"])(images(5))).abs().max() > 1e-3  # trained weights, not fresh
+
+
+def _edited(ckpt: Path, out: Path, **changes) -> Path:
+    """A copy of a retraining checkpoint with some entries replaced (``None`` removes one)."""
+    ck = torch.load(ckpt, weights_only=True)
+    for k, v in changes.items():
+        ck.pop(k) if v is None else ck.__setitem__(k, v)
+    torch.save(ck, out)
+    return out
+
+
+def test_ema_weights_on_request_and_the_line_says_which(ckpts, run_module, tmp_path: Path) -> None:
+    """weights=ema exports a retraining checkpoint's moving average, and the line says which weights it holds;
+    a checkpoint without an average, a supernet or fresh weights with weights=ema are one line, nothing written."""
+    sd = torch.load(ckpts["retrain"], weights_only=True)["model"]
+    ema = {k: v * 0.5 for k, v in sd.items()}  # an average that differs from the weights everywhere
+    ckpt = _edited(ckpts["retrain"], tmp_path / "ema.ckpt", ema=ema)
+    res = export(config(arch=str(ckpts["1d"]), checkpoint=str(ckpt), format="torchscript", weights="ema",
+                        out=str(tmp_path / "ema.pt")))
+    assert res.ok and f"EMA weights of retraining checkpoint {ckpt} (step 1/1)" in res.line()
+    trained = export(config(arch=str(ckpts["1d"]), checkpoint=str(ckpt), format="torchscript",
+                            out=str(tmp_path / "model.pt")))
+    assert trained.ok and f"trained weights (not the EMA) of retraining checkpoint {ckpt}" in trained.line()
+    want = {}
+    for name, state in (("ema", ema), ("model", sd)):
+        want[name] = PSViT(ARCHS["1d"]).eval()
+        want[name].load_state_dict(state)
+    with torch.no_grad():
+        for name in ("ema", "model"):
+            got = torch.jit.load(str(tmp_path / f"{name}.pt"))(images(3))
+            assert (got - want[name](images(3))).abs().max() <= 1e-5, name
+        assert (want["ema"](images(3)) - want["model"](images(3))).abs().max() > 1e-3
+    for checkpoint, fragment in ((ckpts["retrain"], "holds no moving average of the weights (retrained without "
+                                                    "recipe.ema=true); use weights=model"),
+                                 (ckpts["supernet"], "is a supernet checkpoint, which keeps no moving average"),
+                                 (None, "error: weights: ema needs checkpoint= a retraining checkpoint")):
+        arch = ckpts["2d" if checkpoint == ckpts["supernet"] else "1d"]
+        args = [f"arch={arch}", "weights=ema", "format=torchscript", f"out={tmp_path / 'no.pt'}"]
+        r = run_module("supernet.export", *args, *([f"checkpoint={checkpoint}"] if checkpoint else []), cwd=tmp_path)
+        assert r.returncode == 2 and r.stderr.count("\n") == 1 and fragment in r.stderr, r.stderr
+    assert not (tmp_path / "no.pt").exists()
+
+
+def test_an_unfinished_run_is_exported_with_a_warning_naming_its_step(ckpts, run_module, tmp_path: Path) -> None:
+    ckpt = _edited(ckpts["retrain"], tmp_path / "unfinished.ckpt", total_steps=40)
+    r = run_module("supernet.export", f"arch={ckpts['1d']}", f"checkpoint={ckpt}", "format=torchscript",
+                   f"out={tmp_path / 'm.pt'}", cwd=tmp_path)
+    assert r.returncode == 0 and f"weights of retraining checkpoint {ckpt} (step 1/40)" in r.stdout, r.stdout
+    assert r.stderr == "warning: the run had not finished: its checkpoint is at step 1 of 40\n"
+
+
+def test_non_finite_logits_fail_the_check_and_nothing_is_written(ckpts, run_module, tmp_path: Path) -> None:
+    """A NaN weight makes every logit NaN in PyTorch and in the file alike: their difference is NaN, and max(0.0,
+    nan) is 0.0, which passed for a verified file; a non-finite logit fails the check."""
+    sd = torch.load(ckpts["retrain"], weights_only=True)["model"]
+    sd["head.bias"] = torch.full_like(sd["head.bias"], float("nan"))
+    ckpt = _edited(ckpts["retrain"], tmp_path / "nan.ckpt", model=sd)
+    out = tmp_path / "nan.pt"
+    r = run_module("supernet.export", f"arch={ckpts['1d']}", f"checkpoint={ckpt}", "format=torchscript",
+                   f"out={out}", cwd=tmp_path)
+    assert r.returncode == 1 and r.stdout == "" and r.stderr.count("\n") == 1, r.stderr
+    assert r.stderr.startswith(f"error: {out}: TorchScript failed the check, PyTorch's logits are not finite (NaN "
+                               "or inf) at batch 1"), r.stderr
+    assert not out.exists()
+    load = deploy.load  # the file alone producing NaN (a runtime that breaks the graph) fails as well
+
+    def nan_file(fmt, path):
+        run, stored = load(fmt, path)
+        return (lambda x: run(x) * float("nan")), stored
+    with mock.patch.object(deploy, "load", nan_file):
+        res = export(config(arch=str(ckpts["1d"]), checkpoint=str(ckpts["retrain"]), format="torchscript",
+                            out=str(out)))
+    assert not res.ok and "the file's logits are not finite" in res.line() and not out.exists()
 
 
 # ----------------------------------------------------------------------------- failures

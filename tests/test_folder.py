@@ -129,7 +129,8 @@ def test_search_and_retraining_on_the_folder(folder, reference, tmp_path):
     best = search / "best_arch.json"
     assert json.loads(best.read_text())["num_classes"] == len(CLASSES)
     result = retrain(_compose("retrain", f"arch={best}", f"run_dir={tmp_path / 'retrain'}", *data_args(folder),
-                              "recipe=deit", "recipe.ema=true", "max_steps=3", "eval.every=3", "progress=false"))
+                              "recipe=deit", "recipe.repeated_aug=1", "recipe.ema=true", "max_steps=3", "eval.every=3",
+                              "progress=false"))
     assert result["test_images"] == 3 * 4 and result["dataset"] == "imagenet_folder" and result["recipe"] == "deit"
     assert 0 <= result["test_top1"] <= 1 and 0 <= result["test_top1_ema"] <= 1
 

@@ -209,6 +209,8 @@ def retrain_ref(tmp_path_factory: pytest.TempPathFactory, data_root: Path, one_t
 def _same_result(ours: dict, ref: dict) -> None:
     ours, ref = dict(ours), dict(ref)
     ours.pop("train_seconds_this_run"), ref.pop("train_seconds_this_run")
+    for run in (ours, ref):  # each names its own checkpoint, whose bytes hold its run_dir
+        assert run.pop("checkpoint").endswith("last.ckpt") and len(run.pop("checkpoint_sha256")) == 64
     assert ours == ref and ours["test_images"] == 100
 
 

@@ -20,8 +20,11 @@ from space.arch import ArchSpec
 from space.cost import params
 from space.latency import FORMAT, LatencyError, LatencyTable, block_keys, space_blocks
 from space.space import SearchSpace
-from supernet.timing import block_module
+from supernet.timing import block_module, device_name, machine
 from supernet.model.psvit import PSViT
+
+
+REPO = Path(__file__).resolve().parents[1]
 
 
 def tiny_space(pooling: str) -> SearchSpace:
@@ -152,7 +155,11 @@ def test_the_app_writes_a_table_that_predicts_its_space(tmp_path: Path, run_modu
     assert (table.device, table.threads, table.batch, table.dtype) == ("cpu", 1, 1, "float32")
     assert table.timing == {"warmup": 0, "repeats": 1, "rounds": 2}
     assert table.accuracy is not None and table.accuracy.archs == 3
-    assert "MAPE" in r.stdout and r.stdout.count(" measured ") == 3
+    assert "MAPE" in r.stdout and r.stdout.count(" measured ") == 3 + 2  # 3 random networks, then both ends
+    assert "the smallest network (" in r.stdout and "the largest network (" in r.stdout
+    assert table.accuracy.smallest["arch"] == space.extreme("min", "macs").short()
+    assert table.accuracy.largest["arch"] == space.extreme("max", "macs").short()
+    assert table.device_name == device_name(torch.device("cpu")) and table.cores >= 1
     arch = space.sample(random.Random(7))  # times of 1 repeat are noise; the arithmetic is what is checked
     assert table.predict(arch) == pytest.approx(table.overhead_ms
                                                 + table.scale * sum(table.blocks[k] for k in block_keys(arch)))
@@ -223,10 +230,21 @@ def test_the_calibration_is_the_least_squares_line_never_below_zero() -> None:
     fit = calibration(sums, [0.5 + 0.8 * x for x in sums])
     assert fit["overhead_ms"] == pytest.approx(0.5) and fit["scale"] == pytest.approx(0.8)
     # a line that would start below 0 (two noisy networks): through the origin instead, least squares
-    assert calibration([4.0, 5.0], [2.0, 6.0]) == {"overhead_ms": 0.0, "scale": pytest.approx(38 / 41)}
-    assert calibration([2.0], [2.5]) == {"overhead_ms": 0.0, "scale": 1.25}  # one network: a scale only
-    assert calibration([1.0, 2.0, 3.0], [3.0, 2.0, 1.0]) == {"overhead_ms": 0.0, "scale": pytest.approx(10 / 14)}
+    # a line below 0 at the space's smallest sum (1 here): through the origin, scale = sum(s/m) / sum((s/m)^2), the
+    # least squares on the relative error
+    assert calibration([4.0, 5.0], [2.0, 6.0], smallest=1.0) == {
+        "overhead_ms": 0.0, "scale": pytest.approx((2 + 5 / 6) / (4 + 25 / 36))}
+    # a line that starts below 0 but predicts every network of the space a positive time is kept
+    fit = calibration([4.0, 5.0], [2.0, 6.0], smallest=3.9)
+    assert fit == {"overhead_ms": pytest.approx(-14.0), "scale": pytest.approx(4.0)}
+    assert calibration([2.0], [2.5]) == {"overhead_ms": 0.0, "scale": pytest.approx(1.25)}  # one network: a scale
+    assert calibration([1.0, 2.0, 3.0], [3.0, 2.0, 1.0]) == {"overhead_ms": 0.0,
+                                                             "scale": pytest.approx((1 / 3 + 1 + 3) / (1 / 9 + 1 + 9))}
     assert calibration([], []) == {"overhead_ms": 0.0, "scale": 1.0}
+    # relative, not absolute: a 1 ms network's miss weighs what a 100 ms one's does (absolute least squares puts
+    # this line's intercept at 2.0, twice the small network's time)
+    fit = calibration([1.0, 50.0, 100.0], [1.0, 56.0, 100.0])
+    assert abs(fit["overhead_ms"] + fit["scale"] - 1.0) < 0.05 and fit["overhead_ms"] < 0.1
 
 
 def test_interleaved_rounds_keep_the_items_ratios_through_drift_and_report_it() -> None:
@@ -246,3 +264,109 @@ def test_interleaved_rounds_keep_the_items_ratios_through_drift_and_report_it() 
     r = time_rounds(items, Clock(torch.device("cpu"), 1, 0, 1, False), rounds=5, seed=3)
     assert r.ms == {"a": 1.0, "b": 3.0, "c": 10.0} and r.drift == 2.0
     assert len(calls) == 15 and len({tuple(calls[i:i + 3]) for i in range(0, 15, 3)}) > 1  # reshuffled
+
+
+# ----------------------------------------------------------------------------- the machine, the ends
+def test_a_table_names_its_machine_and_another_machines_or_an_unnamed_one_is_refused() -> None:
+    """A CPU table recorded platform.machine(), 'x86_64', so any x86 machine matched it; it records the CPU model
+    now, and the search refuses a table of another machine or one that names none, unless told otherwise."""
+    here = machine(torch.device("cpu"))
+    assert here["device_name"] not in ("", "x86_64", "aarch64") and here["torch"] == torch.__version__
+    space = tiny_space("2d")
+    table_for(space, device_name=here["device_name"]).check_machine(here)
+    for kw, msg in (({"device_name": "x86_64"}, "the table does not identify its machine \\(device_name 'x86_64'"),
+                    ({"device_name": "Other CPU 9000"}, "measured on another machine \\(device_name 'Other CPU 9000'; "
+                                                        f"this one: device_name '{here['device_name']}'\\)"),
+                    ({"device_name": here["device_name"], "torch": "1.0"}, "measured on another machine \\(torch "),
+                    ({"device_name": here["device_name"], "device": "cuda"}, "\\(device 'cuda'; this one: device")):
+        table = table_for(space, **kw)
+        with pytest.raises(LatencyError, match=msg + ".*latency_other_machine=true") as e:
+            table.check_machine(here)
+        assert "\n" not in str(e.value)
+        table.check_machine(here, allow_other=True)
+
+
+def test_a_table_missing_a_block_is_one_line_not_a_key_error() -> None:
+    from search.constraint import Constraint, check_feasible
+
+    space = tiny_space("2d")
+    blocks = {k: 1.0 for k in space_blocks(space)}
+    del blocks["shared:16x32"]
+    table = table_for(space, blocks)
+    with pytest.raises(LatencyError, match=r"^latency_table: the table lacks 1 of the \d+ blocks of space 'tiny_2d' "
+                                           r"\(e.g. 'shared:16x32'\): a truncated or edited file; measure it again"):
+        table.check_space(space)
+    for call in (lambda: table.predicted_range(space),
+                 lambda: check_feasible(space, Constraint(latency_max=50.0, latency=table), random.Random(0))):
+        with pytest.raises(LatencyError, match="lacks block 'shared:16x32'"):  # a KeyError traceback before
+            call()
+
+
+def _fake_ms(arch: ArchSpec) -> float:
+    """What the fake machine below takes for a whole network."""
+    keys = block_keys(arch)
+    cells = sum(k.split(":")[0] in ("basic", "shared") for k in keys)
+    return 0.02 + 0.05 * len(keys) + 1e-4 * params(arch) + 0.3 * cells
+
+
+class _Machine:
+    """A deterministic machine on which a cell costs 0.3 ms more inside a network than timed alone (cold caches,
+    threads waking), and every call 0.05 ms: the effect that made the line fitted to random networks (whose cell
+    counts cluster mid-range) start at 2.3 ms, 49% of its prediction for the all-identity network, predicted twice
+    its time. A block's time is its parameters' (the blocks of a network add up to its parameters exactly)."""
+
+    def __call__(self, fn, x) -> float:
+        if isinstance(fn, PSViT):
+            return _fake_ms(fn.arch)
+        return 0.05 + 1e-4 * sum(p.numel() for p in fn.parameters())
+
+
+def test_a_tight_latency_bound_the_old_fit_refused_admits_networks_that_meet_it(monkeypatch) -> None:
+    """fmnist_2d on the fake machine: calibrated over the whole range on the relative error, the table predicts the
+    smallest and largest networks within 5% (it is judged there, not only on random networks), and a bound 25%
+    above the smallest network's time, which the old table (random calibration networks, absolute least squares)
+    refused as below the space's predicted range (the old table: overhead 2.2 ms, the smallest network predicted
+    +101%), is searched: the architecture it admits meets it."""
+    from search.constraint import Constraint, InfeasibleError, check_feasible
+    from supernet.timing import Timing, measure_table
+
+    monkeypatch.setattr(Timing, "__call__", lambda self, fn, x: _Machine()(fn, x))
+    space = SearchSpace.from_config(_space_cfg("fmnist_2d"))
+    table, _ = measure_table(space, Timing(torch.device("cpu"), 1, 0, 1, False), threads=1, calibrate=15, archs=30,
+                             seed=0, rounds=1, progress=False)
+    acc = table.accuracy
+    smallest = space.extreme("min", "macs")
+    assert acc.smallest["measured_ms"] == _fake_ms(smallest)
+    # the figures docs/deployment.md quotes
+    assert (round(acc.smallest["error_pct"], 1), round(acc.largest["error_pct"], 1), round(acc.mape, 1)) == (
+        0.4, 4.1, 3.0)
+    assert table.overhead_ms < 0.5 * table.predict(smallest)  # the intercept does not dominate the small end
+    bound = 1.25 * _fake_ms(smallest)
+    assert table.predicted_range(space)[0] <= bound
+    arch = check_feasible(space, Constraint(latency_max=bound, latency=table), random.Random(0))
+    assert _fake_ms(arch) <= bound
+    # the old fit on the same machine: absolute least squares on the random networks the old table drew
+    import statistics
+
+    from supernet.timing import distinct_archs
+
+    cal = distinct_archs(space, 15, random.Random("psvit-latency:0"), set())
+    old = statistics.linear_regression([sum(table.blocks[k] for k in block_keys(a)) for a in cal],
+                                       [_fake_ms(a) for a in cal])
+    blocks_min = sum(table.blocks[k] for k in block_keys(smallest))
+    old_min = old.intercept + old.slope * blocks_min
+    assert round(old.intercept, 1) == 2.2 and round(100 * (old_min / _fake_ms(smallest) - 1)) == 101
+    with pytest.raises(InfeasibleError, match="below the predicted range"):
+        old_table = dataclasses.replace(table, overhead_ms=old.intercept, scale=old.slope)
+        check_feasible(space, Constraint(latency_max=bound, latency=old_table), random.Random(0))
+
+
+def test_the_committed_tables_are_the_pages():
+    """docs/deployment.md's table of docs/latency/*.json is what scripts/latency_tables.py renders from the files."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("latency_tables", REPO / "scripts" / "latency_tables.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    module.main(["--check"])
+    assert "not named ('x86_64': refused by the search)" in module.render()  # F4's tables, marked

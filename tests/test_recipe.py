@@ -112,6 +112,14 @@ def test_settings_that_do_not_fit_the_data_are_one_line(fake_fmnist, tmp_path):
         build_data({**cfg, "name": "imagenet_folder"}, recipe={**DEIT, "rand_augment": "rand-zz9"})
     with pytest.raises(DataError, match=r"^recipe.mixups: unknown key \(allowed: name, rand_augment,"):
         build_data(cfg, recipe={**IN_MEMORY_DEIT, "mixups": 1.0})
+    # timm's RepeatAugSampler on one replica: each image's 3 copies in one batch, a third of the images per epoch
+    # (timm refuses it); it used to run
+    with pytest.raises(DataError, match=r"^recipe.repeated_aug: 3 on one process puts each image's 3 copies in one "
+                                        r"batch and shows 1/3 of the images per epoch .*set recipe.repeated_aug=1, "
+                                        r"or train on several ranks"):
+        build_data(cfg, recipe=IN_MEMORY_DEIT)
+    assert len(build_data(cfg, rank=1, world_size=2, recipe=IN_MEMORY_DEIT).train) == 1  # 15 of 30 a rank
+    assert len(build_data(cfg, recipe={**IN_MEMORY_DEIT, "repeated_aug": 1}).train) == 30 // 8
 
 
 @pytest.mark.parametrize("app, args, expected", [
@@ -137,6 +145,7 @@ ARCH = REPO / "conf" / "baselines" / "deit_fmnist.json"
 def _retrain_cfg(run_dir: Path, root: Path):
     overrides = [f"arch={ARCH}", f"run_dir={run_dir}", f"data.root={root}", "data.batch_size=16", "data.val_size=40",
                  "max_steps=6", "ckpt_every=3", "eval.every=6", "progress=false", "device=cpu", "recipe=deit",
+                 "recipe.repeated_aug=1",
                  "recipe.rand_augment=null", "recipe.interpolation=bilinear", "recipe.ema=true",
                  "recipe.ema_decay=0.9"]
     with initialize_config_dir(config_dir=str(REPO / "conf"), version_base="1.3"):

@@ -134,6 +134,47 @@ def fake_root(tmp_path_factory: pytest.TempPathFactory, fake_fmnist) -> Path:
     return fake_fmnist(tmp_path_factory.mktemp("fmnist"))
 
 
+def test_a_new_run_leaves_no_stale_result_and_a_result_names_its_checkpoint(tmp_path, fake_root, monkeypatch):
+    """A finished run's result.json names its checkpoint (path and sha256) and the whole recipe; a new run in the
+    same run_dir (another seed, resume=never) removes it with its first step, so a kill after the new run's first
+    checkpoint leaves no result of seed 0 next to seed 1's checkpoint (it used to stay); a result that does not
+    match the checkpoint is never read as current."""
+    import hashlib
+
+    from space.errors import UserError
+    from supernet.engine.loop import Trainer
+    from supernet.retrain import read_result, retrain
+
+    run = tmp_path / "run"
+    common = [f"arch={REPO / 'conf' / 'baselines' / 'deit_fmnist.json'}", f"run_dir={run}", f"data.root={fake_root}",
+              "data.val_size=10", "data.batch_size=16", "device=cpu", "eval.every=0"]
+    first = retrain(make_cfg("retrain", *common, "max_steps=2"))
+    sha = hashlib.sha256((run / "last.ckpt").read_bytes()).hexdigest()
+    assert read_result(run) == json.loads(json.dumps(first))
+    assert (first["checkpoint"], first["checkpoint_sha256"], first["steps"], first["total_steps"]) == (
+        str(run / "last.ckpt"), sha, 2, 2)
+    assert first["recipe"] == "light" and first["recipe_config"] == {
+        "name": "light", "rand_augment": None, "interpolation": "bilinear", "reprob": 0.0, "mixup": 0.0,
+        "cutmix": 0.0, "mix_switch_prob": 0.5, "repeated_aug": 1, "ema": False, "ema_decay": 0.99996}
+    assert retrain(make_cfg("retrain", *common, "max_steps=2")) == first | {"train_seconds_this_run": pytest.approx(
+        first["train_seconds_this_run"], abs=60)}  # a rerun of the finished run writes it again
+    save = Trainer.save
+
+    def killed_after_the_first_checkpoint(self):
+        save(self)
+        self.checkpoints.wait()
+        raise KeyboardInterrupt  # as a kill would stop it: nothing after this checkpoint runs
+
+    monkeypatch.setattr(Trainer, "save", killed_after_the_first_checkpoint)
+    with pytest.raises(KeyboardInterrupt):
+        retrain(make_cfg("retrain", *common, "seed=1", "resume=never", "max_steps=3", "ckpt_every=1"))
+    assert torch.load(run / "last.ckpt", weights_only=True)["step"] == 1
+    assert not (run / "result.json").exists()
+    (run / "result.json").write_text(json.dumps(first))  # as an older version left it next to the new checkpoint
+    with pytest.raises(UserError, match=r"result.json: stale, it was not measured on .*/last.ckpt"):
+        read_result(run)
+
+
 @pytest.mark.parametrize("case,fragment", [
     ("malformed", "malformed JSON"),
     ("deit_tiny", "arch.img_size: 224 but dataset fashion_mnist has 28"),

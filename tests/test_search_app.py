@@ -416,6 +416,7 @@ def test_bad_input_is_one_line_exit_2_and_writes_nothing(ckpt: Path, reference: 
     from space.app import config_hash
     from space.latency import LatencyTable, space_blocks
     from space.space import SearchSpace
+    from supernet.timing import device_name
 
     corrupt = tmp_path / "corrupt.ckpt"
     corrupt.write_bytes(random.Random(0).randbytes(4096))
@@ -425,8 +426,11 @@ def test_bad_input_is_one_line_exit_2_and_writes_nothing(ckpt: Path, reference: 
         with initialize_config_dir(config_dir=str(REPO / "conf"), version_base="1.3"):
             space = SearchSpace.from_config(compose("supernet", overrides=[f"space={name}"]).space)
         tables[name] = tmp_path / f"lat_{name}.json"
-        LatencyTable(name, config_hash(space.to_config()), "cpu", "test", torch.__version__, 1, 1, "float32", 0.0,
+        here = device_name(torch.device("cpu"))  # this machine's: the machine check passes
+        LatencyTable(name, config_hash(space.to_config()), "cpu", here, torch.__version__, 1, 1, "float32", 0.0,
                      dict.fromkeys(space_blocks(space), 1.0)).save(tables[name])
+    elsewhere = json.loads(tables["fmnist_2d"].read_text()) | {"device_name": "x86_64"}  # as tables were written
+    (tmp_path / "lat_x86_64.json").write_text(json.dumps(elsewhere))
     cases = {  # name: (checkpoint, overrides, expected text in the message)
         "missing": (tmp_path / "nope.ckpt", [], "does not exist"),
         "corrupt": (corrupt, [], "is not a readable checkpoint"),
@@ -440,6 +444,10 @@ def test_bad_input_is_one_line_exit_2_and_writes_nothing(ckpt: Path, reference: 
                                 "the table was measured for space 'fmnist_1d'"),
         "latency_too_low": (ckpt, [f"latency_table={tables['fmnist_2d']}", "latency_max=1"],
                             "latency <= 1 ms is below the predicted range of space 'fmnist_2d', [4.000, 22.000] ms"),
+        "latency_no_machine": (ckpt, [f"latency_table={tmp_path / 'lat_x86_64.json'}", "latency_max=20"],
+                               "the table does not identify its machine (device_name 'x86_64'"),
+        "latency_threads": (ckpt, [f"latency_table={tables['fmnist_2d']}", "latency_max=20", "latency_threads=4"],
+                            "latency_table: measured with threads=1, not threads=4"),
     }
     # Half of the runs point at a fresh run_dir (must stay absent), half at a finished search (must stay intact).
     dirs = {}

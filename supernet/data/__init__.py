@@ -1,7 +1,8 @@
 """The data package: ``build_data`` returns the datasets and batch loaders of supernet training, evolutionary
 search and retraining (config.py: the config and loader contract, readers.py: IDX / CIFAR files, memory.py: the
-in-memory loader, folder.py: the ImageNet-style folder pipeline, store.py / prepared.py / device_aug.py: a folder
-decoded once into uint8 arrays, read and augmented on the device, recipe.py: the training augmentation recipe).
+in-memory loader, folder.py: the ImageNet-style folder pipeline, store.py / store_writer.py / prepared.py /
+device_aug.py: a folder decoded once into uint8 arrays, read and augmented on the device, recipe.py: the training
+augmentation recipe).
 
 Three splits: ``train`` is the official training set minus ``val_size`` images held out with
 ``split_seed``; ``val`` is those held-out *training* images (supernet validation, the search's fitness;
@@ -74,7 +75,7 @@ def build_data(cfg: DataConfig | DictConfig | Mapping[str, Any], rank: int = 0, 
     r = RecipeConfig.from_cfg(recipe)
     if not 0 <= rank < world_size:
         raise DataError(f"rank: {rank} with world_size {world_size} (allowed: 0..{world_size - 1})")
-    r.check(in_memory=c.name not in FILE_DATASETS, batch_size=c.batch_size)
+    r.check(in_memory=c.name not in FILE_DATASETS, batch_size=c.batch_size, world_size=world_size)
     if c.name == "imagenet_folder":
         from supernet.data.folder import build_imagenet_folder  # torchvision only on demand
 

@@ -2,10 +2,13 @@
 one PIL image in a decoding worker (random-resized crop, horizontal flip, RandAugment), done to a whole uint8 batch
 where the model runs.
 
-* Random-resized crop + flip: one ``affine_grid`` / ``grid_sample`` with per-image parameters drawn as timm's
-  ``RandomResizedCropAndInterpolation`` draws them (scale (0.08, 1), log-uniform ratio (3/4, 4/3), 10 tries, then
-  the whole square). Not antialiased, unlike PIL's resize: a crop of the store's ``short_side`` square is at most
-  ``short_side / img_size`` (256 / 224 = 1.14) times larger than its output, so there is next to nothing to alias.
+* Random-resized crop + flip: boxes drawn per image as timm's ``RandomResizedCropAndInterpolation`` draws them on
+  the whole image (scale (0.08, 1) of its area, log-uniform ratio (3/4, 4/3), 10 tries, then timm's fallback: the
+  central crop of the ratio-clamped image), then cropped and resized as torchvision does to a PIL image: PIL's
+  separable, antialiased resampling (its bicubic a = -0.5 or bilinear kernel, widened by the downscaling factor,
+  the box's edge pixels repeated, horizontal pass then vertical, rounded to uint8 after each), here two batched
+  matrix products per batch (:func:`resized_crop`): PIL's pixels within two levels (its weights are fixed-point, and
+  Pillow 13 runs the vertical pass first where that costs less; most boxes come out exact).
 * RandAugment: timm's, parsed by timm from the recipe's spec (``rand-m9-mstd0.5-inc1``: 2 ops per image out of 15,
   each applied with p 0.5, magnitude ~ N(9, 0.5) clipped to [0, 10]), each op re-implemented on uint8 batches
   with per-image magnitudes after PIL's definitions: the lookup-table ops (auto-contrast, equalize, invert,
@@ -82,33 +85,69 @@ class RandAugmentSpec:
                    float(op.hparams.get("translate_pct", 0.45)), fill)
 
 
-def rrc_boxes(g: np.random.Generator, n: int, side: int) -> tuple[np.ndarray, ...]:
-    """timm's random-resized-crop boxes ``(top, left, height, width)`` (each (n,) float64) on a square of ``side``."""
-    target = g.uniform(*RRC_SCALE, (n, 10)) * side * side
+def rrc_boxes(g: np.random.Generator, heights: np.ndarray, widths: np.ndarray) -> tuple[np.ndarray, ...]:
+    """timm's random-resized-crop boxes ``(top, left, height, width)`` (each (n,) float64, whole pixels) on images of
+    ``heights`` x ``widths``: ``RandomResizedCropAndInterpolation.get_params`` per image, vectorised."""
+    H, W = np.asarray(heights, np.float64), np.asarray(widths, np.float64)
+    n = len(H)
+    target = g.uniform(*RRC_SCALE, (n, 10)) * (H * W)[:, None]
     ratio = np.exp(g.uniform(math.log(RRC_RATIO[0]), math.log(RRC_RATIO[1]), (n, 10)))
     w, h = np.round(np.sqrt(target * ratio)), np.round(np.sqrt(target / ratio))
-    ok = (w <= side) & (h <= side)
+    ok = (w <= W[:, None]) & (h <= H[:, None])
     first = ok.argmax(1)  # the first try that fits
     found, rows = ok.any(1), np.arange(n)
-    # no try fits: timm falls back to the centre crop of the ratio-clamped image, here the whole square
-    w = np.where(found, w[rows, first], float(side))
-    h = np.where(found, h[rows, first], float(side))
+    # no try fits: timm's fallback, the central crop of the image with its ratio clamped to RRC_RATIO
+    in_ratio = W / H
+    fw = np.where(in_ratio > RRC_RATIO[1], np.round(H * RRC_RATIO[1]), W)
+    fh = np.where(in_ratio < RRC_RATIO[0], np.round(W / RRC_RATIO[0]), H)
+    w = np.where(found, w[rows, first], fw)
+    h = np.where(found, h[rows, first], fh)
     u = g.random((n, 2))
-    top = np.minimum(np.floor(u[:, 0] * (side - h + 1)), side - h)  # random.randint(0, side - h)
-    left = np.minimum(np.floor(u[:, 1] * (side - w + 1)), side - w)
+    top = np.where(found, np.minimum(np.floor(u[:, 0] * (H - h + 1)), H - h), (H - h) // 2)  # random.randint
+    left = np.where(found, np.minimum(np.floor(u[:, 1] * (W - w + 1)), W - w), (W - w) // 2)
     return top, left, h, w
 
 
-def crop_theta(top: np.ndarray, left: np.ndarray, h: np.ndarray, w: np.ndarray, flip: np.ndarray,
-               side: int) -> np.ndarray:
-    """(n, 2, 3) ``affine_grid`` matrices (align_corners=False) mapping the output onto the boxes, mirrored where
-    ``flip``: output pixel centres land where PIL's resize of the box puts them."""
-    theta = np.zeros((len(w), 2, 3))
-    theta[:, 0, 0] = w / side * np.where(flip, -1.0, 1.0)
-    theta[:, 0, 2] = (2 * left + w) / side - 1
-    theta[:, 1, 1] = h / side
-    theta[:, 1, 2] = (2 * top + h) / side - 1
-    return theta
+def _kernel(x: torch.Tensor, mode: str) -> torch.Tensor:
+    """PIL's resampling filters: bicubic with a = -0.5 (support 2), bilinear (support 1)."""
+    x = x.abs()
+    if mode == "bilinear":
+        return (1.0 - x).clamp_(min=0.0)
+    a = -0.5
+    near = ((a + 2.0) * x - (a + 3.0)) * x * x + 1.0
+    far = (((x - 5.0) * x + 8.0) * x - 4.0) * a
+    return torch.where(x < 1.0, near, torch.where(x < 2.0, far, torch.zeros_like(x)))
+
+
+def resize_weights(start: torch.Tensor, length: torch.Tensor, lo: torch.Tensor, hi: torch.Tensor, out: int,
+                   size: int, mode: str) -> torch.Tensor:
+    """(n, out, size) weights of PIL's resampling along one axis: output ``j`` of image ``i`` is the weighted sum of
+    source pixels ``[start_i, start_i + length_i)`` scaled to ``out`` (PIL's ``precompute_coeffs``: the kernel
+    widened by the scale when it shrinks, taps limited to ``[lo_i, hi_i)`` and renormalised)."""
+    dev = start.device
+    scale = (length / out).view(-1, 1, 1)
+    support = (2.0 if mode == "bicubic" else 1.0) * scale.clamp(min=1.0)
+    center = start.view(-1, 1, 1) + (torch.arange(out, device=dev, dtype=scale.dtype).view(1, -1, 1) + 0.5) * scale
+    first = torch.maximum(torch.floor(center - support + 0.5), lo.view(-1, 1, 1))
+    last = torch.minimum(torch.floor(center + support + 0.5), hi.view(-1, 1, 1))
+    x = torch.arange(size, device=dev, dtype=scale.dtype).view(1, 1, -1)
+    w = _kernel((x + 0.5 - center) / scale.clamp(min=1.0), mode) * ((x >= first) & (x < last))
+    return w / w.sum(-1, keepdim=True).clamp(min=1e-12)
+
+
+def resized_crop(x: torch.Tensor, boxes: torch.Tensor, size: int, mode: str,
+                 clip: torch.Tensor | None = None) -> torch.Tensor:
+    """uint8 (n, C, H, W) -> uint8 (n, C, size, size): each image's box ``(top, left, height, width)`` resized as
+    PIL resizes it, horizontally then vertically, rounded after each pass. ``clip`` (n, 4) ``(top, left, bottom,
+    right)``: the pixels its taps may reach; None: the box's own (torchvision's crop-then-resize)."""
+    b = boxes.float()
+    top, left, h, w = b.unbind(-1)
+    c = torch.stack([top, left, top + h, left + w], -1) if clip is None else clip.float()
+    wx = resize_weights(left, w, c[:, 1], c[:, 3], size, x.shape[-1], mode)  # (n, size, W)
+    wy = resize_weights(top, h, c[:, 0], c[:, 2], size, x.shape[-2], mode)  # (n, size, H)
+    rows = torch.einsum("nchw,nsw->nchs", x.float(), wx).add_(0.5).floor_().clamp_(0, 255)  # (n, C, H, size)
+    out = torch.einsum("nrh,nchs->ncrs", wy, rows).add_(0.5).floor_().clamp_(0, 255)  # (n, C, size, size)
+    return out.to(torch.uint8)
 
 
 def resample(x: torch.Tensor, theta: torch.Tensor, size: int, mode: str, fill: torch.Tensor | None) -> torch.Tensor:
@@ -253,8 +292,8 @@ DeviceStep = tuple[str, torch.Tensor, torch.Tensor]  # the same on the device
 
 
 class DeviceAugment:
-    """timm's training transform on a batch: uint8 squares ``(B, 3, S, S)`` on the device -> uint8
-    ``(B, 3, img_size, img_size)``: random-resized crop and flip (one ``grid_sample``), then RandAugment.
+    """timm's training transform on a batch: uint8 images of their own sizes on the device -> uint8
+    ``(B, 3, img_size, img_size)``: random-resized crop of the whole image and flip, then RandAugment.
 
     Args:
         img_size: output side.
@@ -271,17 +310,21 @@ class DeviceAugment:
         self.fill = None if rand_augment is None else torch.tensor(rand_augment.fill, dtype=torch.float32,
                                                                     device=self.device)
 
-    def draws(self, key: int, n: int, side: int) -> tuple[np.ndarray, list[Step]]:
-        """Every random choice for a batch of ``n`` squares of ``side``, on the CPU from ``key`` alone: the crop
-        and flip matrices (n, 2, 3) and the RandAugment steps."""
+    def draws(self, key: int, sizes: np.ndarray) -> tuple[np.ndarray, list[Step]]:
+        """Every random choice for a batch of images of ``sizes`` (n, 2) (h, w), on the CPU from ``key`` alone: the
+        crop boxes and flips (n, 5) ``(top, left, height, width, flip)`` and the RandAugment steps."""
+        n = len(sizes)
         g = np.random.default_rng(key)
         flip = g.random(n) < (0.5 if self.hflip else 0.0)
-        theta = crop_theta(*rrc_boxes(g, n, side), flip, side)
-        return theta, self.plan(g, n) if self.ra is not None else []
+        boxes = np.stack([*rrc_boxes(g, sizes[:, 0], sizes[:, 1]), flip.astype(np.float64)], -1)
+        return boxes, self.plan(g, n) if self.ra is not None else []
 
-    def __call__(self, x: torch.Tensor, key: int) -> torch.Tensor:
-        theta, steps = self._to_device(*self.draws(key, x.shape[0], x.shape[-1]))
-        x = resample(x, theta, self.size, self.mode, None)
+    def __call__(self, x: torch.Tensor, sizes: np.ndarray, key: int) -> torch.Tensor:
+        """uint8 images (n, 3, H, W), image ``i`` in ``x[i, :, :h_i, :w_i]`` for ``sizes[i] = (h_i, w_i)`` ->
+        uint8 (n, 3, img_size, img_size): cropped, resized, flipped and RandAugment-ed."""
+        boxes, steps = self._to_device(*self.draws(key, np.asarray(sizes)))
+        x = resized_crop(x, boxes[:, :4], self.size, self.mode)
+        x = torch.where(boxes[:, 4].view(-1, 1, 1, 1) > 0.5, x.flip(-1), x)
         for name, idx, arg in steps:
             part = x.index_select(0, idx)
             if name == "affine":
@@ -332,8 +375,8 @@ class DeviceAugment:
         return steps
 
     def _to_device(self, theta: np.ndarray, steps: list[Step]) -> tuple[torch.Tensor, list[DeviceStep]]:
-        """Everything the batch's ops need, in two copies (pinned and non-blocking on CUDA: a pageable copy would
-        wait for the device to drain its queue)."""
+        """Everything the batch's ops need (``theta``: the boxes and flips), in two copies (pinned and non-blocking
+        on CUDA: a pageable copy would wait for the device to drain its queue)."""
         sizes = [theta.size, *(arg.size for _, _, arg in steps)]
         floats = torch.from_numpy(np.concatenate([theta.ravel(), *(arg.ravel() for _, _, arg in steps)])).float()
         longs = torch.from_numpy(np.concatenate([np.zeros(0, np.int64), *(idx for _, idx, _ in steps)]))

@@ -59,7 +59,7 @@ class FolderLoader:
     """A split of an image folder as normalized float batches on ``device``, sharded over ranks.
 
     Same contract and sharding as :class:`supernet.data.memory.TensorLoader`: training draws a
-    ``DistributedSampler`` permutation seeded from ``(seed, epoch)`` (same on all ranks, remainder dropped,
+    ``DistributedSampler`` permutation seeded from ``mix_seed(seed, epoch)`` (same on all ranks, remainder dropped,
     equal batch counts), or timm's ``RepeatAugSampler`` with repeated augmentation; evaluation gives each rank
     a contiguous block without padding. One persistent DataLoader per split is reused across epochs, so
     repeated evaluations do not respawn workers; iterate one epoch of a loader at a time.
@@ -96,8 +96,10 @@ class FolderLoader:
         if train and repeats > 1:
             self._batches, self.num_examples = repeated_plan(len(self.subset), repeats, batch_size, world_size, rank)
         elif train:
+            # seeded per epoch with mix_seed(seed, epoch) (set_epoch below), not torch's seed + epoch, which makes
+            # seed 0's epoch 1 seed 1's epoch 0
             self.sampler = DistributedSampler(self.subset, num_replicas=world_size, rank=rank, shuffle=True,
-                                              seed=seed, drop_last=True)
+                                              seed=0, drop_last=True)
         self.cache: dict[int, Batch] | None = {} if cache and not train else None
         self._plan = _Plan()
         self._loader = DataLoader(SeededItems(self.subset), batch_sampler=self._plan, num_workers=num_workers,
@@ -120,7 +122,7 @@ class FolderLoader:
             if self.repeats > 1:
                 order = repeated_order(len(self.subset), self.repeats, self.world_size, self.rank, self.seed, epoch)
             else:
-                self.sampler.set_epoch(epoch)
+                self.sampler.set_epoch(mix_seed(self.seed, epoch))
                 order = list(self.sampler)
             keys = [mix_seed(self.seed, epoch, self.rank, p, 4) for p in range(start * B, len(self) * B)]
             batches = [list(zip(order[i * B:(i + 1) * B], keys[(i - start) * B:(i - start + 1) * B]))

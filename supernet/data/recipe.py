@@ -22,7 +22,7 @@ from __future__ import annotations
 import random
 from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
-from dataclasses import dataclass, fields
+from dataclasses import dataclass, fields, replace
 from typing import Any
 
 import numpy as np
@@ -72,18 +72,24 @@ class RecipeConfig:
         return (self.rand_augment is None and self.interpolation == "bilinear" and not self.reprob
                 and not self.mixes and self.repeated_aug == 1 and not self.ema)
 
+    def for_evaluation(self) -> RecipeConfig:
+        """The part of the recipe that shapes evaluation pixels (the crops' interpolation), with every training
+        augmentation off: what a consumer that only evaluates (the search, inherited scores) builds its data
+        with, so its held-out images are the ones training validated on."""
+        return replace(LIGHT, name=self.name, interpolation=self.interpolation)
+
     def identity(self) -> dict[str, Any] | None:
         """What a run's identity records: nothing for a light recipe, else every field but the name."""
         if self.is_light:
             return None
         return {f.name: getattr(self, f.name) for f in fields(self) if f.name != "name"}
 
-    def check(self, in_memory: bool, batch_size: int) -> None:
+    def check(self, in_memory: bool, batch_size: int, world_size: int) -> None:
         """Settings that do not fit the data, one line each.
 
         Raises:
             DataError: RandAugment or bicubic crops asked of an in-memory dataset, Mixup on an odd batch, a
-                RandAugment spec timm cannot parse, or timm missing.
+                RandAugment spec timm cannot parse, timm missing, or repeated augmentation on one process.
         """
         if in_memory and self.rand_augment is not None:
             raise DataError(f"recipe.rand_augment: {self.rand_augment} needs decoded images of an image folder "
@@ -105,6 +111,12 @@ class RecipeConfig:
             except Exception as e:  # noqa: BLE001 - timm asserts or raises on a malformed spec
                 raise DataError(f"recipe.rand_augment: {self.rand_augment!r} is not a timm RandAugment spec "
                                 f"({type(e).__name__}; e.g. rand-m9-mstd0.5-inc1)") from None
+        if self.repeated_aug > 1 and world_size == 1:
+            # timm's RepeatAugSampler on one replica: [a, a, a, b, b, b, ...] cut to the dataset's length
+            raise DataError(f"recipe.repeated_aug: {self.repeated_aug} on one process puts each image's "
+                            f"{self.repeated_aug} copies in one batch and shows 1/{self.repeated_aug} of the images "
+                            "per epoch (timm refuses it too; DeiT samples without repeats on one process): set "
+                            "recipe.repeated_aug=1, or train on several ranks (torchrun, NPROC=N)")
 
 
 LIGHT = RecipeConfig()

@@ -8,7 +8,8 @@ A training checkpoint (``run_dir/last.ckpt``) is a dict:
 * ``identity``: every setting that changes the result (engine/loop.py ``run_identity``); a resume must match it;
 * ``task_state``: the task's own resumable state (e.g. the digest of the paths trained so far);
 * ``lr_history``: the peak-lr restarts of ``resume_lr=`` (a way out of divergence), with their steps;
-* ``config``: the app's whole resolved config (search reads ``config.data`` to rebuild the validation split);
+* ``config``: the app's whole resolved config (search reads ``config.data`` and ``config.recipe`` to rebuild the
+  validation split as training saw it);
 * the task's extras: a supernet checkpoint carries ``space`` and ``space_hash``, read by :func:`load_supernet`.
 """
 
@@ -169,6 +170,9 @@ class SupernetCheckpoint:
     step: int
     total_steps: int
     sha256: str  # of the bytes the weights were loaded from
+    recipe: dict[str, Any] | None = None  # the training run's recipe group (None: a run from before it): the
+    # interpolation of the validation crops it was trained and validated with
+    source_digest: str | None = None  # a prepared store's digest of the images it was trained on
 
 
 def load_supernet(path: Path, device: torch.device) -> SupernetCheckpoint:
@@ -192,4 +196,8 @@ def load_supernet(path: Path, device: torch.device) -> SupernetCheckpoint:
     steps = [ck.get(k, 0) for k in ("step", "total_steps")]
     if not all(isinstance(v, int) for v in steps):
         raise UserError(f"checkpoint: {path} is not a supernet training checkpoint (its step is not an integer)")
-    return SupernetCheckpoint(net.to(device).eval(), dict(ck["config"]["data"]), steps[0], steps[1], digest)
+    recipe = ck["config"].get("recipe")
+    identity = ck.get("identity") if isinstance(ck.get("identity"), dict) else {}
+    source = identity.get("data", {}).get("source_digest") if isinstance(identity.get("data"), dict) else None
+    return SupernetCheckpoint(net.to(device).eval(), dict(ck["config"]["data"]), steps[0], steps[1], digest,
+                              dict(recipe) if isinstance(recipe, dict) else None, source)

@@ -29,8 +29,9 @@ class RetrainTask(Task):
     """One fixed architecture; validated on the held-out training images (and its EMA weights with recipe.ema)."""
 
     def __init__(self, model: nn.Module, arch: ArchSpec, name: str, cfg: DictConfig, data: DataBundle,
-                 env: DistEnv, source_sha256: str | None = None) -> None:
+                 env: DistEnv, source_sha256: str | None = None, stale: Path | None = None) -> None:
         self.net, self.name, self.cfg, self.data, self.env = model, f"retrain {name}", cfg, data, env
+        self.stale = stale  # a result of the run in run_dir, removed once this run trains a step
         inherit = cfg.init == "inherit"  # the start weights' file: a supernet, or pretrained weights
         self.identity = {"arch": arch.to_dict(), "init": cfg.init,
                          "supernet_sha256": source_sha256 if inherit else None}
@@ -39,6 +40,16 @@ class RetrainTask(Task):
 
     def forward(self, x: torch.Tensor, step: int) -> torch.Tensor:
         return self.net(x)
+
+    def after_step(self, step: int, log: bool) -> dict[str, float]:
+        """The first step trained removes a result file of the run in ``run_dir`` (rank 0): from here on, the
+        checkpoint it belonged to is being trained over (a finished run resumed trains no step and keeps it until
+        its rerun writes it again)."""
+        if self.stale is not None:
+            if self.env.is_main:
+                self.stale.unlink(missing_ok=True)
+            self.stale = None
+        return {}
 
     def validate(self) -> dict[str, float]:
         if self.data.val is None:
@@ -49,7 +60,7 @@ class RetrainTask(Task):
         return res
 
 
-def initial_model(arch: ArchSpec, cfg: DictConfig) -> tuple[nn.Module, str | None]:
+def initial_model(arch: ArchSpec, cfg: DictConfig, announce: bool = True) -> tuple[nn.Module, str | None]:
     """A fresh ``PSViT(arch)``; with ``init=inherit`` the path ``arch`` extracted from the supernet, with
     ``init=pretrained`` ``PSViT(arch)`` holding the weights of ``cfg.pretrained`` (e.g. DeiT's, through
     supernet/convert.py); and the sha256 of the file the weights came from."""
@@ -63,7 +74,10 @@ def initial_model(arch: ArchSpec, cfg: DictConfig) -> tuple[nn.Module, str | Non
     if cfg.init == "pretrained":
         from supernet.pretrained import load_pretrained
 
-        return load_pretrained(Path(cfg.pretrained), arch)
+        model, digest, notes = load_pretrained(Path(cfg.pretrained), arch)
+        if notes and announce:
+            print(f"pretrained: {cfg.pretrained}: {'; '.join(notes)}")
+        return model, digest
     from supernet.engine.checkpoint import load_supernet  # the supernet is imported for init=inherit only
 
     sck = load_supernet(Path(cfg.supernet), torch.device("cpu"))
@@ -90,14 +104,14 @@ def check_same_split(data: Any, supernet_data: dict[str, Any], path: Path) -> No
                             "trained on")
 
 
-def train_arch(arch: ArchSpec, name: str, cfg: DictConfig, data: DataBundle,
-               env: DistEnv) -> tuple[nn.Module, FitResult]:
+def train_arch(arch: ArchSpec, name: str, cfg: DictConfig, data: DataBundle, env: DistEnv,
+               stale: Path | None = None) -> tuple[nn.Module, FitResult]:
     """Train ``arch`` as ``cfg`` says on ``data`` (resuming ``cfg.run_dir``); returns the model, in eval mode,
     and the run's result, whose ``val`` holds the final validation unless the run was stopped or
-    ``eval.every`` is 0."""
+    ``eval.every`` is 0. ``stale``: a result file of ``run_dir`` to remove as soon as a step is trained."""
     check_fits("arch", arch, data)
-    model, source_sha256 = initial_model(arch, cfg)
-    task = RetrainTask(model.to(env.device), arch, name, cfg, data, env, source_sha256)
+    model, source_sha256 = initial_model(arch, cfg, announce=env.is_main)
+    task = RetrainTask(model.to(env.device), arch, name, cfg, data, env, source_sha256, stale)
     compile_cells(task.net, cfg.compile, env.device, announce=env.is_main)
     res = Trainer(task, data, cfg, env).fit()
     task.net.eval()
