@@ -4,7 +4,9 @@
    20 generations; 2 in quick mode) scored on the default eval_images (1000) held-out validation images, over a
    small fmnist_2d and fmnist_1d supernet (a few training steps: speed does not depend on how well it is trained);
 2. proposals, evaluations and cache hits (proposals that needed no evaluation) of that search, of a rerun of the
-   finished command (resume) and of a 3-band ``flops_budgets`` search whose bands share one cache.
+   finished command (resume) and of a 3-band ``flops_budgets`` search whose bands share one cache;
+3. the cost of the finalist re-scoring (the best 10 scored again on the whole 10k-image validation split) as a
+   share of the whole search.
 
 The supernets are kept in a temp dir and reused by later runs.
 """
@@ -63,8 +65,11 @@ class SearchRun:
     eval_s: float  # inside the scorer (InheritedAccuracy)
     proposals: int  # candidates in the history (every generation of every band)
     evaluations: int  # architectures actually scored by this call (the scorer's count)
-    images: int  # validation images per evaluation
+    images: int  # validation images per evaluation (the fitness set)
     out: str  # the app's stdout
+    rescore_s: float = 0.0  # the finalists' re-scoring on the whole split
+    rescored: int = 0
+    whole_images: int = 0
 
     @property
     def hits(self) -> int:
@@ -87,9 +92,10 @@ def search(ckpt: Path, run_dir: Path, *overrides: str) -> SearchRun:
     with contextlib.redirect_stdout(out):
         summary = evolve(cfg)
     wall = time.perf_counter() - t
-    best = next(run_dir.glob("best_arch*.json"))
-    images = json.loads(best.read_text())["meta"]["val_images"]
-    return SearchRun(wall, summary["scoring_s"], summary["proposals"], summary["scored"], images, out.getvalue())
+    meta = json.loads(next(run_dir.glob("best_arch*.json")).read_text())["meta"]
+    return SearchRun(wall, summary["scoring_s"], summary["proposals"], summary["scored"],
+                     meta.get("fitness_images", meta["val_images"]), out.getvalue(), summary.get("rescoring_s", 0.0),
+                     summary.get("rescored", 0), meta["val_images"] if "fitness_images" in meta else 0)
 
 
 def bands(ckpt: Path) -> list[tuple[int, int]]:
@@ -117,6 +123,10 @@ def main(quick: bool = False) -> None:
             print(f"    {rate:.1f} evaluations/min over the whole search ({r.wall_s:.0f} s; "
                   f"{60 * r.evaluations / r.eval_s:.1f}/min inside the scorer)   target >= {TARGET}/min")
             print(f"    {r.line()}")
+            if r.rescored:
+                print(f"    finalist re-scoring: {r.rescored} finalists on all {r.whole_images} validation images, "
+                      f"{r.rescore_s:.1f} s = {r.rescore_s / r.wall_s:.1%} of the search's {r.wall_s:.0f} s "
+                      f"(the evolution's scoring: {r.eval_s:.0f} s)")
             if preset == "fmnist_2d":
                 again = search(ckpt, run_dir, f"evolution.generations={generations}", "progress=false")
                 assert "resumed" in again.out

@@ -5,7 +5,9 @@ As in SPOS, every cell keeps separate weights per op (a basic layer and a shared
 every stage holds them at its largest dim and a smaller dim uses the leading slice of every weight, bias
 and norm (weight entanglement; heads follow the dim at a fixed head dim). Patch embedding, position
 embedding, pooling convs and head are entangled the same way. Slices are views: no weight is copied on
-the forward path, and weights off the path take no part and receive no gradient (``grad is None``).
+the forward path. Weights off the path take no part and receive no gradient (``grad is None``), so AdamW leaves
+them alone; a weight on the path receives its whole tensor's gradient, zeros outside its slice, so AdamW's
+moments and weight decay still move the part outside the slice (layers.py).
 
 The supernet's modules are PSViT's elastic modules (layers.py) built at the largest sizes, with identical
 parameter names: ``forward`` only picks each cell's op and passes the path's sizes, the modules slice their
