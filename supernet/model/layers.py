@@ -9,7 +9,7 @@ The supernet calls the same modules with a path's sizes (weight entanglement), s
 once and an extracted subnet computes exactly what its path computed. Slices are views: no weight is copied
 on the forward path. Backward through a view writes the whole tensor's gradient, zeros outside the slice, so
 with AdamW the rows and columns outside the slice still move: their moments decay and are applied, and weight
-decay shrinks them (about 0.67 x lr on the step after a use, measured).
+decay shrinks them.
 
 Every weight is laid out so that a smaller layer is its *leading* slice (``w[:out, :in]``). In particular
 ``qkv`` rows are grouped per head, ``[q_h; k_h; v_h]`` for h = 0..heads-1, so the first ``3 * dim`` rows
