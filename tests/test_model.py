@@ -205,3 +205,24 @@ def test_shared_pair_keeps_one_attention_map_in_the_compute_dtype():
         torch.testing.assert_close(attn16.float(), ref, atol=1e-2, rtol=0)
         nbytes, dtypes = saved_maps(lambda: pair(x).float().sum().backward(), N)
     assert (nbytes, dtypes) == (B * heads * N * N * 2, {torch.bfloat16})  # one bf16 map, not fp32 + bf16 copies
+
+
+def test_init_is_timms_deit_linear_trunc_normal_and_convs_pytorch_default():
+    """timm's DeiT: linear weights trunc_normal(0.02) with zero biases, the patch embedding's conv at PyTorch's
+    default (uniform, bound 1/sqrt(fan_in)); it was trunc_normal(0.02) too, 7x smaller on 4x4x1 patches."""
+    import math
+
+    from space.space import SearchSpace
+    from supernet.model.psvit import PSViT
+
+    space = SearchSpace.from_config(OmegaConf.load(Path(__file__).resolve().parents[1] / "conf" / "space"
+                                                   / "fmnist_2d.yaml"))
+    torch.manual_seed(0)
+    model = PSViT(space.extreme("max"))
+    conv = model.patch_embed.proj.weight  # (dim, 1, 4, 4): fan_in 16
+    bound = 1 / math.sqrt(conv[0].numel())
+    assert conv.abs().max() <= bound and conv.std().item() == pytest.approx(bound / math.sqrt(3), rel=0.15)
+    linears = [m for m in model.modules() if isinstance(m, torch.nn.Linear)]
+    weights = torch.cat([m.weight.flatten() for m in linears])
+    assert weights.std().item() == pytest.approx(0.02, rel=0.05)  # as timm: truncated at +-2 absolute, not 2 std
+    assert all(m.bias is None or not m.bias.any() for m in linears)
