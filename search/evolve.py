@@ -157,8 +157,7 @@ def setup(cfg: DictConfig, job: Job, env: DistEnv) -> Session:
         UserError: the checkpoint or its data is unusable, ``space=`` disagrees with it, or a budget is
             infeasible in its space (each search checks its own constraint once, before any evaluation).
     """
-    from search.inherited import InheritedAccuracy, WholeSplit, validation_batches  # torch and the model: only now
-    from supernet.data import build_data
+    from search.inherited import InheritedAccuracy, WholeSplit, validation_batches, validation_loader  # torch: now
     from supernet.engine.checkpoint import load_supernet
 
     sck = load_supernet(job.checkpoint, env.device)
@@ -182,7 +181,8 @@ def setup(cfg: DictConfig, job: Job, env: DistEnv) -> Session:
     run_dir = Path(cfg.run_dir) if cfg.run_dir else job.checkpoint.parent / "search"
     whole = None
     if cfg.finalists:  # this rank's block of the whole split (the vectors are gathered)
-        val = build_data({**data_cfg, "eval_batch_size": cfg.eval_batch_size}, env.rank, env.world_size, env.device).val
+        val = validation_loader(data_cfg, cfg.eval_batch_size, env.device, sck.recipe, sck.source_digest, env.rank,
+                                env.world_size)
         whole = WholeSplit(sck.net, val, env, amp=cfg.amp)
     return Session(job, env, sck, scorer, searches, run_dir, whole)
 

@@ -43,28 +43,41 @@ def validation_batches(data_cfg: dict[str, Any], images: int | None, batch_size:
     Raises:
         UserError: no validation split, fewer images than asked for, or a store of other images.
     """
-    cfg = {**data_cfg, "eval_batch_size": batch_size}
-    evaluation = RecipeConfig.from_cfg(recipe).for_evaluation()
-    data = build_data(cfg, rank=0, world_size=1, device=device, recipe=evaluation)  # every rank: the whole subset
-    if source is not None and data.source != source:
-        raise UserError(f"data_root: {cfg.get('root')} holds a store prepared from other images or with other "
-                        f"settings ({data.source}) than the one the supernet was trained on ({source}); point "
-                        "data_root= at that store")
-    if data.val is None:
-        raise UserError("data.val_size: the supernet was trained without a validation split; search needs one")
+    val = validation_loader(data_cfg, batch_size, device, recipe, source)  # every rank: the whole subset
     if images is None:
-        images = data.val.num_examples
-    if images > data.val.num_examples:  # scoring fewer images than asked for would go unnoticed
-        raise UserError(f"eval_images: {images} but the validation split holds {data.val.num_examples} images "
-                        f"(allowed: 1..{data.val.num_examples})")
+        images = val.num_examples
+    if images > val.num_examples:  # scoring fewer images than asked for would go unnoticed
+        raise UserError(f"eval_images: {images} but the validation split holds {val.num_examples} images "
+                        f"(allowed: 1..{val.num_examples})")
     out, n = [], 0
-    for x, y in data.val:
+    for x, y in val:
         take = min(len(y), images - n)
         out.append((x[:take], y[:take]))
         n += take
         if n >= images:
             break
     return out
+
+
+def validation_loader(data_cfg: dict[str, Any], batch_size: int, device: torch.device,
+                      recipe: dict[str, Any] | None = None, source: str | None = None, rank: int = 0,
+                      world_size: int = 1) -> Any:
+    """The held-out validation split's loader as training validated on it (its data config, the evaluation part
+    of its recipe; ``source``: the store's digest), this rank's block of it.
+
+    Raises:
+        UserError: no validation split, or a store of other images.
+    """
+    cfg = {**data_cfg, "eval_batch_size": batch_size}
+    evaluation = RecipeConfig.from_cfg(recipe).for_evaluation()
+    data = build_data(cfg, rank=rank, world_size=world_size, device=device, recipe=evaluation)
+    if source is not None and data.source != source:
+        raise UserError(f"data_root: {cfg.get('root')} holds a store prepared from other images or with other "
+                        f"settings ({data.source}) than the one the supernet was trained on ({source}); point "
+                        "data_root= at that store")
+    if data.val is None:
+        raise UserError("data.val_size: the supernet was trained without a validation split; search needs one")
+    return data.val
 
 
 def fitness_digest(batches: Batches) -> str:

@@ -107,8 +107,10 @@ def test_fashion_mnist_real_shapes_and_labels(fmnist) -> None:
 def test_fashion_mnist_test_split_untouched_and_val_carved_from_train(fmnist) -> None:
     train, test = load_fashion_mnist(FMNIST_ROOT)
     assert torch.equal(fmnist.test.images, test.images) and torch.equal(fmnist.test.labels, test.labels)
-    train_idx, val_idx = split_train_val(60_000, 10_000, 0)
+    train_idx, val_idx = split_train_val(60_000, 10_000, 0, train.labels)
     assert torch.equal(fmnist.val.images, train.images[val_idx])
+    # the same held-out images as the sorted split, in the class-interleaved order of the fitness set
+    assert torch.equal(val_idx.sort().values, split_train_val(60_000, 10_000, 0)[1])
     assert torch.equal(fmnist.train.images, train.images[train_idx])
 
 
