@@ -67,6 +67,10 @@ def test_demo_runs_end_to_end_without_the_test_split_until_retraining_and_a_reru
         assert bar in err, bar
     summary = json.loads((out / "summary.json").read_text())
     results = summary["results"]
+    # what scripts/docs.py renders the docs' demo tables from: a fresh run's schedule, as passed, and provenance
+    assert summary["fresh"] is True and "max_steps=4" in summary["schedule"]["supernet"]
+    assert summary["schedule"]["retrain"][:2] == ["optim.epochs=3", "eval.every=0"]
+    assert {"date", "commit", "cpu", "cores", "threads", "torch", "command"} <= set(summary["provenance"])
     assert list(results) == ["PSViT (searched)", "DeiT-like baseline"]
     best = out / "search" / "best_arch.json"
     assert [Path(r["arch"]).resolve() for r in results.values()] == [best.resolve(),
@@ -96,5 +100,6 @@ def test_demo_runs_end_to_end_without_the_test_split_until_retraining_and_a_reru
     assert len(searches) == 1 and searches[0]["scored"] == 0
     assert (out / "search" / "history.jsonl").read_text() == history and best.read_text() == best_text
     rerun = json.loads((out / "summary.json").read_text())["results"]
+    assert json.loads((out / "summary.json").read_text())["fresh"] is False  # a resumed run's minutes are not kept
     assert {k: r["test_top1"] for k, r in rerun.items()} == {k: r["test_top1"] for k, r in results.items()}
     assert (out / "retrain_deit_like" / "result.json").exists() and "outputs:" in again
