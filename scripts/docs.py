@@ -5,6 +5,7 @@
     .venv/bin/python scripts/docs.py record demo runs/demo/summary.json    # a measurement into docs/data/, rendered
     .venv/bin/python scripts/docs.py record bench runs/bench/quick.json
     .venv/bin/python scripts/docs.py record suite runs/suite.xml           # pytest's --junitxml of `make test`
+    .venv/bin/python scripts/docs.py record determinism runs/determinism.json  # scripts/determinism.py's
 
 A table sits between `<!-- table:NAME -->` and `<!-- /table:NAME -->` and is never edited by hand: NAME is a key of
 TABLES, whose function renders it from docs/data/ (or another committed JSON); tests/test_docs.py fails when a
@@ -162,9 +163,25 @@ def gpu_check() -> str:
     return "\n".join(out)
 
 
+def determinism(d: dict[str, Any] | None = None) -> str:
+    """docs/reliability.md: the same retraining rerun with the same and with other threads and kernels."""
+    d = d or load("determinism")
+    rows = []
+    for r in d["runs"]:
+        v = r["vs_first"]
+        rows.append([r["name"], r["threads"], r["capability"], f"{r['test_top1']:.4f}",
+                     "(the reference)" if v is None else f"{v['identical_tensors']} of {v['tensors']}",
+                     "-" if v is None else f"{v['max_abs_diff']:.2g}"])
+    return (provenance_line(d["provenance"]) + " Each run retrains the demo's DeiT-like baseline "
+            f"(`{d['arch']['short']}`, {macs(d['arch']['macs'])} MACs) with `{' '.join(d['schedule'])}` (seed 0) "
+            "in its own process.\n\n"
+            + table(["run", "threads", "kernels", "test top-1", "weight tensors identical to the first run",
+                     "largest weight difference"], rows, "lrlrrr"))
+
+
 TABLES: dict[str, Callable[[], str]] = {
     "setup_readme": setup_readme, "demo_readme": demo_readme, "demo": demo, "suite": suite, "bench": bench,
-    "latency": latency, "gpu_check": gpu_check,
+    "latency": latency, "gpu_check": gpu_check, "determinism": determinism,
 }
 
 
@@ -242,7 +259,14 @@ def record_suite(src: Path) -> dict[str, Any]:
             "failed": n["failures"], "errors": n["errors"], "skipped": n["skipped"], "seconds": float(s.get("time"))}
 
 
-RECORDERS = {"demo": record_demo, "bench": record_bench, "suite": record_suite}
+def record_determinism(src: Path) -> dict[str, Any]:
+    d = json.loads(src.read_text())
+    if "provenance" not in d or "runs" not in d:
+        raise SystemExit(f"error: {src}: not written by scripts/determinism.py (no provenance or runs)")
+    return d
+
+
+RECORDERS = {"demo": record_demo, "bench": record_bench, "suite": record_suite, "determinism": record_determinism}
 
 
 def main(argv: list[str] | None = None) -> int:
