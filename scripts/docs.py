@@ -132,18 +132,19 @@ def bench(b: dict[str, Any] | None = None) -> str:
 
 
 def latency() -> str:
-    """docs/deployment.md: the accuracy of the committed latency tables (written by `make latency`)."""
+    """docs/deployment.md: the accuracy of the committed latency tables (written by `python -m supernet.latency`)."""
+    p = load("latency")["provenance"]
     rows = []
-    for f in sorted((REPO / "docs" / "latency").glob("*_cpu.json")):
-        t = json.loads(f.read_text())
+    for name, command in p["commands"].items():
+        t = json.loads((REPO / "docs" / "latency" / name).read_text())
         a = t["accuracy"]
-        rows.append([f"[`{f.name}`](latency/{f.name})", f"`{t['space']}`", t["device"], t["torch"],
+        rows.append([f"[`{name}`](latency/{name})", f"`{t['space']}`", t["device"], t["torch"],
                      str(t["threads"]), str(t["batch"]), str(a["archs"]), f"{a['mape']:.1f}%", f"{a['max_ape']:.1f}%",
-                     f"{a['kendall_tau']:.2f}", f"{t['drift']:.2f}x"])
-    return ("Each row is a table `make latency` wrote (for `scripts/experiments.py`'s latency study); its own "
-            "accuracy on random networks not used for calibration:\n\n"
+                     f"{a['kendall_tau']:.2f}", f"{t['drift']:.2f}x", f"`{command}`"])
+    return (f"Measured {p['date']} at commit `{p['commit']}` on {p['machine']} ({p['source']}). Each table's own "
+            "accuracy on random networks not used for its calibration:\n\n"
             + table(["table", "space", "device", "torch", "threads", "batch", "networks", "MAPE", "worst error",
-                     "Kendall τ", "drift"], rows, "lllllrrrrrr"))
+                     "Kendall τ", "drift", "command"], rows, "lllllrrrrrrl"))
 
 
 def gpu_check() -> str:
@@ -152,7 +153,8 @@ def gpu_check() -> str:
     for f in sorted(DATA.glob("gpu_check_*.json")):
         g = json.loads(f.read_text())
         p = g["provenance"]
-        out.append(f"{p['date']}, {p['device']}, torch {p['torch']}, by `{p['command']}` ({p['source']}):\n")
+        out.append(f"Measured {p['date']} at commit `{p['commit']}` on {p['device']}, torch {p['torch']}, by "
+                   f"`{p['command']}` ({p['source']}):\n")
         out.append(table(["device", "batch", "supernet img/s", "compiled img/s", "DeiT-Ti img/s",
                           "supernet / DeiT-Ti", "search evals/s", "peak memory"],
                          [[r["device"], str(r["batch"]), f"{r['supernet_img_s']:.0f}",
