@@ -5,6 +5,7 @@ PATH (default runs/bench/quick.json or runs/bench/full.json); `scripts/docs.py r
 docs/data/ and renders docs/benchmarks.md from it.
 """
 
+import os
 import sys
 import time
 from pathlib import Path
@@ -20,7 +21,8 @@ if __name__ == "__main__":
     quick = "quick" in args
     out = Path(next((a.split("=", 1)[1] for a in args if a.startswith("json=")),
                     REPO / "runs" / "bench" / ("quick.json" if quick else "full.json")))
-    record = {"provenance": provenance("make bench" + (" ARGS=quick" if quick else "")), "quick": quick,
+    threads = f"OMP_NUM_THREADS={os.environ['OMP_NUM_THREADS']} " if "OMP_NUM_THREADS" in os.environ else ""
+    record = {"provenance": provenance(threads + "make bench" + (" ARGS=quick" if quick else "")), "quick": quick,
               "sections": {}}
     for name, module in SECTIONS.items():
         lines: list[str] = []
