@@ -7,8 +7,9 @@
 5. prints a table with the paths of every output.
 
 Every stage resumes: rerunning `make demo` continues where it stopped. Outputs go to runs/demo/ (OUT=...).
-It computes with 2 intra-op threads whatever the machine's cores (THREADS=N to change it): a CPU sums in another
-order with another thread count, so its figures would depend on the core count (docs/reliability.md, Determinism).
+It computes with one intra-op thread whatever the machine's cores (THREADS=N to change it): a CPU sums in another
+order with another thread count, so its figures would depend on the core count (docs/reliability.md, Determinism),
+and two OpenMP threads run in lockstep, so anything else running on one of the cores slows both several-fold.
 Hydra overrides for each stage can be appended, e.g. `make demo ARGS="supernet.optim.epochs=1"`.
 What the table shows is also written to summary.json with the run's schedule and provenance (date, commit, machine,
 threads), which `scripts/docs.py record demo` turns into the docs' tables.
@@ -30,7 +31,7 @@ from space.baselines import deit_like  # noqa: E402
 from space.cost import fmt_macs, fmt_params, macs, params  # noqa: E402
 from bench.record import provenance, write_json  # noqa: E402
 
-THREADS = 2  # the demo's figures are those of this thread count on every machine
+THREADS = 1  # the demo's figures are those of this thread count on every machine
 # The demo's schedule: small enough for ~15 minutes on 2 CPU cores, long enough to learn something.
 SUPERNET = ["optim.epochs=3", "eval.every=400", "eval.max_batches=2", "eval.n_random=2"]
 SEARCH = ["flops_max=4e6", "evolution.population=20", "evolution.topk=5", "evolution.generations=6",

@@ -71,7 +71,8 @@ def test_demo_runs_end_to_end_without_the_test_split_until_retraining_and_a_reru
     assert summary["fresh"] is True and "max_steps=4" in summary["schedule"]["supernet"]
     assert summary["schedule"]["retrain"][:2] == ["optim.epochs=3", "eval.every=0"]
     assert {"date", "commit", "cpu", "cores", "threads", "torch", "command"} <= set(summary["provenance"])
-    assert summary["provenance"]["threads"] == 2  # THREADS=2 pins it, though the test runs with one thread
+    assert summary["provenance"]["threads"] == 2  # THREADS=2 pins it, though the test runs with one thread (the
+    # demo's default is 1)
     assert list(results) == ["PSViT (searched)", "DeiT-like baseline"]
     best = out / "search" / "best_arch.json"
     assert [Path(r["arch"]).resolve() for r in results.values()] == [best.resolve(),
