@@ -46,8 +46,12 @@ def provenance_line(p: dict[str, Any]) -> str:
     commit = p["commit"] + (" with uncommitted changes" if p.get("dirty") else "")
     load = "/".join(f"{x:.1f}" for x in p["load"])
     return (f"Measured {p['date']} at commit `{commit}` on {p['cores']} cores of an {p['cpu']} "
-            f"({p['cpu_capability']} kernels), torch {p['torch']}, {p['threads']} intra-op threads, load average "
+            f"({p['cpu_capability']} kernels), torch {p['torch']}, {_threads(p['threads'])}, load average "
             f"{load} (1/5/15 min) at the start, by `{p['command']}`.")
+
+
+def _threads(n: int | str) -> str:
+    return f"{n} intra-op thread" + ("" if int(n) == 1 else "s")
 
 
 def table(header: list[str], rows: list[list[str]], align: str = "") -> str:
@@ -95,9 +99,9 @@ def demo_readme(d: dict[str, Any] | None = None) -> str:
     """README: the demo's table without commit or date (they are on docs/pipeline.md)."""
     d = d or load("demo")
     p = d["provenance"]
-    return (f"`make demo` on a fresh clone, {p['cores']} cores of an {p['cpu']}, {p['threads']} threads "
-            f"({sum(d['minutes'].values()):.1f} min; supernet 3 epochs, retraining 3 epochs, one seed: a demo "
-            "schedule, far from converged):\n\n"
+    return (f"`make demo` as a fresh clone runs it, on {p['cores']} cores of an {p['cpu']} ({p['cpu_capability']}), "
+            f"{_threads(p['threads'])}; supernet 3 epochs, retraining 3 epochs, one seed: a demo schedule, far from "
+            "converged:\n\n"
             + table(["model", "FLOPs (MACs)", "params", "test top-1", "arch"], _demo_rows(d), "lrrrl"))
 
 
@@ -107,7 +111,8 @@ def setup_readme() -> str:
     p = d["provenance"]
     return table(["command", "prints", "took (measured)"], [
         ["`make demo`", "a progress bar per stage, then the table below and the paths of every output",
-         f"{sum(d['minutes'].values()):.1f} min on {p['cores']} cores ({p['cpu']})"],
+         f"{sum(d['minutes'].values()):.1f} min on {p['cores']} cores ({p['cpu']}), load {p['load'][0]:.1f} at the "
+         "start"],
         ["`make test`", f"pytest's summary: {s['passed']} passed, {s['failed']} failed, {s['skipped']} skipped",
          f"{s['seconds'] / 60:.1f} min on {s['provenance']['cores']} cores ({s['provenance']['cpu']}), "
          f"load {s['provenance']['load'][0]:.1f} at the end"]])
@@ -116,7 +121,7 @@ def setup_readme() -> str:
 def suite(s: dict[str, Any] | None = None) -> str:
     """docs/testing.md: the last recorded run of the whole suite."""
     s = s or load("suite")
-    return (provenance_line(s["provenance"]) + " The load average is the one at the end of the run.\n\n"
+    return (provenance_line(s["provenance"]).replace("at the start", "at the end") + "\n\n"
             + table(["tests", "passed", "failed", "errors", "skipped", "wall time"],
                     [[str(s["tests"]), str(s["passed"]), str(s["failed"]), str(s["errors"]), str(s["skipped"]),
                       f"{s['seconds']:.0f} s ({s['seconds'] / 60:.1f} min)"]], "rrrrrr"))
@@ -255,8 +260,13 @@ def record_suite(src: Path) -> dict[str, Any]:
     root = ET.parse(src).getroot()
     s = root if root.tag == "testsuite" else root.find("testsuite")
     n = {k: int(s.get(k, 0)) for k in ("tests", "failures", "errors", "skipped")}
-    p = provenance("make test")
-    p["date"] = time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime(src.stat().st_mtime))
+    # recorded right after the run, on the machine and commit it ran on; its start from the file, threads as make
+    # test sets them
+    p = provenance("make test (OMP_NUM_THREADS=1 .venv/bin/python -m pytest -n 2 --dist loadfile)")
+    start = s.get("timestamp")
+    p["date"] = (start[:10] + " " + start[11:16] + " UTC") if start else time.strftime(
+        "%Y-%m-%d %H:%M UTC", time.gmtime(src.stat().st_mtime))
+    p["threads"] = 1
     return {"provenance": p, "tests": n["tests"], "passed": n["tests"] - n["failures"] - n["errors"] - n["skipped"],
             "failed": n["failures"], "errors": n["errors"], "skipped": n["skipped"], "seconds": float(s.get("time"))}
 
