@@ -29,7 +29,7 @@ FMNIST := /usr/share/datasets/fashion-mnist/train-images-idx3-ubyte.gz
 PKG_INITS := $(wildcard space/__init__.py supernet/__init__.py supernet/*/__init__.py search/__init__.py)
 
 .DEFAULT_GOAL := help
-.PHONY: FORCE help install data test lint info supernet search fidelity retrain latency bench gpu-check demo clean distclean
+.PHONY: FORCE help install data test lint info supernet search fidelity retrain latency bench gpu-check demo docs clean distclean
 
 help: ## list the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | sed -E 's/^([a-z-]+):.*## /  \1\t/' | expand -t 14
@@ -88,7 +88,7 @@ export: install ## an architecture as a checked ONNX / TorchScript file (make ex
 	@test -n "$(ARCH)" || { echo "make export: set ARCH=path/to/arch.json" >&2; exit 1; }
 	$(PY) -m supernet.export arch=$(ARCH) $(ARGS)
 
-bench: install ## benchmarks printing side-by-side ratios
+bench: install ## benchmarks printing side-by-side ratios, also written to runs/bench/*.json (ARGS=quick: the short run)
 	$(PY) -m bench $(ARGS)
 
 gpu-check: install ## CUDA: bf16 supernet vs DeiT-Ti img/s, search evals/s, as a table (one line without CUDA)
@@ -96,6 +96,9 @@ gpu-check: install ## CUDA: bf16 supernet vs DeiT-Ti img/s, search evals/s, as a
 
 demo: install ## end to end on Fashion-MNIST: supernet, search, retrain
 	$(PY) scripts/demo.py $(ARGS)
+
+docs: install ## render the docs' measurement tables from the JSON under docs/data (scripts/docs.py)
+	$(PY) scripts/docs.py render
 
 clean: ## remove build and test artefacts (keeps .venv and experiment outputs)
 	rm -rf build dist *.egg-info .pytest_cache .hypothesis

@@ -1,4 +1,4 @@
-"""`make demo`: the whole PSViT-NAS pipeline end to end on Fashion-MNIST, sized for 2 CPU cores (~15 min).
+"""`make demo`: the whole PSViT-NAS pipeline end to end on Fashion-MNIST, sized for 2 CPU cores.
 
 1. trains the fmnist_2d supernet with SPOS (a short schedule),
 2. searches it with evolution under a FLOPs budget and exports best_arch.json,
@@ -7,12 +7,16 @@
 5. prints a table with the paths of every output.
 
 Every stage resumes: rerunning `make demo` continues where it stopped. Outputs go to runs/demo/ (OUT=...).
+It computes with one intra-op thread whatever the machine's cores (THREADS=N to change it): a CPU sums in another
+order with another thread count, so its figures would depend on the core count (docs/reliability.md, Determinism),
+and two OpenMP threads run in lockstep, so anything else running on one of the cores slows both several-fold.
 Hydra overrides for each stage can be appended, e.g. `make demo ARGS="supernet.optim.epochs=1"`.
+What the table shows is also written to summary.json with the run's schedule and provenance (date, commit, machine,
+threads), which `scripts/docs.py record demo` turns into the docs' tables.
 """
 
 from __future__ import annotations
 
-import json
 import sys
 import time
 from pathlib import Path
@@ -25,7 +29,9 @@ sys.path.insert(0, str(REPO))
 from space.arch import ArchSpec  # noqa: E402
 from space.baselines import deit_like  # noqa: E402
 from space.cost import fmt_macs, fmt_params, macs, params  # noqa: E402
+from bench.record import provenance, write_json  # noqa: E402
 
+THREADS = 1  # the demo's figures are those of this thread count on every machine
 # The demo's schedule: small enough for ~15 minutes on 2 CPU cores, long enough to learn something.
 SUPERNET = ["optim.epochs=3", "eval.every=400", "eval.max_batches=2", "eval.n_random=2"]
 SEARCH = ["flops_max=4e6", "evolution.population=20", "evolution.topk=5", "evolution.generations=6",
@@ -47,24 +53,36 @@ def banner(text: str) -> None:
     print(f"\n=== {text}", flush=True)
 
 
+def arg(name: str, default: str) -> str:
+    """The value of a NAME=value argument (OUT=, THREADS=), else ``default``."""
+    return next((a.split("=", 1)[1] for a in sys.argv[1:] if a.startswith(name + "=")), default)
+
+
 def main() -> None:
+    import torch
+
     from search.evolve import evolve
     from supernet.retrain import retrain
     from supernet.train import train
 
-    out = Path(next((a.split("=", 1)[1] for a in sys.argv[1:] if a.startswith("OUT=")), REPO / "runs" / "demo"))
+    out = Path(arg("OUT", str(REPO / "runs" / "demo")))
+    torch.set_num_threads(int(arg("THREADS", str(THREADS))))
+    fresh = not (out / "supernet").exists()  # its minutes are then the whole pipeline's, not a resumed rerun's
+    made = provenance("make demo" + (f' ARGS="{" ".join(sys.argv[1:])}"' if sys.argv[1:] else ""))
+    schedule = {"supernet": [*SUPERNET, *user_overrides("supernet")], "search": [*SEARCH, *user_overrides("search")],
+                "retrain": [*RETRAIN, *user_overrides("retrain")]}
     t0 = time.perf_counter()
     times = {}
 
     banner(f"1/4 SPOS supernet training on Fashion-MNIST (fmnist_2d) -> {out / 'supernet'}")
     t = time.perf_counter()
-    train(cfg("supernet", [f"run_dir={out / 'supernet'}", *SUPERNET, *user_overrides("supernet")]))
+    train(cfg("supernet", [f"run_dir={out / 'supernet'}", *schedule["supernet"]]))
     times["supernet"] = time.perf_counter() - t
 
     banner("2/4 evolutionary search under a FLOPs budget (inherited weights, held-out validation images)")
     t = time.perf_counter()
     res = evolve(cfg("evolve", [f"checkpoint={out / 'supernet' / 'last.ckpt'}", f"run_dir={out / 'search'}",
-                                *SEARCH, *user_overrides("search")]))
+                                *schedule["search"]]))
     times["search"] = time.perf_counter() - t
     best_path = Path(res["best"][0])
     best = ArchSpec.load(best_path)
@@ -82,8 +100,7 @@ def main() -> None:
     t = time.perf_counter()
     for name, path in (("PSViT (searched)", best_path), ("DeiT-like baseline", base_path)):
         run_dir = out / f"retrain_{path.stem}"
-        results[name] = retrain(cfg("retrain", [f"arch={path}", f"run_dir={run_dir}", *RETRAIN,
-                                                *user_overrides("retrain")]))
+        results[name] = retrain(cfg("retrain", [f"arch={path}", f"run_dir={run_dir}", *schedule["retrain"]]))
         result_files.append(run_dir / "result.json")
     times["retrain"] = time.perf_counter() - t
 
@@ -98,9 +115,8 @@ def main() -> None:
     for p in (out / "supernet" / "last.ckpt", out / "supernet" / "tb", best_path, out / "search" / "history.jsonl",
               out / "search" / "pareto.png", base_path, *result_files):
         print(f"  {p}")
-    (out / "summary.json").write_text(json.dumps({"results": results, "minutes": {k: round(v / 60, 2)
-                                                                                    for k, v in times.items()}},
-                                                 indent=2) + "\n")
+    write_json(out / "summary.json", {"provenance": made, "fresh": fresh, "schedule": schedule, "results": results,
+                                      "minutes": {k: round(v / 60, 2) for k, v in times.items()}})
 
 
 if __name__ == "__main__":

@@ -25,7 +25,7 @@ def _tiny(train_root: Path, full_root: Path, out: Path) -> list[str]:
     """The demo's ARGS for a few seconds a stage; supernet training gets a data folder with no test split, and
     the search reads the checkpoint's."""
     data = ["data.val_size=100", "data.batch_size=32", "data.eval_batch_size=100"]
-    return [f"OUT={out}",
+    return [f"OUT={out}", "THREADS=2",
             *(f"supernet.{a}" for a in [f"data.root={train_root}", *data, "max_steps=4", "eval.every=0",
                                         "log_every=2"]),
             *(f"search.{a}" for a in ["eval_batch_size=50", "evolution.population=4", "evolution.topk=2",
@@ -67,6 +67,12 @@ def test_demo_runs_end_to_end_without_the_test_split_until_retraining_and_a_reru
         assert bar in err, bar
     summary = json.loads((out / "summary.json").read_text())
     results = summary["results"]
+    # what scripts/docs.py renders the docs' demo tables from: a fresh run's schedule, as passed, and provenance
+    assert summary["fresh"] is True and "max_steps=4" in summary["schedule"]["supernet"]
+    assert summary["schedule"]["retrain"][:2] == ["optim.epochs=3", "eval.every=0"]
+    assert {"date", "commit", "cpu", "cores", "threads", "torch", "command"} <= set(summary["provenance"])
+    assert summary["provenance"]["threads"] == 2  # THREADS=2 pins it, though the test runs with one thread (the
+    # demo's default is 1)
     assert list(results) == ["PSViT (searched)", "DeiT-like baseline"]
     best = out / "search" / "best_arch.json"
     assert [Path(r["arch"]).resolve() for r in results.values()] == [best.resolve(),
@@ -96,5 +102,6 @@ def test_demo_runs_end_to_end_without_the_test_split_until_retraining_and_a_reru
     assert len(searches) == 1 and searches[0]["scored"] == 0
     assert (out / "search" / "history.jsonl").read_text() == history and best.read_text() == best_text
     rerun = json.loads((out / "summary.json").read_text())["results"]
+    assert json.loads((out / "summary.json").read_text())["fresh"] is False  # a resumed run's minutes are not kept
     assert {k: r["test_top1"] for k, r in rerun.items()} == {k: r["test_top1"] for k, r in results.items()}
     assert (out / "retrain_deit_like" / "result.json").exists() and "outputs:" in again

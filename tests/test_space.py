@@ -92,9 +92,9 @@ def test_plain_preset_is_fmnist_2d_without_pooling_and_sharing() -> None:
         (full.img_size, full.patch_size, full.mlp_ratio, full.head_dim)
 
 
-def _readme_presets() -> dict[str, list[str]]:
-    """The README's preset table: name -> [architectures, FLOPs range, params range] as printed."""
-    text = (REPO / "README.md").read_text()
+def _docs_presets() -> dict[str, list[str]]:
+    """docs/pipeline.md's preset table: name -> [architectures, FLOPs range, params range] as printed."""
+    text = (REPO / "docs" / "pipeline.md").read_text()
     table = text.split("| preset | input | architectures | FLOPs range (MACs) | params range |", 1)[1].split("\n\n")[0]
     rows = [[c.strip() for c in line.strip("|").split("|")] for line in table.splitlines()[2:]]
     return {r[0].strip("`"): r[2:] for r in rows}
@@ -111,8 +111,8 @@ def _close(printed: str, exact: int) -> bool:
     return abs(float(m[1]) * scale - exact) <= unit / 2 * (1 + 1e-9)
 
 
-def test_the_readme_preset_table_is_what_the_spaces_compute():
-    table = _readme_presets()
+def test_the_preset_table_of_pipeline_md_is_what_the_spaces_compute():
+    table = _docs_presets()
     assert sorted(table) == sorted(p.stem for p in (REPO / "conf" / "space").glob("*.yaml"))
     for name, (size, flops, params) in table.items():
         space = preset(name)
