@@ -88,9 +88,15 @@ def page(results: Path = RESULTS) -> str:
     return "\n".join(lines) + "\n"
 
 
-def render() -> None:
+def render_page() -> Path:
+    """docs/results.md from the result files; returns its path."""
     out = HOME / "docs" / "results.md"
     out.write_text(page())
+    return out
+
+
+def render() -> None:
+    out = render_page()
     correct_v2()
     print(f"wrote {out}, {HOME / 'docs' / 'results_v2.md'} and docs/fidelity/*.json")
 

@@ -187,18 +187,29 @@ def claim(unit) -> bool:
 
 
 def write_result(unit, record: dict[str, Any], commit: bool) -> None:
+    """Write the unit's result file; with ``commit``, also re-render docs/results.md from every result file and
+    commit both (under a lock: two workers never interleave), so every commit's page is its files' page."""
+    import fcntl
+
     unit.result.parent.mkdir(parents=True, exist_ok=True)
     tmp = unit.result.with_suffix(".tmp")
     tmp.write_text(json.dumps(record, indent=1) + "\n")
     os.replace(tmp, unit.result)
-    if commit:
+    if not commit:
+        return
+    from scripts.study.render import render_page
+
+    WORK.mkdir(parents=True, exist_ok=True)
+    with open(WORK / "commit.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        page = render_page()
         msg = f"study: {unit.name} ({record.get('short', '')}): " + ", ".join(
             f"{k} {record[k]:.4f}" for k in ("val_top1", "test_top1") if isinstance(record.get(k), float))
+        paths = [str(unit.result), str(page)]
         for _ in range(30):  # the developer may be committing too: retry while the index is locked
-            r = subprocess.run(["git", "commit", "-q", "-m", msg, "--", str(unit.result)], cwd=HOME,
-                               capture_output=True, text=True) if subprocess.run(
-                ["git", "add", "--", str(unit.result)], cwd=HOME, capture_output=True).returncode == 0 else None
-            if r is not None and r.returncode == 0:
+            added = subprocess.run(["git", "add", "--", *paths], cwd=HOME, capture_output=True).returncode == 0
+            if added and subprocess.run(["git", "commit", "-q", "-m", msg, "--", *paths], cwd=HOME,
+                                        capture_output=True).returncode == 0:
                 return
             time.sleep(10)
         print(f"study: could not commit {unit.result}", flush=True)
