@@ -197,7 +197,9 @@ def _overrides(line: str) -> list[tuple[str, str, str]]:
         return []
     app = APPS.get(mod[1], "") if mod else MAKE_APPS.get(mk[1], "demo" if mk[1] == "demo" else "") if mk else ""
     out = []
-    for key, value in re.findall(r"(?<![\w./(,-])([a-z_][a-z0-9_]*(?:\.[a-z0-9_]+)*)=(?!=)([^\s\"']*)", line):
+    for group, value in re.findall(r"(?<![\w./(,-])([a-z_]+)@[a-z0-9_.]+=([a-z0-9_]+)", line):
+        out.append((app, group, value))  # a group placed at another package: its option file must exist
+    for key, value in re.findall(r"(?<![\w./(,@-])([a-z_][a-z0-9_]*(?:\.[a-z0-9_]+)*)=(?!=)([^\s\"']*)", line):
         if (key, value) == ("key", "value"):  # the docs' name for any override
             continue
         if app == "demo":
