@@ -31,22 +31,22 @@ import tempfile
 import time
 import warnings
 from collections import Counter
-from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any
 
 import torch
 import torch.distributed as dist
-from torch import Tensor, nn
+from torch import nn
 from torch.utils._python_dispatch import TorchDispatchMode
 
+from bench.synthetic import Batch, SyntheticLoader, synthetic_batches
 from bench.train_speed import CONF, _compose
 from search.inherited import InheritedAccuracy
 from space.arch import ArchSpec
 from space.cost import fmt_macs, macs
 from space.errors import UserError
 from space.space import SearchSpace
-from supernet.data import DATASETS, DataBundle, normalizer
+from supernet.data import DataBundle
 from supernet.engine.compile import compile_cells, compile_wanted
 from supernet.engine.distributed import DistEnv, distributed
 from supernet.engine.loop import Trainer
@@ -54,7 +54,6 @@ from supernet.engine.standalone import RetrainTask
 from supernet.model.supernet import Supernet
 from supernet.train import SupernetTask
 
-Batch = tuple[Tensor, Tensor]
 DEIT = "deit_tiny_patch16_224"
 
 
@@ -92,41 +91,6 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
         args.warmup = 5 if args.device == "cuda" else 1
     args.compile = {"true": True, "false": False}.get(args.compile, args.compile)
     return args
-
-
-# ----------------------------------------------------------------------------- synthetic data
-class SyntheticLoader:
-    """The loader contract (supernet/data/config.py, ``Loader``) over a few fixed batches kept on the device. A
-    step's speed depends on shapes alone; the Trainer reads only the length (steps per epoch, for the lr schedule)."""
-
-    def __init__(self, batches: list[Batch], length: int) -> None:
-        self.batches, self.length = batches, length
-        self.batch_size = len(batches[0][1])
-        self.num_examples = length * self.batch_size
-
-    def __len__(self) -> int:
-        return self.length
-
-    def __iter__(self) -> Iterator[Batch]:
-        return self.epoch(0)
-
-    def epoch(self, epoch: int, start: int = 0) -> Iterator[Batch]:
-        return (self.batches[i % len(self.batches)] for i in range(start, self.length))
-
-
-def synthetic_batches(sizes: list[int], space: SearchSpace, device: torch.device, seed: int) -> list[Batch]:
-    """Batches of ``sizes`` images for ``space``, made on ``device``: random uint8 pixels normalized as the folder
-    pipeline normalizes decoded images (ImageNet's mean/std), random labels."""
-    info = DATASETS["imagenet_folder" if space.in_chans == 3 else "fashion_mnist"]
-    scale, shift = normalizer(info.mean, info.std, device)
-    g = torch.Generator(device=device).manual_seed(seed)
-    out = []
-    for n in sizes:
-        u8 = torch.randint(0, 256, (n, space.in_chans, space.img_size, space.img_size), dtype=torch.uint8,
-                           device=device, generator=g)
-        out.append((torch.addcmul(shift, u8.float(), scale),
-                    torch.randint(0, space.num_classes, (n,), device=device, generator=g)))
-    return out
 
 
 # ----------------------------------------------------------------------------- measuring

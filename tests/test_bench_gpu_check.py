@@ -15,6 +15,7 @@ import pytest
 import torch
 
 from bench import gpu_check
+from bench.synthetic import SyntheticLoader, synthetic_batches
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -101,7 +102,7 @@ def test_compiled_timing_compiles_the_supernet_cells_and_reruns_the_same_steps(m
     assert args.compile is True and args.warmup == 1
     env = DistEnv(0, 1, 0, torch.device("cpu"))
     space = SearchSpace.from_config(gpu_check._compose("space=cifar_2d").space)
-    loader = gpu_check.SyntheticLoader(gpu_check.synthetic_batches([2, 2], space, env.device, seed=0), 3)
+    loader = SyntheticLoader(synthetic_batches([2, 2], space, env.device, seed=0), 3)
     data = DataBundle("synthetic", loader, None, None, space.img_size, space.in_chans, space.num_classes)
     _, trainer, steps = gpu_check.train_supernet(args, data, env, str(tmp_path))
     ran: list[int] = []

@@ -107,7 +107,10 @@ def broadcast_parameters(module: nn.Module, env: DistEnv) -> None:
     """Start every rank from rank 0's weights."""
     if env.distributed:
         for t in list(module.parameters()) + list(module.buffers()):
-            dist.broadcast(t.data, src=0)
+            flat = t.data.contiguous()  # collectives take dense row-major tensors (entangle=slice stores some
+            dist.broadcast(flat, src=0)  # weights column-major)
+            if flat is not t.data:
+                t.data.copy_(flat)
 
 
 def allreduce_gradients(params: Iterable[nn.Parameter], env: DistEnv, bucket_bytes: int = 32 << 20) -> None:

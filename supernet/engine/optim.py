@@ -13,7 +13,7 @@ import torch
 from torch import Tensor, nn
 from torch.optim.adamw import adamw
 
-from supernet.model.entangle import SliceLeaves, lead
+from supernet.model.entangle import SliceLeaves, lead, oriented
 
 
 def param_groups(model: nn.Module, weight_decay: float) -> list[dict[str, Any]]:
@@ -49,13 +49,16 @@ def floor_ratio(min_lr: float, peak: float) -> float:
 class SliceAdamW(torch.optim.AdamW):
     """AdamW over the slices a step trained (model/entangle.py, ``entangle=slice``): for every weight of
     ``slices.trained()``, torch's own AdamW update (``torch.optim.adamw.adamw``) runs on the views of that box of the
-    weight and of its two moments, with the slice's gradient; the rest of the tensor, moments included, is left as
-    it is. The state is AdamW's, full-size per weight (``step``, ``exp_avg``, ``exp_avg_sq``), so checkpoints keep
-    AdamW's layout; ``step`` counts the steps that trained any slice of the weight (lazy Adam's bias correction).
+    weight and of its two moments (in the orientation of the weight's storage, as the leaf), with the slice's
+    gradient; the rest of the tensor, moments included, is left as it is. The state is AdamW's, full-size per
+    weight (``step``, ``exp_avg``, ``exp_avg_sq``), so checkpoints keep AdamW's layout; ``step`` counts the steps
+    that trained any slice of the weight (lazy Adam's bias correction).
 
     Never fused: torch's fused kernel writes wrong values through strided views (seen on the CPU: the moments of
     a box narrower than its tensor were written outside it), so it runs the for-each (CUDA) or per-tensor (CPU)
-    implementation that ``foreach=None`` picks, with ``step`` on the host, as AdamW does then.
+    implementation that ``foreach=None`` picks, with ``step`` on the host, as AdamW does then. In place on
+    strided views, each of its elementwise passes costs more than on the packed tensors of an extracted subnet
+    (docs/benchmarks.md).
     """
 
     def __init__(self, slices: SliceLeaves, params: list[dict[str, Any]], **kwargs: Any) -> None:
@@ -86,10 +89,14 @@ class SliceAdamW(torch.optim.AdamW):
             state["step"] = torch.tensor(0.0, dtype=torch.get_default_dtype())
             for name in ("exp_avg", "exp_avg_sq") + (("max_exp_avg_sq",) if amsgrad else ()):
                 state[name] = torch.zeros_like(weight, memory_format=torch.preserve_format)
-        sizes = tuple(box)
-        found = self._views[key] = _Box(group, state["step"], lead(weight.detach(), sizes),
-                                        lead(state["exp_avg"], sizes), lead(state["exp_avg_sq"], sizes),
-                                        lead(state["max_exp_avg_sq"], sizes) if amsgrad else None, state["exp_avg"])
+        sizes = tuple(box)  # in the storage's orientation, as the leaf (model/entangle.py); the state shares it
+
+        def view(t: Tensor) -> Tensor:
+            return lead(oriented(t), sizes)
+
+        found = self._views[key] = _Box(group, state["step"], view(weight.detach()), view(state["exp_avg"]),
+                                        view(state["exp_avg_sq"]), view(state["max_exp_avg_sq"]) if amsgrad else None,
+                                        state["exp_avg"])
         return found
 
     @torch.no_grad()

@@ -24,10 +24,10 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from supernet.model.entangle import Slicer
+from supernet.model.entangle import SliceLeaves
 
 
-def _active(slicer: Slicer | None, weight: Tensor, bias: Tensor | None, out: int,
+def _active(slicer: SliceLeaves | None, weight: Tensor, bias: Tensor | None, out: int,
             cin: int) -> tuple[Tensor, Tensor | None]:
     """``weight[:out, :cin]`` and ``bias[:out]`` through ``slicer``; without one as views, slicing only the dims that
     shrink (each slice is an autograd node, and the full-size PSViT takes none)."""
@@ -45,11 +45,18 @@ def _active(slicer: Slicer | None, weight: Tensor, bias: Tensor | None, out: int
 class ElasticLinear(nn.Linear):
     """``nn.Linear`` on its leading ``out`` rows and as many columns as the input is wide."""
 
-    slicer: Slicer | None = None  # None: views (entangle.py's ``dense``); the supernet's entangle=slice sets its own
+    slicer: SliceLeaves | None = None  # None: views (entangle.py's dense); entangle=slice: the supernet's store
 
     def forward(self, x: Tensor, out_features: int | None = None) -> Tensor:
         """(..., in') -> (..., out'); ``out_features`` None means all outputs."""
-        w, b = _active(self.slicer, self.weight, self.bias, out_features or self.out_features, x.shape[-1])
+        out = out_features or self.out_features
+        if self.slicer is not None:  # x @ w.t() + b from the slicer's transposed weight: no transpose node
+            w_t = self.slicer.transposed(self.weight, (out, x.shape[-1]))  # (in', out')
+            b = None if self.bias is None else self.slicer(self.bias, (out,))
+            flat = x.reshape(-1, x.shape[-1])
+            y = flat.mm(w_t) if b is None else torch.addmm(b, flat, w_t)
+            return y.view(*x.shape[:-1], out)
+        w, b = _active(None, self.weight, self.bias, out, x.shape[-1])
         return F.linear(x, w, b)
 
 
@@ -60,7 +67,7 @@ class ElasticLayerNorm(nn.LayerNorm):
     compute in a PSViT exactly what they compute in DeiT (supernet/convert.py).
     """
 
-    slicer: Slicer | None = None
+    slicer: SliceLeaves | None = None
 
     def __init__(self, dim: int, eps: float = 1e-6) -> None:
         super().__init__(dim, eps=eps)
@@ -78,7 +85,7 @@ class ElasticLayerNorm(nn.LayerNorm):
 class ElasticConv2d(nn.Conv2d):
     """``nn.Conv2d`` on its leading ``out`` filters and as many input channels as the input has."""
 
-    slicer: Slicer | None = None
+    slicer: SliceLeaves | None = None
 
     def forward(self, x: Tensor, out_channels: int | None = None, stride: int | None = None) -> Tensor:
         """(B, C_in', H, W) -> (B, C_out', H', W'); ``stride`` None means the stride it was built with."""
@@ -269,7 +276,7 @@ class PatchEmbed(nn.Module):
 
 
 def embed(x: Tensor, patch_embed: PatchEmbed, cls_token: Tensor | None, pos_embed: Tensor,
-          dim: int | None = None, slicer: Slicer | None = None) -> Tensor:
+          dim: int | None = None, slicer: SliceLeaves | None = None) -> Tensor:
     """The stem: patch tokens, CLS prepended in 1D, position embedding added, at ``dim`` (None: full).
 
     Args:

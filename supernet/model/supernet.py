@@ -99,6 +99,8 @@ class Supernet(nn.Module):
             for m in self.modules():
                 if isinstance(m, (ElasticLinear, ElasticLayerNorm, ElasticConv2d)):
                     m.slicer = self.slices
+                if isinstance(m, ElasticLinear):  # column-major: slice gradients arrive without a copy (entangle.py)
+                    m.weight = nn.Parameter(m.weight.detach().t().contiguous().t())
 
     def _apply(self, fn, recurse: bool = True):  # noqa: ANN001, ANN202 - nn.Module's
         """``nn.Module._apply`` (``to``, ``cuda``, ``half``...), which may give the weights new storage: the slice
