@@ -6,6 +6,7 @@ full-size gradients and updates. Tiny spaces, random tensors: no dataset."""
 from __future__ import annotations
 
 import random
+from pathlib import Path
 from dataclasses import replace
 
 import pytest
@@ -128,9 +129,14 @@ def test_a_slice_step_is_adamw_on_the_extracted_path_and_moves_nothing_else():
             p.grad = grad_of(src[name], leaves[id(src[name])]).clone()
         opt.step()
         sub_opt.step()
+    names = {id(p): n for n, p in sliced.named_parameters()}
     for name, p in sub.named_parameters():
         w = src[name]
         assert torch.equal(box(w.detach(), p.shape), p.detach()), name
+        moved = w.detach() != before[names[id(w)]]
+        assert box(moved, p.shape).any(), name  # trained
+        box(moved, p.shape).zero_()
+        assert not moved.any(), name  # no weight decay, no momentum outside the slice
         for key in ("exp_avg", "exp_avg_sq"):
             assert torch.equal(box(opt.state[w][key], p.shape), sub_opt.state[p][key]), (name, key)
             rest = opt.state[w][key].clone()
@@ -210,3 +216,19 @@ def test_compile_true_with_slice_is_one_line_and_auto_leaves_the_cells_eager():
     (sliced,) = supernets(TINY, "slice")
     assert compile_cells(sliced, "auto", torch.device("cuda")) is None
     assert all(m._compiled_call_impl is None for m in sliced.modules())
+
+
+def test_train_refuses_compile_true_with_slice_before_any_work(tmp_path):
+    from unittest import mock
+
+    from hydra import compose, initialize_config_dir
+
+    from space.errors import UserError
+    from supernet.train import train
+
+    with initialize_config_dir(config_dir=str(Path(__file__).resolve().parents[1] / "conf"), version_base="1.3"):
+        cfg = compose("supernet", overrides=[f"run_dir={tmp_path / 'run'}", "entangle=slice", "compile=true"])
+    with mock.patch("supernet.train.distributed", side_effect=AssertionError("got past the checks")):
+        with pytest.raises(UserError, match=r"^compile: true is not allowed with entangle=slice"):
+            train(cfg)
+    assert not (tmp_path / "run").exists()
