@@ -82,6 +82,7 @@ class StepRow:
     ratio_min: float
     ratio_max: float
     ratio_wall: float  # median over paths of supernet / extracted, wall clock
+    profile: dict[str, dict[str, float]] | None = None  # rows over the target: where a step's CPU time goes
 
     def line(self) -> str:
         return (f"  {self.preset:16s} batch {self.batch:3d}  entangle={self.entangle:5s}  {self.paths:2d} paths of "
@@ -125,15 +126,37 @@ def step_row(preset: str, batch: int, entangle: str, data: DataBundle, n_paths: 
             trainer.step = step  # pins the path: step t trains sampler(t)
             trainer.train_step(*next(feed_super))
 
-        wall, cpu = interleaved_cpu([super_step, lambda: sub.train_step(*next(feed_sub))], reps=reps)
+        sub_step = lambda: sub.train_step(*next(feed_sub))  # noqa: E731
+        wall, cpu = interleaved_cpu([super_step, sub_step], reps=reps)
         supers.append(cpu[0])
         subs.append(cpu[1])
         ratios.append(cpu[0] / cpu[1])
         walls.append(wall[0] / wall[1])
+        if step == 0:
+            first = (super_step, sub_step)
     source = "synthetic" if data.name == "synthetic" else "Fashion-MNIST"
+    ratio = statistics.median(ratios)
+    profile = {"super": phases(first[0]), "extracted": phases(first[1])} if ratio > TARGET else None
     return StepRow(preset, batch, entangle, source, n_paths, reps, statistics.fmean(path_macs),
-                   1e3 * statistics.median(supers), 1e3 * statistics.median(subs), statistics.median(ratios),
-                   min(ratios), max(ratios), statistics.median(walls))
+                   1e3 * statistics.median(supers), 1e3 * statistics.median(subs), ratio, min(ratios), max(ratios),
+                   statistics.median(walls), profile)
+
+
+def phases(step: Any, steps: int = 2) -> dict[str, float]:
+    """Milliseconds per step of ``step()`` under torch.profiler (wall clock, as the profiler times its events),
+    split into the optimizer's step, its zero_grad and the rest (forward, backward, reducer, clipping, schedule);
+    the profiler's own cost lands in the rest."""
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CPU]) as prof:
+        start = time.perf_counter()
+        for _ in range(steps):
+            step()
+        total = time.perf_counter() - start
+    events = prof.key_averages()
+    opt = sum(e.cpu_time_total for e in events if e.key.startswith("Optimizer.step#")) / 1e3 / steps
+    zero = sum(e.cpu_time_total for e in events if e.key.startswith("Optimizer.zero_grad#")) / 1e3 / steps
+    return {"optimizer_ms": opt, "zero_grad_ms": zero, "rest_ms": 1e3 * total / steps - opt - zero}
 
 
 def default_batch(preset: str) -> int:
@@ -201,6 +224,17 @@ def render(doc: dict[str, Any]) -> str:
         lines.append(f"| {r['preset']} | {r['batch']} | {r['data']} | {r['entangle']} | {r['paths']} | "
                      f"{r['super_ms']:.1f} | {r['sub_ms']:.1f} | {r['ratio']:.3f}{mark} | {r['ratio_min']:.3f} | "
                      f"{r['ratio_max']:.3f} | {r['ratio_wall']:.3f} |")
+    over = [r for r in doc["rows"] if r.get("profile")]
+    if over:
+        lines += ["", f"Rows over {doc['target']}: two steps of the first path under torch.profiler, ms per step "
+                  "(wall clock; the profiler's own cost is in the rest):", "",
+                  "| preset | batch | entangle | optimizer step: supernet / extracted | zero_grad | rest (forward, "
+                  "backward, clipping): supernet / extracted |", "| --- | ---: | --- | ---: | ---: | ---: |"]
+        for r in over:
+            a, b = r["profile"]["super"], r["profile"]["extracted"]
+            lines.append(f"| {r['preset']} | {r['batch']} | {r['entangle']} | {a['optimizer_ms']:.1f} / "
+                         f"{b['optimizer_ms']:.1f} | {a['zero_grad_ms']:.1f} / {b['zero_grad_ms']:.1f} | "
+                         f"{a['rest_ms']:.1f} / {b['rest_ms']:.1f} |")
     return "\n".join(lines)
 
 
@@ -212,14 +246,16 @@ def write_page(doc: dict[str, Any], page: Path = PAGE) -> None:
     page.write_text(f"{head}{BEGIN}\n{render(doc)}\n{END}{tail}")
 
 
-def main(quick: bool = False) -> list[StepRow]:
-    """The rows; a full run also writes docs/bench/train_step.json and re-renders docs/benchmarks.md's table."""
+def main(quick: bool = False, command: str = "python -m bench.step_speed") -> list[StepRow]:
+    """The rows; a full run also writes docs/bench/train_step.json and re-renders docs/benchmarks.md's table.
+    ``command``: what ran them, for the record (OMP_NUM_THREADS is added when set)."""
     load = os.getloadavg()[:1]
     print(f"== training step: supernet path vs the extracted path (CPU, {torch.get_num_threads()} threads; "
           f"Trainer.train_step with reducer, clipping, AdamW; target <= {TARGET})")
     rows = run("quick" if quick else "full")
     if not quick:
-        doc = record(rows, "python -m bench.step_speed", load)
+        threads = os.environ.get("OMP_NUM_THREADS")
+        doc = record(rows, f"OMP_NUM_THREADS={threads} {command}" if threads else command, load)
         JSON.parent.mkdir(parents=True, exist_ok=True)
         JSON.write_text(json.dumps(doc, indent=1) + "\n")
         write_page(doc)
