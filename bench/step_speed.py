@@ -204,11 +204,17 @@ def commit() -> str:
     return git("rev-parse", "--short", "HEAD") + (" + uncommitted changes" if dirty else "")
 
 
-def record(rows: list[StepRow], command: str, load_before: tuple[float, ...]) -> dict[str, Any]:
-    """What the JSON keeps: the rows and how they were measured."""
-    return {"command": command, "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()), "commit": commit(),
-            "machine": machine(), "load_average": [round(x, 2) for x in (*load_before, *os.getloadavg()[:1])],
-            "target": TARGET, "rows": [asdict(r) for r in rows]}
+def record(rows: list[StepRow], command: str, start: dict[str, Any]) -> dict[str, Any]:
+    """What the JSON keeps: the rows and how they were measured (``start``: :func:`started`)."""
+    return {"command": command, **start, "machine": machine(),
+            "load_average": [*start["load_average"], round(os.getloadavg()[0], 2)], "target": TARGET,
+            "rows": [asdict(r) for r in rows]}
+
+
+def started() -> dict[str, Any]:
+    """The date, the commit (of the code this process imported) and the load average at the start of a run."""
+    return {"date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()), "commit": commit(),
+            "load_average": [round(os.getloadavg()[0], 2)]}
 
 
 def render(doc: dict[str, Any]) -> str:
@@ -249,13 +255,13 @@ def write_page(doc: dict[str, Any], page: Path = PAGE) -> None:
 def main(quick: bool = False, command: str = "python -m bench.step_speed") -> list[StepRow]:
     """The rows; a full run also writes docs/bench/train_step.json and re-renders docs/benchmarks.md's table.
     ``command``: what ran them, for the record (OMP_NUM_THREADS is added when set)."""
-    load = os.getloadavg()[:1]
+    start = started()
     print(f"== training step: supernet path vs the extracted path (CPU, {torch.get_num_threads()} threads; "
           f"Trainer.train_step with reducer, clipping, AdamW; target <= {TARGET})")
     rows = run("quick" if quick else "full")
     if not quick:
         threads = os.environ.get("OMP_NUM_THREADS")
-        doc = record(rows, f"OMP_NUM_THREADS={threads} {command}" if threads else command, load)
+        doc = record(rows, f"OMP_NUM_THREADS={threads} {command}" if threads else command, start)
         JSON.parent.mkdir(parents=True, exist_ok=True)
         JSON.write_text(json.dumps(doc, indent=1) + "\n")
         write_page(doc)
