@@ -77,8 +77,9 @@ def check_entangle(setting: bool | str, entangle: str) -> None:
                         "or entangle=dense")
 
 
-def call_shapes(chains: Iterable[Chain], stage_ops: Sequence[Iterable[str]], pooling: str) -> dict[str, int]:
-    """Distinct call shapes per compiled class over the paths of ``chains`` (per stage (tokens, dim)) when stage
+def call_shape_keys(chains: Iterable[Chain], stage_ops: Sequence[Iterable[str]],
+                    pooling: str) -> dict[str, set[tuple]]:
+    """The distinct call shapes per compiled class over the paths of ``chains`` (per stage (tokens, dim)) when stage
     ``i`` runs the ops ``stage_ops[i]``: a cell's input is fixed by its stage, tokens and dim (heads and MLP width
     follow the dim), a pooling's by its stage and the (tokens, dim) it goes from and to."""
     chains, stage_ops = list(chains), [set(ops) for ops in stage_ops]
@@ -86,11 +87,16 @@ def call_shapes(chains: Iterable[Chain], stage_ops: Sequence[Iterable[str]], poo
     for op, name in (("basic", "BasicCell"), ("shared", "SharedPair")):
         cells = {(i, *td) for chain in chains for i, td in enumerate(chain) if op in stage_ops[i]}
         if cells:
-            out[name] = len(cells)
+            out[name] = cells
     pools = {(i, chain[i - 1], chain[i]) for chain in chains for i in range(1, len(chain))}
     if pools:
-        out["Pool1d" if pooling == "1d" else "Pool2d"] = len(pools)
+        out["Pool1d" if pooling == "1d" else "Pool2d"] = pools
     return out
+
+
+def call_shapes(chains: Iterable[Chain], stage_ops: Sequence[Iterable[str]], pooling: str) -> dict[str, int]:
+    """How many :func:`call_shape_keys` each compiled class has."""
+    return {name: len(keys) for name, keys in call_shape_keys(chains, stage_ops, pooling).items()}
 
 
 def model_shapes(net: nn.Module) -> dict[str, int]:
