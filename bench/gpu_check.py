@@ -1,6 +1,6 @@
 """`make gpu-check`: the training and search code on one CUDA GPU at steady state, with the figures to document.
 
-    python -m bench.gpu_check                  # CUDA: a few minutes (warm-up, eager and compiled models, profile)
+    python -m bench.gpu_check                  # CUDA: minutes, most of them compiling (--compile false: eager only)
     python -m bench.gpu_check --device cpu --preset cifar_2d --steps 2 --paths 1 --evals 2 --batch 4
                                                # the same code path on the CPU (gloo), in seconds
 
@@ -22,7 +22,7 @@ eager, and with ``--compile`` (auto: on CUDA) compiled as the apps compile (supe
 pooling; timm's model whole), after an untimed pass that compiles every call shape the timed steps meet. It prints
 images/s and *per-MAC throughput* (forward MACs of the images trained per second) of each, the two ratios the issue
 sets goals for (supernet / extracted per MAC >= 0.9, PSViT DeiT-Ti / timm DeiT-Ti >= 0.95), a torch.profiler summary
-of one steady-state step of each eager model (wall, host CPU and kernel time per step, top kernels), the search's
+of ``--profile-steps`` steady-state steps of each eager model (wall, host CPU and kernel time per step, top kernels), the search's
 inherited-weight evaluations/s, and a one-row markdown table to paste. It also counts the kernels of one step: one
 fused SDPA kernel per basic cell (per DeiT block), one attention map per shared pair, and on CUDA the host syncs of
 steady-state steps (``torch.cuda.set_sync_debug_mode``: a training step should make none); a contradiction is
@@ -85,11 +85,11 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     p.add_argument("--preset", default="imagenet_tiny_2d", help="search-space preset (conf/space/)")
     p.add_argument("--entangle", choices=("dense", "slice"), default="dense", help="the supernet's entangle mode")
     p.add_argument("--batch", type=_positive, default=128, help="images per training step (conf/data's per GPU)")
-    p.add_argument("--steps", type=_positive, default=50, help="timed steady-state steps of each model")
+    p.add_argument("--steps", type=_positive, default=30, help="timed steady-state steps of each model")
     p.add_argument("--warmup-max", type=_positive, default=None,
                    help="stop the supernet's warm-up here even if a call shape was not seen (default 1000; 3 on "
                         "the CPU)")
-    p.add_argument("--paths", type=_positive, default=10, help="timed supernet paths that are also extracted")
+    p.add_argument("--paths", type=_positive, default=6, help="timed supernet paths that are also extracted")
     p.add_argument("--extracted-steps", type=_positive, default=3, help="timed steps of each extracted path")
     p.add_argument("--profile-steps", type=_positive, default=5, help="steady-state steps profiled per model")
     p.add_argument("--evals", type=_positive, default=20, help="timed search evaluations")
@@ -216,13 +216,15 @@ def compile_model(name: str, trainer: Trainer) -> None:
 
 def measure_compiled(args: argparse.Namespace, trainers: dict[str, Trainer], run: Run, tmp: str) -> None:
     """Every model again with compiled cells (timm's DeiT-Ti compiled whole): one untimed pass over the steps to time
-    compiles each call shape they meet, then the same steps timed. A supernet with entangle=slice stays eager."""
+    compiles each call shape they meet (not every shape of the space: inductor takes seconds a shape), then the
+    same steps timed. A supernet with entangle=slice stays eager."""
     sup = trainers["supernet"]
     if sup.task.net.slices is None:
         compile_model("supernet", sup)
         started = time.perf_counter()
-        run_steps(sup, sup.data.train.batches, list(range(run.warm.steps)) + run.steady[:args.steps])
-        run.compiled_note = f"compiling pass over the warm-up and timed steps: {time.perf_counter() - started:.0f} s"
+        run_steps(sup, sup.data.train.batches, run.steady[:args.steps])
+        run.compiled_note = (f"an untimed pass over the timed steps compiled their shapes in "
+                             f"{time.perf_counter() - started:.0f} s")
         time_supernet(args, sup, run, compiled=True)
     else:
         run.compiled_note = "the supernet's cells stay eager with entangle=slice (docs/pipeline.md)"
