@@ -18,15 +18,16 @@ trains through the engine's ``Trainer.train_step`` (bf16 autocast on CUDA, synth
 3. **the PSViT DeiT-Ti spec** (conf/baselines/deit_tiny.json at the preset's image size and classes) and **timm's
    DeiT-Ti** (``deit_tiny_patch16_224``, pretrained=False, no download), ``--steps`` steps after a few untimed;
 
-eager, and with ``--compile`` (auto: on CUDA) compiled as the apps compile (supernet/engine/compile.py: each cell and
-pooling; timm's model whole), after an untimed pass that compiles every call shape the timed steps meet. It prints
-images/s and *per-MAC throughput* (forward MACs of the images trained per second) of each, the two ratios the issue
-sets goals for (supernet / extracted per MAC >= 0.9, PSViT DeiT-Ti / timm DeiT-Ti >= 0.95), a torch.profiler summary
-of ``--profile-steps`` steady-state steps of each eager model (wall, host CPU and kernel time per step, top
-kernels), the search's inherited-weight evaluations/s, and a one-row markdown table to paste. It also counts the kernels of one step: one
-fused SDPA kernel per basic cell (per DeiT block), one attention map per shared pair, and on CUDA the host syncs of
-steady-state steps (``torch.cuda.set_sync_debug_mode``: a training step should make none); a contradiction is
-exit status 1 after the figures. Without CUDA (and ``--device cuda``) it prints one line and exits 0.
+eager, and with ``--compile`` (auto: on CUDA) compiled as the apps compile (supernet/engine/compile.py: each cell
+and pooling; timm's model whole), after an untimed pass that compiles every call shape the timed steps meet. It
+prints images/s and *per-MAC throughput* (forward MACs of the images trained per second) of each, the two ratios the
+issue sets goals for (supernet / extracted per MAC >= 0.9, PSViT DeiT-Ti / timm DeiT-Ti >= 0.95), a torch.profiler
+summary of ``--profile-steps`` steady-state steps of each eager model (wall, host CPU and kernel time per step, top
+kernels), the search's inherited-weight evaluations/s, and a one-row markdown table to paste. It also counts the
+kernels of one step: one fused SDPA kernel per basic cell (per DeiT block), one attention map per shared pair, and
+on CUDA the host syncs of steady-state steps (``torch.cuda.set_sync_debug_mode``: a training step should make none);
+a contradiction is exit status 1 after the figures. Without CUDA (and ``--device cuda``) it prints one line and
+exits 0.
 """
 
 from __future__ import annotations
