@@ -133,30 +133,47 @@ def step_row(preset: str, batch: int, entangle: str, data: DataBundle, n_paths: 
         ratios.append(cpu[0] / cpu[1])
         walls.append(wall[0] / wall[1])
         if step == 0:
-            first = (super_step, sub_step)
+            first = ({"super": super_step, "extracted": sub_step}, {"super": trainer, "extracted": sub})
     source = "synthetic" if data.name == "synthetic" else "Fashion-MNIST"
     ratio = statistics.median(ratios)
-    profile = {"super": phases(first[0]), "extracted": phases(first[1])} if ratio > TARGET else None
+    profile = phases(*first) if ratio > TARGET else None
     return StepRow(preset, batch, entangle, source, n_paths, reps, statistics.fmean(path_macs),
                    1e3 * statistics.median(supers), 1e3 * statistics.median(subs), ratio, min(ratios), max(ratios),
                    statistics.median(walls), profile)
 
 
-def phases(step: Any, steps: int = 2) -> dict[str, float]:
-    """Milliseconds per step of ``step()`` under torch.profiler (wall clock, as the profiler times its events),
-    split into the optimizer's step, its zero_grad and the rest (forward, backward, reducer, clipping, schedule);
-    the profiler's own cost lands in the rest."""
-    from torch.profiler import ProfilerActivity, profile
+def phases(steps: dict[str, Any], trainers: dict[str, Trainer], reps: int = 7) -> dict[str, dict[str, float]]:
+    """CPU ms per step (this process's ``process_time``, as the rows) of each side's real ``train_step``, split into
+    the optimizer's step, its zero_grad and the rest (forward, backward, reducer, clipping, schedule): the two
+    optimizer calls are timed through wrappers while the sides run in alternation; medians over ``reps`` steps."""
+    spent: dict[str, dict[str, list[float]]] = {side: {"optimizer_ms": [], "zero_grad_ms": [], "rest_ms": []}
+                                               for side in steps}
+    own = {(side, name): vars(t.opt).get(name) for side, t in trainers.items() for name in ("step", "zero_grad")}
+    for side, trainer in trainers.items():
+        for name, key in (("step", "optimizer_ms"), ("zero_grad", "zero_grad_ms")):
+            real = getattr(trainer.opt, name)  # the lr scheduler's wrapper of step, which it keeps on the instance
 
-    with profile(activities=[ProfilerActivity.CPU]) as prof:
-        start = time.perf_counter()
-        for _ in range(steps):
-            step()
-        total = time.perf_counter() - start
-    events = prof.key_averages()
-    opt = sum(e.cpu_time_total for e in events if e.key.startswith("Optimizer.step#")) / 1e3 / steps
-    zero = sum(e.cpu_time_total for e in events if e.key.startswith("Optimizer.zero_grad#")) / 1e3 / steps
-    return {"optimizer_ms": opt, "zero_grad_ms": zero, "rest_ms": 1e3 * total / steps - opt - zero}
+            def timed_call(*a: Any, real: Any = real, side: str = side, key: str = key, **k: Any) -> Any:
+                start = time.process_time()
+                out = real(*a, **k)
+                spent[side][key].append(1e3 * (time.process_time() - start))
+                return out
+
+            setattr(trainer.opt, name, timed_call)
+    try:
+        for _ in range(reps):
+            for side, step in steps.items():
+                start = time.process_time()
+                step()
+                total = 1e3 * (time.process_time() - start)
+                spent[side]["rest_ms"].append(total - spent[side]["optimizer_ms"][-1] - spent[side]["zero_grad_ms"][-1])
+    finally:
+        for (side, name), was in own.items():
+            if was is None:
+                delattr(trainers[side].opt, name)
+            else:
+                setattr(trainers[side].opt, name, was)
+    return {side: {k: statistics.median(v) for k, v in parts.items()} for side, parts in spent.items()}
 
 
 def default_batch(preset: str) -> int:
@@ -232,8 +249,9 @@ def render(doc: dict[str, Any]) -> str:
                      f"{r['ratio_max']:.3f} | {r['ratio_wall']:.3f} |")
     over = [r for r in doc["rows"] if r.get("profile")]
     if over:
-        lines += ["", f"Rows over {doc['target']}: two steps of the first path under torch.profiler, ms per step "
-                  "(wall clock; the profiler's own cost is in the rest):", "",
+        lines += ["", f"Rows over {doc['target']}: where a step of the first path spends its CPU time, ms per step "
+                  "(medians of 7 steps of each side in alternation, the optimizer's two calls timed inside the real "
+                  "step):", "",
                   "| preset | batch | entangle | optimizer step: supernet / extracted | zero_grad | rest (forward, "
                   "backward, clipping): supernet / extracted |", "| --- | ---: | --- | ---: | ---: | ---: |"]
         for r in over:
