@@ -132,7 +132,7 @@ def loader_throughput(loader: TensorLoader, t_step: float, reps: int) -> None:
     print(f"  Fashion-MNIST TensorLoader, batch {loader.batch_size}, crop_pad {loader.crop_pad} + hflip "
           f"{loader.hflip}: one epoch ({n} images) {t_epoch:.2f} s, {n / t_epoch:.0f} img/s; {t_batch * 1e3:.1f} ms"
           f"/batch = {t_batch / (t_batch + t_step):.1%} of a supernet step with loading "
-          f"(fmnist_2d step from section 1: {t_step * 1e3:.0f} ms)")
+          f"(the fmnist_2d supernet step of bench/step_speed.py: {t_step * 1e3:.0f} ms)")
 
 
 SAMPLER_VARIANTS = {"uniform": (), "flops_bins": ("sampler=flops_bins",), "sandwich": ("sampler=sandwich",),
