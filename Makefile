@@ -91,7 +91,7 @@ export: install ## an architecture as a checked ONNX / TorchScript file (make ex
 bench: install ## benchmarks printing side-by-side ratios, also written to runs/bench/*.json (ARGS=quick: the short run)
 	$(PY) -m bench $(ARGS)
 
-gpu-check: install ## CUDA: bf16 supernet vs DeiT-Ti img/s, search evals/s, as a table (one line without CUDA)
+gpu-check: install ## CUDA at steady state: supernet vs extracted per MAC, PSViT vs timm DeiT-Ti, profile (one line without CUDA)
 	$(PY) -m bench.gpu_check $(ARGS)
 
 demo: install ## end to end on Fashion-MNIST: supernet, search, retrain

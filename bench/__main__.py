@@ -10,11 +10,8 @@ import sys
 import time
 from pathlib import Path
 
-from bench import latency_speed, loader_speed, model_speed, search_speed, train_speed
+from bench import latency_speed, loader_speed, model_speed, search_speed, step_speed, train_speed
 from bench.record import REPO, printed, provenance, write_json
-
-SECTIONS = {"model_speed": model_speed, "train_speed": train_speed, "search_speed": search_speed,
-            "loader_speed": loader_speed, "latency_speed": latency_speed}
 
 if __name__ == "__main__":
     args = sys.argv[1:]
@@ -24,10 +21,22 @@ if __name__ == "__main__":
     threads = f"OMP_NUM_THREADS={os.environ['OMP_NUM_THREADS']} " if "OMP_NUM_THREADS" in os.environ else ""
     record = {"provenance": provenance(threads + "make bench" + (" ARGS=quick" if quick else "")), "quick": quick,
               "sections": {}}
-    for name, module in SECTIONS.items():
+    rows: list = []
+
+    def step_rows(quick: bool) -> None:  # a full run writes docs/bench/train_step.json and benchmarks.md's table
+        rows.extend(step_speed.main(quick, "python -m bench (make bench)"))
+
+    def train_rows(quick: bool) -> None:  # the fmnist_2d step time comes from the step rows
+        default = next(r for r in rows if r.preset == "fmnist_2d" and r.batch > 1 and r.entangle == "dense")
+        train_speed.main(quick=quick, t_step=default.super_ms / 1e3)
+
+    sections = {"model_speed": model_speed.main, "step_speed": step_rows, "train_speed": train_rows,
+                "search_speed": search_speed.main, "loader_speed": loader_speed.main,
+                "latency_speed": latency_speed.main}
+    for name, run in sections.items():
         lines: list[str] = []
         t = time.perf_counter()
         with printed(lines):
-            module.main(quick=quick)
+            run(quick=quick)
         record["sections"][name] = {"lines": lines, "seconds": round(time.perf_counter() - t, 1)}
     print(f"\nwritten {write_json(out, record)}")

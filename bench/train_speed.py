@@ -1,12 +1,10 @@
-"""Training speed, measured side by side on this machine's CPU with real Fashion-MNIST:
+"""Training speed, measured side by side on this machine's CPU with real Fashion-MNIST (the supernet step against
+the extracted path's: bench/step_speed.py):
 
-1. a supernet training step (the engine's ``Trainer.train_step`` with the supernet task: path sampling, AdamW
-   over the whole supernet) vs the same step on the extracted stand-alone PSViT with the retraining task,
-   median ratio over the paths of steps 0..K-1;
-2. `python -m supernet.train` on 2 gloo ranks vs 1 process at the same global batch, both on all cores;
-3. the wall time of one fmnist_2d supernet epoch with the default config;
-4. the Fashion-MNIST TensorLoader (with augmentation) alone, and its share of a supernet step;
-5. the cost of a supernet optimizer step under each path sampler (``sampler=``, ``distill=``) relative to
+1. `python -m supernet.train` on 2 gloo ranks vs 1 process at the same global batch, both on all cores;
+2. the wall time of one fmnist_2d supernet epoch with the default config;
+3. the Fashion-MNIST TensorLoader (with augmentation) alone, and its share of a supernet step;
+4. the cost of a supernet optimizer step under each path sampler (``sampler=``, ``distill=``) relative to
    SPOS's uniform one, the factor by which a run must be shorter to train for the same wall-clock time.
 
 Run it on an otherwise idle machine: a process with 2 OpenMP threads slows down several-fold whenever
@@ -22,23 +20,19 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 from hydra import compose, initialize_config_dir
 from omegaconf import DictConfig
-from torch import Tensor
 
 from bench.timing import interleaved
-from space.cost import macs
 from space.space import SearchSpace
 from supernet.data import DataBundle, TensorLoader, build_data
 from supernet.engine.distributed import DistEnv
 from supernet.engine.loop import Trainer
 from supernet.model.supernet import Supernet
-from supernet.engine.standalone import RetrainTask
 from supernet.train import SupernetTask
 
 
@@ -49,50 +43,6 @@ CONF = REPO / "conf"
 def _compose(*overrides: str, app: str = "supernet") -> DictConfig:
     with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
         return compose(app, overrides=list(overrides))
-
-
-def supernet_vs_standalone(preset: str, data: DataBundle, n_archs: int, reps: int) -> float:
-    """Prints the overhead of a supernet step over the stand-alone step; returns the mean supernet step (s).
-
-    Both sides run the real ``Trainer.train_step`` (supernet/engine/loop.py) with their app's task: the
-    supernet's ``SupernetTask`` (path sampling, path digest; path MACs only on logged steps) and retraining's
-    ``RetrainTask`` on the extracted path. The supernet trainer's step counter is pinned so each pair trains the
-    same path.
-    """
-    cfg = _compose(f"space={preset}", "max_steps=10000")
-    env = DistEnv(0, 1, 0, torch.device("cpu"))
-    batches = list(itertools.islice(data.train.epoch(0), 4))  # the same real batches feed both sides, in turn
-    torch.manual_seed(cfg.seed)
-    task = SupernetTask(Supernet(SearchSpace.from_config(cfg.space)), cfg, data, env)
-    trainer = Trainer(task, data, cfg, env)
-    task.net.train()
-
-    def super_step(step: int, feed: Iterator[tuple[Tensor, Tensor]]) -> None:
-        trainer.step = step  # pins the path: step t trains sampler(t)
-        trainer.train_step(*next(feed))
-
-    ratios, t_supers, t_subs, path_macs = [], [], [], []
-    for step in range(n_archs):
-        arch = task.sampler(step)  # uniform sampling: one path per step
-        path_macs.append(macs(arch))
-        sub = task.net.extract(arch).train()
-        # train_step writes nothing: run_dir only has to be set
-        sub_cfg = _compose("arch=bench", "max_steps=10000", f"run_dir={tempfile.gettempdir()}", app="retrain")
-        sub_trainer = Trainer(RetrainTask(sub, arch, "bench", sub_cfg, data, env), data, sub_cfg, env)
-        d_super, d_sub = itertools.cycle(batches), itertools.cycle(batches)
-        t_super, t_sub = interleaved([lambda: super_step(step, d_super),
-                                      lambda: sub_trainer.train_step(*next(d_sub))], reps=reps)
-        ratios.append(t_super / t_sub)
-        t_supers.append(t_super)
-        t_subs.append(t_sub)
-    B = data.train.batch_size
-    print(f"  {preset:10s} batch {B}, train step (fwd+bwd+clip+AdamW), {n_archs} paths of "
-          f"{statistics.mean(path_macs) / 1e6:.1f} M MACs/img on average:")
-    print(f"    supernet {B / statistics.median(t_supers):7.0f} img/s   stand-alone "
-          f"{B / statistics.median(t_subs):7.0f} img/s   overhead supernet / stand-alone per step: median "
-          f"{statistics.median(ratios):.3f}"
-          f" (min {min(ratios):.3f}, max {max(ratios):.3f})   target <= 1.05")
-    return statistics.mean(t_supers)
 
 
 @dataclass(frozen=True)
@@ -182,7 +132,7 @@ def loader_throughput(loader: TensorLoader, t_step: float, reps: int) -> None:
     print(f"  Fashion-MNIST TensorLoader, batch {loader.batch_size}, crop_pad {loader.crop_pad} + hflip "
           f"{loader.hflip}: one epoch ({n} images) {t_epoch:.2f} s, {n / t_epoch:.0f} img/s; {t_batch * 1e3:.1f} ms"
           f"/batch = {t_batch / (t_batch + t_step):.1%} of a supernet step with loading "
-          f"(fmnist_2d step from section 1: {t_step * 1e3:.0f} ms)")
+          f"(the fmnist_2d supernet step of bench/step_speed.py: {t_step * 1e3:.0f} ms)")
 
 
 SAMPLER_VARIANTS = {"uniform": (), "flops_bins": ("sampler=flops_bins",), "sandwich": ("sampler=sandwich",),
@@ -215,13 +165,17 @@ def sampler_costs(data: DataBundle, steps: int, reps: int) -> dict[str, float]:
     return {k: v / steps for k, v in times.items()}
 
 
-def main(quick: bool = False) -> None:
+def main(quick: bool = False, t_step: float | None = None) -> None:
+    """``t_step``: the seconds of one fmnist_2d supernet step at the default batch (bench/step_speed.py's row);
+    measured here when not given."""
     torch.set_num_threads(torch.get_num_threads())
-    n, reps, steps, log_every = (3, 3, 30, 5) if quick else (8, 5, 60, 10)
+    steps, log_every = (30, 5) if quick else (60, 10)
     print(f"== training speed (CPU, {torch.get_num_threads()} threads, real Fashion-MNIST; FLOPs are MACs)")
     data = build_data(_compose().data)
-    t_step = supernet_vs_standalone("fmnist_2d", data, n, reps)
-    supernet_vs_standalone("fmnist_1d", data, n, reps)
+    if t_step is None:
+        from bench.step_speed import step_row
+
+        t_step = step_row("fmnist_2d", data.train.batch_size, "dense", data, 2, 1 if quick else 3).super_ms / 1e3
     with tempfile.TemporaryDirectory(prefix="train_speed_") as tmp:
         one = ranks_vs_one(Path(tmp), 256, steps, log_every)  # its 1-process run is the default config
         epoch_time(Path(tmp), len(data.train), one if quick else None)

@@ -107,7 +107,7 @@ SUPERNET = {**RUN, "run_dir": Key("str"), "max_steps": Key("int", low=1, nullabl
             "keep_every": Key("int", low=0),
             "sampler": Key("str", choices=("uniform", "flops_bins", "sandwich")), "flops_bins": Key("int", low=1),
             "sandwich_n": Key("int", low=0), "distill": Key("str", choices=("none", "inplace")),
-            "distill_weight": Key("float", low=0, most=1),
+            "distill_weight": Key("float", low=0, most=1), "entangle": Key("str", choices=("dense", "slice")),
             "eval.n_random": Key("int", low=0)}
 # arch= and checkpoint= are nullable here: the apps explain what to pass when they are missing.
 RETRAIN = {**RUN, "arch": Key("str", nullable=True), "run_dir": Key("str", nullable=True),

@@ -43,7 +43,7 @@ from space.samplers import make_sampler
 from space.schema import SUPERNET, check_config
 from space.space import SearchSpace
 from supernet.data import DataBundle, build_data
-from supernet.engine.compile import compile_cells
+from supernet.engine.compile import check_entangle, compile_cells
 from supernet.engine.distributed import DistEnv, distributed
 from supernet.engine.loop import FitResult, LossBackward, Task, Trainer, top1
 from supernet.model.supernet import Supernet
@@ -72,6 +72,8 @@ class SupernetTask(Task):
         self.tracked = tracked_archs(space, cfg.seed, cfg.eval.n_random)
         space_cfg = space.to_config()
         self.identity = {"space": space_cfg, "sampler": cfg.sampler}
+        if net.entangle != "dense":  # absent for dense, so the checkpoints of runs from before the setting resume
+            self.identity["entangle"] = net.entangle
         if cfg.sampler == "flops_bins":
             self.identity["flops_bins"] = cfg.flops_bins
         if cfg.sampler == "sandwich":
@@ -128,6 +130,7 @@ def train(cfg: DictConfig) -> TrainResult:
     if cfg.distill != "none" and cfg.sampler != "sandwich":
         raise UserError(f"distill: {cfg.distill} needs sampler=sandwich (the teacher is the largest path, which "
                         "only the sandwich rule trains every step); set sampler=sandwich or distill=none")
+    check_entangle(cfg.compile, cfg.entangle)
     if cfg.recipe.ema:
         raise UserError("recipe.ema: the search reads the supernet's trained weights, not an average of them; "
                         "set recipe.ema=false (the EMA is for retraining)")
@@ -137,7 +140,7 @@ def train(cfg: DictConfig) -> TrainResult:
                           label_smoothing=cfg.optim.label_smoothing)
         check_fits("space", space, data)
         torch.manual_seed(cfg.seed)
-        task = SupernetTask(Supernet(space).to(env.device), cfg, data, env)
+        task = SupernetTask(Supernet(space, cfg.entangle).to(env.device), cfg, data, env)
         compile_cells(task.net, cfg.compile, env.device, announce=env.is_main)
         res = Trainer(task, data, cfg, env).fit()
         return TrainResult(**vars(res), paths_digest=task.paths_digest, model=task.net)

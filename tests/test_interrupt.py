@@ -88,13 +88,26 @@ def _paths_digest(cfg, steps: int) -> str:
 
 # ----------------------------------------------------------------------------- supernet training
 @pytest.fixture(scope="module")
-def supernet_ref(tmp_path_factory: pytest.TempPathFactory, data_root: Path, one_thread: None) -> dict:
-    """The uninterrupted run's final checkpoint."""
+def supernet_refs(tmp_path_factory: pytest.TempPathFactory, data_root: Path, one_thread: None):
+    """``ref(*overrides)``: the final checkpoint of the uninterrupted run with those overrides, trained once."""
     from supernet.train import train
 
-    run = tmp_path_factory.mktemp("supernet_ref")
-    assert train(_cfg("supernet", run, data_root, *SUPERNET)).step == STEPS
-    return _ckpt(run)
+    done: dict[tuple[str, ...], dict] = {}
+
+    def ref(*overrides: str) -> dict:
+        if overrides not in done:
+            run = tmp_path_factory.mktemp("supernet_ref")
+            assert train(_cfg("supernet", run, data_root, *SUPERNET, *overrides)).step == STEPS
+            done[overrides] = _ckpt(run)
+        return done[overrides]
+
+    return ref
+
+
+@pytest.fixture
+def supernet_ref(supernet_refs) -> dict:
+    """The uninterrupted run's final checkpoint."""
+    return supernet_refs()
 
 
 def _stopped_by(forkserver, sig: signal.Signals, run: Path, root: Path) -> int:
@@ -164,12 +177,14 @@ def test_a_signal_that_kills_the_workers_is_not_a_clean_stop(forkserver, tmp_pat
 
 
 @pytest.mark.slow
+@pytest.mark.parametrize("entangle", ["dense", "slice"])
 def test_supernet_sigkill_during_a_background_write_then_rerun_equals_uninterrupted_run(forkserver, tmp_path, data_root,
-                                                                                      supernet_ref):
+                                                                                      supernet_refs, entangle):
     """Killed after the first checkpoint (step 4) is on disk, while the second one's write is in flight: step 4's
-    file is intact, and the rerun clears the dead writer's temp file and ends as the uninterrupted run."""
-    run = tmp_path / "run"
-    killed = _cli(forkserver, "supernet.train", run, data_root, *SUPERNET, "ckpt_every=4", slow_writes=True)
+    file is intact, and the rerun clears the dead writer's temp file and ends as the uninterrupted run; in both
+    entangle modes."""
+    run, mode = tmp_path / "run", () if entangle == "dense" else (f"entangle={entangle}",)  # dense: the default
+    killed = _cli(forkserver, "supernet.train", run, data_root, *SUPERNET, "ckpt_every=4", *mode, slow_writes=True)
     deadline = time.time() + 240
     while not ((run / "last.ckpt").exists() and list(run.glob(".last.ckpt.tmp*"))):
         assert killed.poll() is None, killed.communicate()
@@ -179,7 +194,7 @@ def test_supernet_sigkill_during_a_background_write_then_rerun_equals_uninterrup
     killed.communicate(timeout=240)
     assert killed.returncode == -signal.SIGKILL
     assert _ckpt(run)["step"] == 4 and list(run.glob(".last.ckpt.tmp*"))  # killed mid-write
-    _rerun_equals_reference(forkserver, run, data_root, 4, supernet_ref, "ckpt_every=4")
+    _rerun_equals_reference(forkserver, run, data_root, 4, supernet_refs(*mode), "ckpt_every=4", *mode)
     assert not list(run.glob(".last.ckpt.tmp*"))
 
 

@@ -1,7 +1,8 @@
 """The gradient all-reduce overlapped with backward (engine/distributed.py, GradReducer) against the plain
 post-backward reduction it replaces (allreduce_gradients), on 2 gloo ranks and a tiny supernet: bit-identical
-gradients for uniform and sandwich steps at several bucket sizes, off-path gradients left None, buckets launched
-during the step's final backward only. Runs on random tensors, so it needs no dataset."""
+gradients for uniform and sandwich steps at several bucket sizes, in both entangle modes (the parameters' full
+gradients, or entangle=slice's slice leaves), off-path gradients left None, buckets launched during the step's
+final backward only. Runs on random tensors, so it needs no dataset."""
 
 from __future__ import annotations
 
@@ -21,6 +22,7 @@ TINY = {"name": "tiny", "pooling": "2d", "img_size": 8, "patch_size": 2, "in_cha
 # the 25 MB default: one bucket, all of it reduced in finish()
 BUCKETS = (1, 512, 25 << 20)
 STEPS = 3
+ENTANGLE = ("dense", "slice")
 
 
 def _cfg(*overrides: str):
@@ -28,11 +30,18 @@ def _cfg(*overrides: str):
         return compose("supernet", overrides=list(overrides))
 
 
+def _tensors(net: torch.nn.Module) -> dict[str, torch.Tensor]:
+    """What a step trains: the parameters, or with entangle=slice the step's slice leaves (in the order taken)."""
+    if net.slices is None:
+        return dict(net.named_parameters())
+    return {f"leaf{i}": leaf for i, leaf in enumerate(net.slices.leaves())}
+
+
 def _grads(net: torch.nn.Module) -> dict[str, torch.Tensor | None]:
-    return {n: None if p.grad is None else p.grad.clone() for n, p in net.named_parameters()}
+    return {n: None if p.grad is None else p.grad.clone() for n, p in _tensors(net).items()}
 
 
-def _compare(env, sampler: str, bucket_bytes: int) -> list[dict[str, int]]:
+def _compare(env, sampler: str, bucket_bytes: int, entangle: str) -> list[dict[str, int]]:
     """STEPS steps of ``sampler``, each run twice from zeroed gradients: the plain backward then
     allreduce_gradients, and the Trainer's way (LossBackward with the reducer, then finish()). Asserts they
     agree bit for bit; returns each step's counts."""
@@ -43,10 +52,10 @@ def _compare(env, sampler: str, bucket_bytes: int) -> list[dict[str, int]]:
     from supernet.train import SupernetTask
 
     torch.manual_seed(0)  # the same weights on both ranks
-    net = Supernet(SearchSpace.from_config(TINY))
+    net = Supernet(SearchSpace.from_config(TINY), entangle)
     distill = ["distill=inplace"] if sampler == "sandwich" else []
     task = SupernetTask(net, _cfg(f"sampler={sampler}", "sandwich_n=2", *distill), None, env)
-    reducer = GradReducer(net.parameters(), env, bucket_bytes)
+    reducer = GradReducer(net.parameters(), env, bucket_bytes, leaves=None if net.slices is None else net.slices.leaves)
     plain = LossBackward(env.device, False, 0.1)  # the reducer's hooks stay inert: never armed
     overlapped = LossBackward(env.device, False, 0.1, reducer)
     counts = []
@@ -55,12 +64,12 @@ def _compare(env, sampler: str, bucket_bytes: int) -> list[dict[str, int]]:
         x, y = torch.randn(4, 1, 8, 8, generator=g), torch.randint(0, 3, (4,), generator=g)
         net.zero_grad(set_to_none=True)
         plain(lambda: net(x, task.sampler.paths(step)[-1]), y)
-        last_path = sum(p.grad is not None for p in net.parameters())  # what the final backward touches
+        last_path = sum(p.grad is not None for p in _tensors(net).values())  # what the final backward touches
 
         net.zero_grad(set_to_none=True)
         task.backward(x, y, step, plain)
         local = _grads(net)
-        allreduce_gradients(net.parameters(), env, bucket_bytes)
+        allreduce_gradients(_tensors(net).values(), env, bucket_bytes)
         want = _grads(net)
 
         net.zero_grad(set_to_none=True)
@@ -72,9 +81,12 @@ def _compare(env, sampler: str, bucket_bytes: int) -> list[dict[str, int]]:
         for name, w in want.items():
             assert (w is None) == (got[name] is None) == (local[name] is None), name  # off-path: still None
             assert w is None or torch.equal(w, got[name]), name
+        trained = {id(w) for w, _ in net.slices.trained()} if net.slices is not None else \
+            {id(p) for p in net.parameters() if p.grad is not None}
+        assert net.slices is None or all(p.grad is None for p in net.parameters())
         counts.append({"overlapped": reducer.overlapped, "buckets": reducer.buckets, "last_path": last_path,
                        "with_grad": sum(v is not None for v in got.values()),
-                       "off_path": sum(v is None for v in got.values())})
+                       "off_path": sum(id(p) not in trained for p in net.parameters())})
     return counts
 
 
@@ -85,23 +97,35 @@ def _worker(rank: int, port: int, out_dir: str) -> None:
     from supernet.engine.distributed import distributed
 
     with distributed("cpu") as env:
-        seen = {f"{s}/{b}": _compare(env, s, b) for s in ("uniform", "sandwich") for b in BUCKETS}
+        seen = {f"{e}/{s}/{b}": _compare(env, s, b, e) for e in ENTANGLE for s in ("uniform", "sandwich")
+                for b in BUCKETS}
     Path(out_dir, f"rank{rank}.json").write_text(json.dumps(seen))
 
 
-def test_overlapped_reduction_equals_the_plain_one_bit_for_bit(tmp_path, fork_ranks, free_port):
-    fork_ranks(_worker, (free_port(), str(tmp_path)))
-    r0, r1 = (json.loads((tmp_path / f"rank{r}.json").read_text()) for r in (0, 1))
+@pytest.fixture(scope="module")
+def ranks(tmp_path_factory, fork_ranks, free_port) -> tuple[dict, dict]:
+    """Both ranks' counts of every case (entangle mode, sampler, bucket size), from one run of 2 gloo ranks."""
+    out = tmp_path_factory.mktemp("reducer")
+    fork_ranks(_worker, (free_port(), str(out)))
+    return tuple(json.loads((out / f"rank{r}.json").read_text()) for r in (0, 1))
+
+
+@pytest.mark.parametrize("entangle", ENTANGLE)
+def test_overlapped_reduction_equals_the_plain_one_bit_for_bit(ranks, entangle):
+    """entangle=slice: the buckets carry the step's slice leaves (hooked as each backward starts, reduced in the
+    order taken), the parameters keep no gradient."""
+    r0, r1 = ranks
     assert r0 == r1  # the same buckets on both ranks
-    for step in r0["uniform/1"]:  # one gradient a bucket: each launched by its hook, during backward
+    e = entangle
+    for step in r0[f"{e}/uniform/1"]:  # one gradient a bucket: each launched by its hook, during backward
         assert step["overlapped"] == step["buckets"] == step["last_path"] == step["with_grad"]
         assert step["off_path"] > 0
-    for step in r0["sandwich/1"]:  # the final path's gradients during backward, the earlier paths' in finish()
+    for step in r0[f"{e}/sandwich/1"]:  # the final path's gradients during backward, the earlier paths' in finish()
         assert step["overlapped"] == step["last_path"] and step["buckets"] == step["with_grad"]
-    assert any(step["with_grad"] > step["last_path"] for step in r0["sandwich/1"])
+    assert any(step["with_grad"] > step["last_path"] for step in r0[f"{e}/sandwich/1"])
     for sampler in ("uniform", "sandwich"):
-        assert all(0 < st["overlapped"] < st["last_path"] for st in r0[f"{sampler}/512"])
-        assert all(st["overlapped"] == 0 and st["buckets"] == 1 for st in r0[f"{sampler}/{25 << 20}"])
+        assert all(0 < st["overlapped"] < st["last_path"] for st in r0[f"{e}/{sampler}/512"])
+        assert all(st["overlapped"] == 0 and st["buckets"] == 1 for st in r0[f"{e}/{sampler}/{25 << 20}"])
 
 
 def test_a_backward_after_the_final_one_is_refused():

@@ -151,6 +151,7 @@ def test_a_supernet_space_that_does_not_fit_the_dataset_is_one_line_exit_2(tmp_p
     ("max_steps=0", "max_steps: 0 is not allowed (allowed: an integer >= 1, or null)"),
     ("optim.epochs=0", "optim.epochs: 0 is not allowed (allowed: an integer >= 1)"),
     ("resume=maybe", "resume: 'maybe' is not allowed (allowed: auto, never)"),
+    ("entangle=sparse", "entangle: 'sparse' is not allowed (allowed: dense, slice)"),
 ])
 def test_bad_values_are_refused_before_any_work(tmp_path, override, message):
     from supernet.train import train

@@ -97,9 +97,11 @@ def test_bad_sandwich_options_are_one_line_and_write_nothing(tmp_path, overrides
     assert not (tmp_path / "run").exists()
 
 
-def test_sandwich_distill_run_resumes_exactly_after_a_crash(tmp_path, fake_fmnist, monkeypatch):
+@pytest.mark.parametrize("entangle", ["dense", "slice"])
+def test_sandwich_distill_run_resumes_exactly_after_a_crash(tmp_path, fake_fmnist, monkeypatch, entangle):
     """A run that dies between checkpoints (here an exception at step 3, checkpoints every 2) resumes from
-    step 2 and ends with the weights, optimizer state and path digest of an uninterrupted run."""
+    step 2 and ends with the weights, optimizer state and path digest of an uninterrupted run; with
+    entangle=slice too (each step merges its paths' sizes, SliceAdamW's state goes through the checkpoint)."""
     from supernet.engine.loop import Trainer
     from supernet.train import train
 
@@ -107,7 +109,7 @@ def test_sandwich_distill_run_resumes_exactly_after_a_crash(tmp_path, fake_fmnis
     root = fake_fmnist(tmp_path / "data", n_train=80, n_test=10)
     args = [f"data.root={root}", "data.val_size=16", "data.batch_size=16", "max_steps=5", "ckpt_every=2",
             "eval.every=0", "progress=false", "sampler=sandwich", "sandwich_n=1", "distill=inplace",
-            "distill_weight=0.7", "device=cpu"]
+            "distill_weight=0.7", "device=cpu", f"entangle={entangle}"]
     ref = train(_cfg(f"run_dir={tmp_path / 'ref'}", *args))
     space = SearchSpace.from_config(_cfg().space)
     import hashlib
@@ -135,6 +137,8 @@ def test_sandwich_distill_run_resumes_exactly_after_a_crash(tmp_path, fake_fmnis
     for k, v in a["model"].items():
         assert torch.equal(v, b["model"][k]), k
     assert a["optimizer"]["state"].keys() == b["optimizer"]["state"].keys()
+    for i, st in a["optimizer"]["state"].items():
+        assert all(torch.equal(v, b["optimizer"]["state"][i][k]) for k, v in st.items()), i
 
 
 def test_flops_bins_spreads_its_steps_over_many_paths_and_its_bins_evenly():

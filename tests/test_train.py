@@ -84,6 +84,7 @@ def test_resume_with_another_space_is_refused(tmp_path, two_steps):
     ("data.split_seed=3", "data.split_seed"),
     ("optim.lr=0.002", "optim.lr (0.001 in the checkpoint, 0.002 now)"),
     ("sampler=flops_bins", "sampler ('uniform' in the checkpoint, 'flops_bins' now)"),
+    ("entangle=slice", "entangle (None in the checkpoint, 'slice' now)"),  # a dense run's identity has no entangle
     ("max_steps=3", "max_steps (2 in the checkpoint, 3 now)"),
 ])
 def test_resume_with_settings_that_change_the_result_is_refused(tmp_path, two_steps, override, key):
@@ -189,24 +190,26 @@ DDP_ARGS = ["max_steps=6", "eval.every=6", "ckpt_every=6", "optim.lr=1.6e-2", "o
             "device=cpu", "data.augment=false"]  # no augmentation: its draws are per rank, the images would differ
 
 
-def _ddp_worker(rank: int, world: int, port: int, run_dir: str, out_dir: str) -> None:
+def _ddp_worker(rank: int, world: int, port: int, run_dir: str, out_dir: str, entangle: str) -> None:
     os.environ.update(RANK=str(rank), WORLD_SIZE=str(world), LOCAL_RANK=str(rank), MASTER_ADDR="127.0.0.1",
                       MASTER_PORT=str(port))
     torch.set_num_threads(1)
     from supernet.train import train
 
-    res = train(make_cfg(Path(run_dir), *DDP_ARGS, "data.batch_size=16"))
+    res = train(make_cfg(Path(run_dir), *DDP_ARGS, "data.batch_size=16", f"entangle={entangle}"))
     torch.save({"model": res.model.state_dict(), "losses": res.losses, "grad_norms": res.grad_norms,
                 "val": res.val, "digest": res.paths_digest}, Path(out_dir) / f"rank{rank}.pt")
 
 
 @pytest.mark.slow
-def test_two_gloo_ranks_equal_one_rank_at_the_same_global_batch(tmp_path, fork_ranks, free_port):
+@pytest.mark.parametrize("entangle", ["dense", "slice"])
+def test_two_gloo_ranks_equal_one_rank_at_the_same_global_batch(tmp_path, fork_ranks, free_port, entangle):
     """2 ranks x 16 images train what 1 rank x 32 trains: the same paths, the same mean loss and gradient norm
-    every step and the same weights (up to float summation order), and the two ranks agree bit for bit."""
+    every step and the same weights (up to float summation order), and the two ranks agree bit for bit; in both
+    entangle modes (entangle=slice all-reduces the slice leaves, and its column-major weights are broadcast)."""
     from supernet.train import train
 
-    fork_ranks(_ddp_worker, (2, free_port(), str(tmp_path / "run"), str(tmp_path)))
+    fork_ranks(_ddp_worker, (2, free_port(), str(tmp_path / "run"), str(tmp_path), entangle))
     r0, r1 = (torch.load(tmp_path / f"rank{r}.pt", weights_only=True) for r in (0, 1))
     assert r0["digest"] == r1["digest"]
     assert r0["losses"] == r1["losses"] and r0["grad_norms"] == r1["grad_norms"]  # all-reduced on both ranks
@@ -215,7 +218,7 @@ def test_two_gloo_ranks_equal_one_rank_at_the_same_global_batch(tmp_path, fork_r
         assert torch.equal(v, r1["model"][k]), k
     assert _final(tmp_path / "run")["step"] == 6
 
-    one = train(make_cfg(tmp_path / "one", *DDP_ARGS, "data.batch_size=32"))
+    one = train(make_cfg(tmp_path / "one", *DDP_ARGS, "data.batch_size=32", f"entangle={entangle}"))
     assert one.paths_digest == r0["digest"]
     assert len(one.grad_norms) == len(r0["grad_norms"]) == 6
     # a gradient summed instead of averaged over ranks doubles the norm; AdamW alone would barely notice

@@ -63,8 +63,23 @@ def compile_wanted(setting: bool | str, device: torch.device) -> bool:
     raise UserError(f"compile: {setting!r} is not allowed (allowed: auto, true or false)")
 
 
-def call_shapes(chains: Iterable[Chain], stage_ops: Sequence[Iterable[str]], pooling: str) -> dict[str, int]:
-    """Distinct call shapes per compiled class over the paths of ``chains`` (per stage (tokens, dim)) when stage
+def check_entangle(setting: bool | str, entangle: str) -> None:
+    """Refuse ``compile=true`` with a supernet's ``entangle=slice``: that takes each weight's slice as an autograd leaf
+    while the cell runs (model/entangle.py), which would break a compiled cell's graph at every weight, so that
+    compiling buys nothing. (``compile=auto`` leaves such cells eager.)
+
+    Raises:
+        UserError: ``compile=true`` with ``entangle=slice``.
+    """
+    if setting is True and entangle == "slice":
+        raise UserError("compile: true is not allowed with entangle=slice (each weight's slice leaf is taken inside "
+                        "the cell, which would break a compiled graph at every weight); use compile=false or auto, "
+                        "or entangle=dense")
+
+
+def call_shape_keys(chains: Iterable[Chain], stage_ops: Sequence[Iterable[str]],
+                    pooling: str) -> dict[str, set[tuple]]:
+    """The distinct call shapes per compiled class over the paths of ``chains`` (per stage (tokens, dim)) when stage
     ``i`` runs the ops ``stage_ops[i]``: a cell's input is fixed by its stage, tokens and dim (heads and MLP width
     follow the dim), a pooling's by its stage and the (tokens, dim) it goes from and to."""
     chains, stage_ops = list(chains), [set(ops) for ops in stage_ops]
@@ -72,11 +87,16 @@ def call_shapes(chains: Iterable[Chain], stage_ops: Sequence[Iterable[str]], poo
     for op, name in (("basic", "BasicCell"), ("shared", "SharedPair")):
         cells = {(i, *td) for chain in chains for i, td in enumerate(chain) if op in stage_ops[i]}
         if cells:
-            out[name] = len(cells)
+            out[name] = cells
     pools = {(i, chain[i - 1], chain[i]) for chain in chains for i in range(1, len(chain))}
     if pools:
-        out["Pool1d" if pooling == "1d" else "Pool2d"] = len(pools)
+        out["Pool1d" if pooling == "1d" else "Pool2d"] = pools
     return out
+
+
+def call_shapes(chains: Iterable[Chain], stage_ops: Sequence[Iterable[str]], pooling: str) -> dict[str, int]:
+    """How many :func:`call_shape_keys` each compiled class has."""
+    return {name: len(keys) for name, keys in call_shape_keys(chains, stage_ops, pooling).items()}
 
 
 def model_shapes(net: nn.Module) -> dict[str, int]:
@@ -92,15 +112,24 @@ def model_shapes(net: nn.Module) -> dict[str, int]:
 
 def compile_cells(net: nn.Module, setting: bool | str, device: torch.device,
                   announce: bool = False) -> CompilePlan | None:
-    """Compile ``net``'s cells and poolings in place when :func:`compile_wanted`; None when not.
+    """Compile ``net``'s cells and poolings in place when :func:`compile_wanted`, and when the net is not a supernet
+    with ``entangle=slice`` (``compile=auto`` then compiles nothing); None when nothing was compiled.
 
     Args:
         net: a ``Supernet`` or a ``PSViT``.
         setting: the app's ``compile`` value (auto, true or false).
         device: where the model runs.
         announce: print :meth:`CompilePlan.describe` (rank 0).
+
+    Raises:
+        UserError: ``compile=true`` for a supernet with ``entangle=slice``.
     """
     if not compile_wanted(setting, device):
+        return None
+    if getattr(net, "slices", None) is not None:
+        check_entangle(setting, "slice")
+        if announce:
+            print("compile: auto leaves the cells eager with entangle=slice (docs/pipeline.md)", flush=True)
         return None
     shapes = model_shapes(net)
     fresh = [m for m in net.modules() if isinstance(m, COMPILED) and m._compiled_call_impl is None]

@@ -9,7 +9,7 @@ import os
 import shutil
 import signal
 import subprocess
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass
 from typing import Any
@@ -107,7 +107,10 @@ def broadcast_parameters(module: nn.Module, env: DistEnv) -> None:
     """Start every rank from rank 0's weights."""
     if env.distributed:
         for t in list(module.parameters()) + list(module.buffers()):
-            dist.broadcast(t.data, src=0)
+            flat = t.data.contiguous()  # collectives take dense row-major tensors (entangle=slice stores some
+            dist.broadcast(flat, src=0)  # weights column-major)
+            if flat is not t.data:
+                t.data.copy_(flat)
 
 
 def allreduce_gradients(params: Iterable[nn.Parameter], env: DistEnv, bucket_bytes: int = 32 << 20) -> None:
@@ -155,20 +158,28 @@ class GradReducer:
     identical buckets. Parameters off the paths keep ``grad is None`` (AdamW skips them). Only the final
     backward may launch a bucket: a gradient that a later pass adds to is not finished yet.
 
+    With ``leaves`` (a supernet with ``entangle=slice``, model/entangle.py), the step's gradients are those of the
+    slice leaves its forward passes took, not of the parameters: each backward pass hooks the leaves taken since
+    the last one, and :meth:`finish` takes theirs too, in the order they were taken (the same on every rank). So
+    a bucket carries the slices a step trained and nothing outside them.
+
     On 2 ranks the gradients are bit-identical to :func:`allreduce_gradients` (a sum of two addends does not
     depend on the order); on more ranks they agree up to the order in which the collective adds the ranks,
     which depends on a gradient's place in its bucket.
     """
 
-    def __init__(self, params: Iterable[nn.Parameter], env: DistEnv, bucket_bytes: int = 25 << 20) -> None:
+    def __init__(self, params: Iterable[nn.Parameter], env: DistEnv, bucket_bytes: int = 25 << 20,
+                 leaves: Callable[[], list[Tensor]] | None = None) -> None:
         """Hooks ``params`` when ``env`` is distributed (one process: nothing to reduce, no hook).
 
         Args:
             bucket_bytes: gradient bytes per all-reduce (DDP's default, 25 MB: large enough to keep the link
                 busy, small enough to start early).
+            leaves: the step's slice leaves so far (``SliceLeaves.leaves``), whose gradients are reduced too.
         """
         self.params = [p for p in params if p.requires_grad]
-        self.env, self.bucket_bytes = env, bucket_bytes
+        self.env, self.bucket_bytes, self.leaves = env, bucket_bytes, leaves
+        self._leaf_hooks: dict[int, Any] = {}  # id(leaf) -> the handle of its hook, for the step's leaves
         self.armed = False  # inside the step's final backward: hooks launch buckets
         self.final_done = False  # the step's final backward has run; the next backward belongs to the next step
         self.overlapped = 0  # buckets of the last finished step launched during backward (the rest: in finish)
@@ -193,6 +204,10 @@ class GradReducer:
         if self.final_done:
             raise RuntimeError("GradReducer: a backward pass after the step's final one; mark the earlier passes "
                                "final=False")
+        if self.leaves is not None and self.env.distributed:
+            for leaf in self.leaves():
+                if id(leaf) not in self._leaf_hooks:
+                    self._leaf_hooks[id(leaf)] = leaf.register_post_accumulate_grad_hook(self._on_grad)
         self.armed = final
         try:
             yield
@@ -225,7 +240,8 @@ class GradReducer:
         into ``.grad``; ends the step."""
         if self.env.distributed:
             overlapped = len(self._inflight)
-            for p in self.params:  # parameters order: the same on every rank
+            leaves = [] if self.leaves is None else self.leaves()
+            for p in self.params + leaves:  # parameters order, then the leaves': the same on every rank
                 if p.grad is not None and id(p) not in self._taken:
                     self._add(p)
             if self._open:
@@ -238,7 +254,9 @@ class GradReducer:
                     g.copy_(flat[offset:offset + g.numel()].view_as(g))
                     offset += g.numel()
             self.overlapped, self.buckets = overlapped, len(self._inflight)
-        self._inflight, self._taken, self.final_done = [], set(), False
+        for handle in self._leaf_hooks.values():  # the next step takes new leaves
+            handle.remove()
+        self._inflight, self._taken, self._leaf_hooks, self.final_done = [], set(), {}, False
 
 
 def balance(costs: list[int], world: int) -> list[list[int]]:

@@ -37,6 +37,7 @@ from supernet.engine.checkpoint import CKPT_NAME, CheckpointWriter, read_checkpo
 from supernet.engine.distributed import (DistEnv, GradReducer, StopFlag, allreduce_sum_, autocast,
                                          broadcast_parameters, gather_objects)
 from supernet.engine.optim import build_optimizer, floor_ratio
+from supernet.model.entangle import SliceLeaves
 
 
 class Task:
@@ -191,7 +192,10 @@ class Trainer:
         self.saved_step: int | None = None  # step of the checkpoint on disk
         self.lr_history: list[dict[str, float]] = []  # peak-lr restarts (resume_lr=), kept in the checkpoint
         self.identity = run_identity(task, cfg, env, data.source)
-        self.reducer = GradReducer(task.net.parameters(), env)  # hooks the weights: reduces during backward
+        # entangle=slice: the step trains slice leaves, not whole parameters (model/entangle.py)
+        self.slices: SliceLeaves | None = getattr(task.net, "slices", None)
+        self.reducer = GradReducer(task.net.parameters(), env,  # hooks the weights: reduces during backward
+                                   leaves=None if self.slices is None else self.slices.leaves)
         self.loss = LossBackward(env.device, cfg.amp, cfg.optim.label_smoothing, self.reducer)
         self.recipe = RecipeConfig.from_cfg(cfg.get("recipe"))
         self.ema: Any = None  # timm's ModelEmaV3 with recipe.ema, made once the start weights are known
@@ -293,13 +297,14 @@ class Trainer:
         gradient norm stay there (the loop reads them at its sync points, see :meth:`sync`). ``log``: the step's
         scalars go to TensorBoard, so the task computes its extra ones."""
         net, o = self.task.net, self.cfg.optim
-        self.opt.zero_grad(set_to_none=True)
+        self.opt.zero_grad(set_to_none=True)  # SliceAdamW also drops the previous step's slices
         loss = self.task.backward(x, y, self.step, self.loss)
         self.reducer.finish()
         grad_norm = None
         if o.grad_clip:  # the norm of the averaged gradient, the same on every rank
-            grad_norm = torch.nn.utils.clip_grad_norm_([p for p in net.parameters() if p.grad is not None],
-                                                       o.grad_clip)
+            trained = [p for p in net.parameters() if p.grad is not None] if self.slices is None else \
+                [leaf for _, leaf in self.slices.trained()]
+            grad_norm = torch.nn.utils.clip_grad_norm_(trained, o.grad_clip)
         self.opt.step()
         self.sched.step()
         if self.ema is not None:

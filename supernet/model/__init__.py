@@ -1,2 +1,3 @@
-"""The model: PSViT's layers (layers.py), the stand-alone PSViT of one architecture (psvit.py) and the
-weight-sharing supernet (supernet.py). No file I/O here."""
+"""The model: PSViT's layers (layers.py), the stand-alone PSViT of one architecture (psvit.py), the
+weight-sharing supernet (supernet.py) and how its layers slice their entangled weights (entangle.py). No file I/O
+here."""

@@ -6,10 +6,12 @@ largest) and runs at any smaller size on their leading slices, ``F.linear(x, w[:
 input size is read off the input; output sizes (``dim``, ``num_heads``, ``hidden``, ``tokens``, ``stride``)
 are forward arguments, ``None`` meaning the layer's own size, which is how the stand-alone PSViT calls them.
 The supernet calls the same modules with a path's sizes (weight entanglement), so the residual wiring exists
-once and an extracted subnet computes exactly what its path computed. Slices are views: no weight is copied
-on the forward path. Backward through a view writes the whole tensor's gradient, zeros outside the slice, so
-with AdamW the rows and columns outside the slice still move: their moments decay and are applied, and weight
-decay shrinks them.
+once and an extracted subnet computes exactly what its path computed. Every elastic layer reads its weights
+as a view of its leading slice, so no weight is copied on the forward path. With the supernet's
+``entangle=dense`` (the default) backward through a view writes the whole tensor's gradient, zeros outside the
+slice, so AdamW's moments and weight decay still move the rows and columns outside the slice; ``entangle=slice``
+gives the layers a ``slicer`` (entangle.py) whose slices are autograd leaves with slice-sized gradients, and
+nothing outside the slice moves.
 
 Every weight is laid out so that a smaller layer is its *leading* slice (``w[:out, :in]``). In particular
 ``qkv`` rows are grouped per head, ``[q_h; k_h; v_h]`` for h = 0..heads-1, so the first ``3 * dim`` rows
@@ -24,10 +26,15 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from supernet.model.entangle import SliceLeaves
 
-def _active(weight: Tensor, bias: Tensor | None, out: int, cin: int) -> tuple[Tensor, Tensor | None]:
-    """``weight[:out, :cin]`` and ``bias[:out]`` as views, slicing only the dims that shrink (each slice is
-    an autograd node, and the full-size PSViT takes none)."""
+
+def _active(slicer: SliceLeaves | None, weight: Tensor, bias: Tensor | None, out: int,
+            cin: int) -> tuple[Tensor, Tensor | None]:
+    """``weight[:out, :cin]`` and ``bias[:out]`` through ``slicer``; without one as views, slicing only the dims that
+    shrink (each slice is an autograd node, and the full-size PSViT takes none)."""
+    if slicer is not None:
+        return slicer(weight, (out, cin)), None if bias is None else slicer(bias, (out,))
     if cin != weight.shape[1]:
         weight = weight[:out, :cin]
     elif out != weight.shape[0]:
@@ -40,9 +47,18 @@ def _active(weight: Tensor, bias: Tensor | None, out: int, cin: int) -> tuple[Te
 class ElasticLinear(nn.Linear):
     """``nn.Linear`` on its leading ``out`` rows and as many columns as the input is wide."""
 
+    slicer: SliceLeaves | None = None  # None: views (entangle.py's dense); entangle=slice: the supernet's store
+
     def forward(self, x: Tensor, out_features: int | None = None) -> Tensor:
         """(..., in') -> (..., out'); ``out_features`` None means all outputs."""
-        w, b = _active(self.weight, self.bias, out_features or self.out_features, x.shape[-1])
+        out = out_features or self.out_features
+        if self.slicer is not None:  # x @ w.t() + b from the slicer's transposed weight: no transpose node
+            w_t = self.slicer.transposed(self.weight, (out, x.shape[-1]))  # (in', out')
+            b = None if self.bias is None else self.slicer(self.bias, (out,))
+            flat = x.reshape(-1, x.shape[-1])
+            y = flat.mm(w_t) if b is None else torch.addmm(b, flat, w_t)
+            return y.view(*x.shape[:-1], out)
+        w, b = _active(None, self.weight, self.bias, out, x.shape[-1])
         return F.linear(x, w, b)
 
 
@@ -53,12 +69,16 @@ class ElasticLayerNorm(nn.LayerNorm):
     compute in a PSViT exactly what they compute in DeiT (supernet/convert.py).
     """
 
+    slicer: SliceLeaves | None = None
+
     def __init__(self, dim: int, eps: float = 1e-6) -> None:
         super().__init__(dim, eps=eps)
 
     def forward(self, x: Tensor) -> Tensor:
         """(..., C') -> (..., C')."""
         dim = x.shape[-1]
+        if self.slicer is not None:
+            return F.layer_norm(x, (dim,), self.slicer(self.weight, (dim,)), self.slicer(self.bias, (dim,)), self.eps)
         if dim == self.normalized_shape[0]:
             return F.layer_norm(x, self.normalized_shape, self.weight, self.bias, self.eps)
         return F.layer_norm(x, (dim,), self.weight[:dim], self.bias[:dim], self.eps)
@@ -67,9 +87,11 @@ class ElasticLayerNorm(nn.LayerNorm):
 class ElasticConv2d(nn.Conv2d):
     """``nn.Conv2d`` on its leading ``out`` filters and as many input channels as the input has."""
 
+    slicer: SliceLeaves | None = None
+
     def forward(self, x: Tensor, out_channels: int | None = None, stride: int | None = None) -> Tensor:
         """(B, C_in', H, W) -> (B, C_out', H', W'); ``stride`` None means the stride it was built with."""
-        w, b = _active(self.weight, self.bias, out_channels or self.out_channels, x.shape[1])
+        w, b = _active(self.slicer, self.weight, self.bias, out_channels or self.out_channels, x.shape[1])
         return F.conv2d(x, w, b, stride or self.stride, self.padding, self.dilation, self.groups)
 
 
@@ -256,19 +278,23 @@ class PatchEmbed(nn.Module):
 
 
 def embed(x: Tensor, patch_embed: PatchEmbed, cls_token: Tensor | None, pos_embed: Tensor,
-          dim: int | None = None) -> Tensor:
+          dim: int | None = None, slicer: SliceLeaves | None = None) -> Tensor:
     """The stem: patch tokens, CLS prepended in 1D, position embedding added, at ``dim`` (None: full).
 
     Args:
         x: images (B, C_in, H, W).
         cls_token: (1, 1, D) or None (2D pooling has no CLS).
         pos_embed: (1, [1+]N, D).
+        slicer: how ``cls_token`` and ``pos_embed`` are sliced to ``dim`` (entangle.py); None: as views.
 
     Returns:
         Tokens (B, [1+]N, dim).
     """
     x = patch_embed(x, dim)  # (B, N, dim)
     dim = x.shape[-1]
+    if slicer is not None:
+        cls_token = None if cls_token is None else slicer(cls_token, (1, 1, dim))
+        pos_embed = slicer(pos_embed, (1, pos_embed.shape[1], dim))
     if cls_token is not None:
         cls = cls_token if dim == cls_token.shape[-1] else cls_token[..., :dim]
         x = torch.cat([cls.expand(x.shape[0], -1, -1), x], dim=1)

@@ -5,9 +5,10 @@ As in SPOS, every cell keeps separate weights per op (a basic layer and a shared
 every stage holds them at its largest dim and a smaller dim uses the leading slice of every weight, bias
 and norm (weight entanglement; heads follow the dim at a fixed head dim). Patch embedding, position
 embedding, pooling convs and head are entangled the same way. Slices are views: no weight is copied on
-the forward path. Weights off the path take no part and receive no gradient (``grad is None``), so AdamW leaves
-them alone; a weight on the path receives its whole tensor's gradient, zeros outside its slice, so AdamW's
-moments and weight decay still move the part outside the slice (layers.py).
+the forward path, and weights off the path take no part and receive no gradient (``grad is None``), so AdamW
+leaves them alone. How the weights on the path receive theirs is ``entangle`` (entangle.py): a full-size
+gradient, zero outside the slice (``dense``, the default: AdamW's moments and weight decay still move the part
+outside the slice), or a gradient of the slice alone (``slice``: nothing outside it moves).
 
 The supernet's modules are PSViT's elastic modules (layers.py) built at the largest sizes, with identical
 parameter names: ``forward`` only picks each cell's op and passes the path's sizes, the modules slice their
@@ -24,14 +25,10 @@ from torch import Tensor, nn
 
 from space.arch import ArchSpec
 from space.space import SearchSpace
-from supernet.model.layers import (BasicCell, ElasticLayerNorm, ElasticLinear, PatchEmbed, Pool1d, Pool2d, SharedPair,
-                                   classify, embed, init_weights)
+from supernet.model.entangle import SliceLeaves, lead
+from supernet.model.layers import (BasicCell, ElasticConv2d, ElasticLayerNorm, ElasticLinear, PatchEmbed, Pool1d,
+                                   Pool2d, SharedPair, classify, embed, init_weights)
 from supernet.model.psvit import PSViT
-
-
-def lead(t: Tensor, *sizes: int) -> Tensor:
-    """Leading slice ``t[:s0, :s1, ...]`` as a view."""
-    return t[tuple(slice(0, s) for s in sizes)]
 
 
 class SuperCell(nn.Module):
@@ -64,10 +61,17 @@ class Supernet(nn.Module):
     """Every path of ``space`` in one set of weights: ``forward(x, arch)`` runs one, ``extract(arch)`` copies it."""
 
     checked_paths = 4096  # paths whose check is remembered, the most recently used (training draws a new one a step)
+    ENTANGLE = ("dense", "slice")
 
-    def __init__(self, space: SearchSpace):
+    def __init__(self, space: SearchSpace, entangle: str = "dense"):
+        """Args:
+            entangle: ``dense`` (a sliced weight gets a full-size gradient) or ``slice`` (a gradient of the slice
+                alone, in ``slices``); entangle.py.
+        """
         super().__init__()
-        self.space = space
+        if entangle not in self.ENTANGLE:
+            raise ValueError(f"entangle: {entangle!r} (allowed: {', '.join(self.ENTANGLE)})")
+        self.space, self.entangle = space, entangle
         dims = [max(s.dims) for s in space.stages]
         hd = space.head_dim
         self.has_cls = space.pooling == "1d"
@@ -90,6 +94,27 @@ class Supernet(nn.Module):
         if self.cls_token is not None:
             nn.init.trunc_normal_(self.cls_token, std=0.02)
         self._checked: OrderedDict[ArchSpec, None] = OrderedDict()  # an LRU: bounded over any number of steps
+        # entangle=slice: every elastic layer takes its slices from one store of the step's leaves
+        self.slices = SliceLeaves() if entangle == "slice" else None
+        if self.slices is not None:
+            for m in self.modules():
+                if isinstance(m, (ElasticLinear, ElasticLayerNorm, ElasticConv2d)):
+                    m.slicer = self.slices
+                if isinstance(m, ElasticLinear):  # column-major: slice gradients arrive without a copy (entangle.py)
+                    m.weight = nn.Parameter(m.weight.detach().t().contiguous().t())
+
+    def _apply(self, fn, recurse: bool = True):  # noqa: ANN001, ANN202 - nn.Module's
+        """``nn.Module._apply`` (``to``, ``cuda``, ``half``...), which may give the weights new storage: the slice
+        leaves, views of the old one, are dropped."""
+        if getattr(self, "slices", None) is not None:
+            self.slices.clear()
+        return super()._apply(fn, recurse)
+
+    def zero_grad(self, set_to_none: bool = True) -> None:
+        """``nn.Module.zero_grad``, and with ``entangle=slice`` the step's leaves dropped as well."""
+        super().zero_grad(set_to_none)
+        if self.slices is not None:
+            self.slices.zero_grad()
 
     def no_weight_decay(self) -> set[str]:
         """Parameters trained without weight decay besides biases and norms (timm's convention)."""
@@ -109,7 +134,8 @@ class Supernet(nn.Module):
     def forward(self, x: Tensor, arch: ArchSpec) -> Tensor:
         """Logits of the path ``arch``; x is (B, in_chans, img, img)."""
         self.check(arch)
-        x = embed(x, self.patch_embed, self.cls_token, self.pos_embed, arch.stages[0].dim)  # (B, [1+]N, d)
+        x = embed(x, self.patch_embed, self.cls_token, self.pos_embed, arch.stages[0].dim,
+                  self.slices)  # (B, [1+]N, d)
         strides = arch.strides() if not self.has_cls else ()
         for i, (stage, s) in enumerate(zip(self.stages, arch.stages)):
             if i > 0:
@@ -146,7 +172,7 @@ class Supernet(nn.Module):
         if set(dst_params) != set(src_params):  # a layout change in layers.py must fail loudly here
             raise RuntimeError(f"supernet/PSViT layouts differ: {sorted(set(dst_params) ^ set(src_params))}")
         for name, dst in dst_params.items():
-            dst.copy_(lead(src_params[name], *dst.shape))
+            dst.copy_(lead(src_params[name], tuple(dst.shape)))
         model.train(self.training)
         return model
 
