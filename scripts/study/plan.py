@@ -71,7 +71,7 @@ def supernets() -> list:
     """The default rule (uniform) and sandwich at equal training cost, each kept at 8 points of its run."""
     from scripts.study.units import Supernet
 
-    sandwich = round(SUPERNET_STEPS / SANDWICH_COST)
+    sandwich = 8 * round(SUPERNET_STEPS / SANDWICH_COST / 8)  # a multiple of its 8 kept points
     return [Supernet("uniform", SUPERNET_STEPS, SUPERNET_STEPS // 8, (), FIDELITY_SETS),
             Supernet("sandwich", sandwich, sandwich // 8, ("sampler=sandwich",), FIDELITY_SETS)]
 
