@@ -2,7 +2,7 @@
 from the committed result files under docs/study/ alone.
 
     .venv/bin/python scripts/experiments.py work pilot [--commit]   # a worker: trains the plan's missing units
-    .venv/bin/python scripts/experiments.py work f1 [--commit]      # F1 at the pilot's schedule (supernets first)
+    .venv/bin/python scripts/experiments.py work study [--commit]   # F1-F3 at the pilot's schedule E
     .venv/bin/python scripts/experiments.py render                  # docs/results.md from docs/study/ (seconds)
 
 Run two workers side by side, one thread each, in the background; each finished unit is one small JSON file
@@ -26,7 +26,7 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     sub = ap.add_subparsers(dest="cmd", required=True)
     w = sub.add_parser("work", help="train the plan's units that have no result file yet")
-    w.add_argument("plan", choices=["pilot", "f1"])
+    w.add_argument("plan", choices=["pilot", "study"])
     w.add_argument("--commit", action="store_true", help="git-commit each result file as soon as it exists")
     sub.add_parser("render", help="write docs/results.md from docs/study/")
     args = ap.parse_args()
@@ -34,7 +34,8 @@ def main() -> None:
         import torch
 
         torch.set_num_threads(1)
-        drain(getattr(plan, args.plan)(), args.commit)
+        # the study's plan is asked again after each unit; a worker with nothing ready waits for the other
+        drain(plan.study if args.plan == "study" else plan.pilot(), args.commit, wait=60.0)
     else:
         from scripts.study.render import render
 

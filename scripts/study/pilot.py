@@ -67,9 +67,13 @@ def schedules(results: Path = RESULTS, resamples: int = 2000) -> list[Schedule]:
 
 
 def chosen_schedule(results: Path = RESULTS) -> int | None:
-    """The shortest pilot schedule E whose ranking has settled (tau(E, 2E) >= 0.8) and whose 2-seed mean has
-    a ceiling >= 0.8; None while the pilot cannot tell."""
-    for s in schedules(results, resamples=200):
-        if s.settle is not None and s.settle.value >= SETTLED and s.ceiling.value >= SETTLED:
+    """The shortest pilot schedule E whose 2-seed mean has a ceiling >= 0.8 and from which on the ranking has
+    settled: tau(E', 2E') >= 0.8 for E and every longer schedule E' measured so far (a later pair that moves
+    the ranking moves E later). None while the pilot cannot tell."""
+    rows = schedules(results, resamples=200)
+    for i, s in enumerate(rows):
+        if s.settle is None or s.settle.value < SETTLED or s.ceiling.value < SETTLED:
+            continue
+        if all(r.settle is None or r.settle.value >= SETTLED for r in rows[i + 1:]):
             return s.epochs
     return None

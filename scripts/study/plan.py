@@ -3,6 +3,10 @@ space/samplers.py, so every machine plans the same units.
 
 - pilot: 8 architectures (the range's smallest and largest, two more range points, 4 spread over the band) x
   2 seeds x doubling schedules (1, 2, 4, 8 epochs): picks the schedule E at which the ranking has settled.
+- study: everything else, at the pilot's E, in the order that decides the answer first: the supernets (F1's
+  uniform and sandwich, F3's plain space), the searches on them, the searched nets and their DeiT-like
+  matches (F2/F3, 3 seeds), F1's ground truth, then the pilot's longer schedules (they can only confirm E or
+  move it later).
 """
 
 from __future__ import annotations
@@ -68,19 +72,68 @@ def ground_truth(epochs: int) -> list[Standalone]:
 
 
 def supernets() -> list:
-    """The default rule (uniform) and sandwich at equal training cost, each kept at 8 points of its run."""
+    """The default rule (uniform) and sandwich at equal training cost, each kept at 8 points of its run and
+    scored there; then the same uniform training in fmnist_2d_plain (no pooling, no sharing) for F3."""
     from scripts.study.units import Supernet
 
     sandwich = 8 * round(SUPERNET_STEPS / SANDWICH_COST / 8)  # a multiple of its 8 kept points
     return [Supernet("uniform", SUPERNET_STEPS, SUPERNET_STEPS // 8, (), FIDELITY_SETS),
-            Supernet("sandwich", sandwich, sandwich // 8, ("sampler=sandwich",), FIDELITY_SETS)]
+            Supernet("sandwich", sandwich, sandwich // 8, ("sampler=sandwich",), FIDELITY_SETS),
+            Supernet("plain", SUPERNET_STEPS, SUPERNET_STEPS, (), (), space="fmnist_2d_plain")]
 
 
-def f1() -> list:
-    """The supernets first (the longest units), then the ground truth at the pilot's schedule E."""
+def searches() -> list:
+    """The default search (evolve's defaults, seed 0) inside the band, on the uniform supernet (F2, F3) and on
+    the plain-space one (F3)."""
+    from scripts.study.units import Search
+
+    by_rule = {s.rule: s for s in supernets()}
+    return [Search(by_rule["uniform"], BAND), Search(by_rule["plain"], BAND)]
+
+
+def searched(search) -> "ArchSpec | None":
+    """The winner of ``search`` from its committed result file, or None while it has none."""
+    import json
+
+    from space.arch import ArchSpec
+
+    return ArchSpec.from_dict(json.loads(search.result.read_text())["arch"]) if search.result.exists() else None
+
+
+def deit_matches(arch) -> dict:
+    """DeiT-like nets (one stage of basic layers, CLS token, no pooling or sharing) closest to ``arch`` in MACs
+    and in parameters, over the same widths as `make demo`'s baseline."""
+    from space.baselines import deit_like
+    from space.cost import macs, params
+
+    sp = space()
+    return {by: deit_like(target, sp.img_size, sp.patch_size, sp.in_chans, sp.num_classes, sp.mlp_ratio,
+                          sp.head_dim, dims=[16, 24, 32, 48, 64], by=by)
+            for by, target in (("macs", macs(arch)), ("params", params(arch)))}
+
+
+F23_SEEDS = (0, 1, 2)
+
+
+def final_nets(epochs: int) -> list[Standalone]:
+    """F2/F3's stand-alone runs at ``epochs``: each finished search's winner and, for the PSViT search, its two
+    DeiT-like matches, 3 seeds each (the random band nets are F1's band set)."""
+    units = []
+    for search in searches():
+        arch = searched(search)
+        if arch is None:
+            continue
+        nets = [arch] + (list(deit_matches(arch).values()) if search.supernet.space == "fmnist_2d" else [])
+        units += [Standalone.of(a.to_dict(), s, epochs) for a in nets for s in F23_SEEDS]
+    return units
+
+
+def study() -> list:
+    """The whole queue at the pilot's schedule E (asked again after every unit: a finished search adds its
+    nets' trainings)."""
     from scripts.study.pilot import chosen_schedule
 
     e = chosen_schedule()
     if e is None:
-        raise SystemExit("f1: the pilot has not chosen a schedule yet (see docs/results.md); run the pilot first")
-    return supernets() + ground_truth(e)
+        raise SystemExit("study: the pilot has not chosen a schedule yet (see docs/results.md); run the pilot first")
+    return supernets() + searches() + final_nets(e) + ground_truth(e) + [u for u in pilot() if u.epochs > e]

@@ -6,7 +6,7 @@ import statistics
 from pathlib import Path
 
 from scripts.study import plan
-from scripts.study.pilot import SETTLED, load, schedules, table
+from scripts.study.pilot import SETTLED, chosen_schedule, load, schedules, table
 from scripts.study.units import HOME, RESULTS
 
 
@@ -63,8 +63,7 @@ def page(results: Path = RESULTS) -> str:
                          if v else "—")
         star = "*" if plan.BAND[0] <= macs(a) <= plan.BAND[1] else ""
         lines.append(f"| `{a.short()}`{star} | {fmt_macs(macs(a))} | " + " | ".join(cells) + " |")
-    chosen = next((s.epochs for s in sched if s.settle is not None and s.settle.value >= SETTLED
-                   and s.ceiling.value >= SETTLED), None)
+    chosen = chosen_schedule(results)
     lines.append("")
     if chosen is not None:
         lines.append(f"**Chosen schedule: E = {chosen} epochs**, the shortest at which the ranking has settled "

@@ -116,17 +116,19 @@ def app(cmd: list[str], run_dir: Path) -> None:
 
 @dataclass(frozen=True)
 class Supernet:
-    """A supernet of fmnist_2d trained by `python -m supernet.train` with ``rule``'s sampler for ``steps``
-    steps, keeping every ``keep``-th step's checkpoint; then each kept checkpoint's inherited scores of the
-    study's architectures (whole split and the search's 1000-image fitness set) by `python -m search.fidelity
-    seeds=0`. The result file holds those scores per checkpoint; the checkpoints stay in runs/ (never
-    committed: a fresh machine trains the supernet again)."""
+    """A supernet of ``space`` trained by `python -m supernet.train` with ``rule``'s sampler for ``steps``
+    steps, keeping every ``keep``-th step's checkpoint; then, with ``fidelity`` sets, each kept checkpoint's
+    inherited scores of the study's architectures (whole split and the search's 1000-image fitness set) by
+    `python -m search.fidelity seeds=0`. The result file holds those scores per checkpoint; the checkpoints stay
+    in runs/ (never committed: a unit that needs one on a fresh machine trains the supernet again, bit-identical
+    for the same seed)."""
 
     rule: str
     steps: int
     keep: int
     overrides: tuple[str, ...]
-    fidelity: tuple[str, ...]  # the architecture sets (archs, band, band_archs, seed)
+    fidelity: tuple[str, ...]  # the architecture sets (archs, band, band_archs, seed); () = train only
+    space: str = "fmnist_2d"
 
     @property
     def name(self) -> str:
@@ -136,29 +138,88 @@ class Supernet:
     def result(self) -> Path:
         return RESULTS / f"{self.name}.json"
 
+    @property
+    def run_dir(self) -> Path:
+        return WORK / self.name
+
+    def train_command(self) -> list[str]:
+        return [PY, "-m", "supernet.train", f"run_dir={self.run_dir}", f"space={self.space}",
+                f"max_steps={self.steps}", f"keep_every={self.keep}", "ckpt_every=100", "eval.every=0",
+                "progress=false", *self.overrides]
+
+    def checkpoint(self) -> Path:
+        """The trained supernet's last.ckpt, training it first (or resuming it) when this machine lacks it."""
+        last = self.run_dir / "last.ckpt"
+        final = self.run_dir / f"step_{self.steps}.ckpt"
+        if not final.exists():
+            self.run_dir.mkdir(parents=True, exist_ok=True)
+            app(self.train_command(), self.run_dir)
+        return last
+
     def run(self) -> dict[str, Any]:
-        run_dir = WORK / self.name
-        run_dir.mkdir(parents=True, exist_ok=True)
         t, cpu = time.time(), child_cpu()
-        cmd = [PY, "-m", "supernet.train", f"run_dir={run_dir}", "space=fmnist_2d", f"max_steps={self.steps}",
-               f"keep_every={self.keep}", "ckpt_every=100", "eval.every=0", "progress=false", *self.overrides]
-        app(cmd, run_dir)
+        self.checkpoint()
         train_cpu = child_cpu() - cpu
-        points = []
-        for step in range(self.keep, self.steps + 1, self.keep):
-            out = run_dir / f"fidelity_{step}"
-            app([PY, "-m", "search.fidelity", f"checkpoint={run_dir / f'step_{step}.ckpt'}", f"run_dir={out}",
-                 "seeds=0", "progress=false", "eval_images=1000", *self.fidelity], run_dir)
+        points, data = [], {}
+        for step in range(self.keep, self.steps + 1, self.keep) if self.fidelity else ():
+            out = self.run_dir / f"fidelity_{step}"
+            app([PY, "-m", "search.fidelity", f"checkpoint={self.run_dir / f'step_{step}.ckpt'}", f"run_dir={out}",
+                 "seeds=0", "progress=false", "eval_images=1000", *self.fidelity], self.run_dir)
             fid = json.loads((out / "fidelity.json").read_text())
+            data = {"val_images": fid["data"]["val_images"], "fitness_images": fid["data"]["fitness_images"]}
             points.append({"step": step, "archs": [{"arch": r["arch"], "whole": r["inherited_val_top1"],
                                                     "fitness": r["inherited_fitness_top1"], "groups": r["groups"]}
                                                    for r in fid["archs"]]})
-        return {"unit": "supernet", "rule": self.rule, "steps": self.steps, "keep_every": self.keep,
-                "overrides": list(self.overrides), "fidelity": list(self.fidelity), "points": points,
-                "val_images": fid["data"]["val_images"], "fitness_images": fid["data"]["fitness_images"],
-                "train_cpu_s": round(train_cpu, 1), "cpu_s": round(child_cpu() - cpu, 1),
+        return {"unit": "supernet", "rule": self.rule, "space": self.space, "steps": self.steps,
+                "keep_every": self.keep, "overrides": list(self.overrides), "fidelity": list(self.fidelity),
+                "points": points, **data, "train_cpu_s": round(train_cpu, 1), "cpu_s": round(child_cpu() - cpu, 1),
                 "wall_s": round(time.time() - t, 1), "machine": machine(), "date": time.strftime("%Y-%m-%d"),
-                "command": " ".join(map(str, cmd[1:]))}
+                "command": " ".join(map(str, self.train_command()[1:]))}
+
+
+@dataclass(frozen=True)
+class Search:
+    """`python -m search.evolve` with its defaults (evolution, 1000 fitness images, 10 finalists re-scored on
+    the whole validation split) on ``supernet``'s final checkpoint, inside the FLOPs band ``band``; ready once
+    the supernet's unit has its result file. The result file holds the winner and what the search said of it."""
+
+    supernet: Supernet
+    band: tuple[float, float]
+    seed: int = 0
+    overrides: tuple[str, ...] = ()  # more search.evolve overrides (tests: a tiny evolution)
+
+    @property
+    def name(self) -> str:
+        return f"search/{self.supernet.rule}_{self.supernet.steps}_s{self.seed}"
+
+    @property
+    def result(self) -> Path:
+        return RESULTS / f"{self.name}.json"
+
+    def ready(self) -> bool:
+        return self.supernet.result.exists()
+
+    def run(self) -> dict[str, Any]:
+        from space.arch import ArchSpec
+        from space.cost import macs, params
+
+        run_dir = WORK / self.name
+        run_dir.mkdir(parents=True, exist_ok=True)
+        t, cpu = time.time(), child_cpu()
+        ckpt = self.supernet.checkpoint()
+        cmd = [PY, "-m", "search.evolve", f"checkpoint={ckpt}", f"run_dir={run_dir}", f"seed={self.seed}",
+               f"flops_min={self.band[0]:g}", f"flops_max={self.band[1]:g}", "progress=false", *self.overrides]
+        app(cmd, run_dir)
+        best = run_dir / "best_arch.json"
+        arch, meta = ArchSpec.load(best), json.loads(best.read_text())["meta"]
+        return {"unit": "search", "supernet": self.supernet.name, "space": self.supernet.space,
+                "band": list(self.band), "seed": self.seed, "arch": arch.to_dict(), "short": arch.short(),
+                "macs": macs(arch), "params": params(arch), "fitness_acc": meta.get("fitness_acc"),
+                "val_acc": meta["val_acc"], "finalists": meta.get("finalists"),
+                "lead_over_runner_up": meta.get("lead_over_runner_up"),
+                "evaluations": sum(1 for _ in open(run_dir / "history.jsonl")),
+                "cpu_s": round(child_cpu() - cpu, 1), "wall_s": round(time.time() - t, 1), "machine": machine(),
+                "date": time.strftime("%Y-%m-%d"), "command": " ".join(map(str, cmd[1:]))}
 
 
 # ----------------------------------------------------------------------------- the queue
@@ -204,7 +265,7 @@ def write_result(unit, record: dict[str, Any], commit: bool) -> None:
         fcntl.flock(lock, fcntl.LOCK_EX)
         page = render_page()
         msg = f"study: {unit.name} ({record.get('short', '')}): " + ", ".join(
-            f"{k} {record[k]:.4f}" for k in ("val_top1", "test_top1") if isinstance(record.get(k), float))
+            f"{k} {record[k]:.4f}" for k in ("val_top1", "test_top1", "val_acc") if isinstance(record.get(k), float))
         paths = [str(unit.result), str(page)]
         for _ in range(30):  # the developer may be committing too: retry while the index is locked
             added = subprocess.run(["git", "add", "--", *paths], cwd=HOME, capture_output=True).returncode == 0
@@ -215,14 +276,35 @@ def write_result(unit, record: dict[str, Any], commit: bool) -> None:
         print(f"study: could not commit {unit.result}", flush=True)
 
 
-def drain(units: list, commit: bool) -> None:
-    """Run every unit not yet done, in order, skipping those another worker holds."""
-    for unit in units:
-        if done(unit) or not claim(unit):
-            continue
+def held_by_another(unit) -> bool:
+    """Whether a live process other than this one has claimed ``unit``."""
+    path = WORK / "claims" / (unit.name.replace("/", "__") + ".lock")
+    try:
+        pid = int(path.read_text() or 0)
+        os.kill(pid, 0)
+    except (FileNotFoundError, ProcessLookupError, ValueError):
+        return False
+    return pid != os.getpid()
+
+
+def drain(plan, commit: bool, wait: float = 0.0) -> None:
+    """Run every unit not yet done, in the plan's order, skipping those another worker holds and those not
+    ready (a search before its supernet). ``plan`` is a list, or a callable that is asked again after each
+    unit (a finished search adds its architecture's trainings). With ``wait`` > 0, a worker that finds nothing
+    to start while another worker still holds a unit polls every ``wait`` seconds instead of exiting."""
+    while True:
+        units = plan() if callable(plan) else plan
+        todo = [u for u in units if not done(u)]
+        unit = next((u for u in todo if getattr(u, "ready", lambda: True)() and claim(u)), None)
+        if unit is None:
+            if wait > 0 and any(held_by_another(u) for u in todo):
+                time.sleep(wait)
+                continue
+            return
         t = time.time()
         print(f"[{time.strftime('%H:%M:%S')}] {unit.name} ...", flush=True)
         record = unit.run()
         write_result(unit, record, commit)
         print(f"[{time.strftime('%H:%M:%S')}] {unit.name} done in {(time.time() - t) / 60:.1f} min: "
-              + ", ".join(f"{k} {record[k]:.4f}" for k in ("val_top1", "test_top1") if k in record), flush=True)
+              + ", ".join(f"{k} {record[k]:.4f}" for k in ("val_top1", "test_top1", "val_acc")
+                          if isinstance(record.get(k), float)), flush=True)
