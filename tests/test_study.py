@@ -91,3 +91,60 @@ def test_a_standalone_units_name_and_cost_follow_its_architecture(epochs):
     a, b = Standalone.of(small.to_dict(), 0, epochs), Standalone.of(big.to_dict(), 1, epochs)
     assert a.name.startswith("standalone/") and a.name.endswith("_s0_e1") and a.key != b.key
     assert b.cost() > a.cost() and Standalone.of(small.to_dict(), 0, epochs).name == a.name
+
+
+def test_f1_f2_f3_render_from_result_files_alone(tmp_path):
+    """A synthetic study in which quality grows with MACs and the supernet's inherited scores follow it from its
+    second kept checkpoint on: the page picks E = 1, shows the tau-vs-length curve (tau 1 at the end, below it at
+    the start), the searched net's rank and lead over the random median, and F3's gaps with their intervals."""
+    from scripts.study import plan
+    from scripts.study.answers import f1, f2, f3
+    from scripts.study.render import page
+    from space.cost import macs
+
+    def q(a):  # the synthetic truth: bigger is better
+        return 0.5 + macs(a) / 1e8
+
+    for a in plan.pilot_archs():  # a settled pilot at 1 and 2 epochs
+        for e in (1, 2):
+            for s in plan.PILOT_SEEDS:
+                _write(tmp_path, a.to_dict(), s, e, q(a) + 0.0001 * s)
+    for a in plan.f1_range():
+        for s in plan.RANGE_SEEDS:
+            _write(tmp_path, a.to_dict(), s, 1, q(a) + 0.0001 * s)
+    for a in plan.band_set():
+        for s in plan.BAND_SEEDS:
+            _write(tmp_path, a.to_dict(), s, 1, q(a) + 0.0001 * s)
+    uniform, _, plain = plan.supernets()
+    archs = plan.range_archs() + plan.band_set()
+    points = [{"step": step, "archs": [{"arch": a.to_dict(), "whole": q(a) if step > 1000 else 1 - q(a),
+                                        "fitness": q(a), "groups": []} for a in archs]} for step in (1000, 2000)]
+    for unit, pts in ((uniform, points), (plain, [])):
+        (tmp_path / "supernet").mkdir(exist_ok=True)
+        (tmp_path / f"{unit.name}.json").write_text(json.dumps({"unit": "supernet", "rule": unit.rule, "steps": unit.steps,
+                                           "points": pts, "cpu_s": 3600.0}))
+    best, plain_best = plan.band_set()[-1], plan.band_set()[0]  # the band's largest wins
+    for unit, arch in zip(plan.searches(), (best, plain_best)):
+        (tmp_path / "search").mkdir(exist_ok=True)
+        (tmp_path / f"{unit.name}.json").write_text(json.dumps({"unit": "search", "supernet": unit.supernet.name, "arch": arch.to_dict(),
+                                           "short": arch.short(), "macs": macs(arch), "val_acc": 0.8,
+                                           "lead_over_runner_up": {"value": 0.01, "low": 0.0, "high": 0.02},
+                                           "cpu_s": 600.0}))
+    for a in [best, plain_best, *plan.deit_matches(best).values()]:
+        for s in plan.F23_SEEDS:
+            _write(tmp_path, a.to_dict(), s, 1, q(a) + 0.001 * s)
+
+    res = f1(1, tmp_path)
+    assert [r["rule"] for r in res] == ["uniform"]  # the plain supernet has no kept points: not an F1 row
+    first, last = res[0]["curve"]
+    assert last["range"]["whole"]["kendall_tau"].value == 1 and first["range"]["whole"]["kendall_tau"].value == -1
+    assert last["band"]["archs"] == 12 and last["range"]["archs"] == 12
+    got = f2(1, tmp_path)
+    assert got["rank"] == 1 and got["lead"].value > 0
+    rows = f3(1, tmp_path)
+    assert [len(r["test"]) for r in rows] == [3, 3, 3, 3] and rows[0]["gap"] is None
+    assert all(r["gap"].value == pytest.approx(q(r["arch"]) - q(best)) for r in rows[1:])
+    text = page(tmp_path)
+    assert "E = 1 epochs" in text and "ranks 1 of 13" in text and "1.5 CPU-hours" not in text
+    assert "| 2000 | range | 12 |" in text and "The interval excludes zero." in text
+    assert "2.4 CPU-hours so far (stand-alone runs 0.0, supernets 2.0, searches 0.3)" in text

@@ -73,18 +73,135 @@ def page(results: Path = RESULTS) -> str:
         lines.append(f"**No schedule is chosen yet:** {missing} of the pilot's {len(pilot_units)} runs are still to "
                      f"train, and no finished pair of schedules shows τ(E, 2E) ≥ {SETTLED} with a ceiling ≥ "
                      f"{SETTLED}. Until then, no accuracy on this page is a claim about architectures.")
-    lines += ["\n## F1, F2, F3: not measured yet\n",
-              "They run at the chosen schedule E, from the plan in `scripts/study/plan.py` "
-              "(`scripts/experiments.py work f1`): the default `uniform` supernet and `sandwich` at equal cost, "
-              f"{plan.SUPERNET_STEPS} uniform steps (about 41 epochs) with eight kept checkpoints each, scored "
-              "with inherited weights on the 24-architecture range set and the 12-architecture band set, on the whole "
-              "validation split and on the search's 1000-image fitness set (the tau-vs-training-length curve); "
-              f"ground truth at E for the band set ({len(plan.BAND_SEEDS)} seeds) and every other range "
-              f"architecture ({len(plan.RANGE_SEEDS)} seeds). F2 (the searched architecture against the 12 random "
-              "band architectures, 3 seeds, official test split) and F3 (the same search without pooling and "
-              "sharing, and DeiT-like nets matched on FLOPs and on parameters) follow on the trained supernet. "
-              "No figure about them exists yet, so this page makes no claim about them."]
+    if chosen is not None:
+        e = next(x for x in sched if x.epochs == chosen)
+        later = [x for x in sched if x.epochs > chosen and x.settle is not None]
+        lines.append(f"With {len(plan.pilot_archs())} architectures the interval of τ({chosen}, {2 * chosen}) is wide "
+                     f"({ci(e.settle)}), so this is the rule's choice, not proof that longer training would keep "
+                     "the ranking: " + ("the longer pairs measured so far agree (" + ", ".join(
+                         f"τ({x.epochs}, {2 * x.epochs}) = {ci(x.settle)}" for x in later) + ")." if later else
+                         "the pilot's longer schedules are queued after F1-F3 and move E later if a longer pair "
+                         "does not settle (`chosen_schedule`, scripts/study/pilot.py)."))
+        lines += answers(chosen, results)
+    else:
+        lines += ["\n## F1, F2, F3\n", "Not measured: they run at the chosen schedule E."]
     return "\n".join(lines) + "\n"
+
+
+def est(e) -> str:
+    return "n/a" if e is None else f"{e.value:+.4f} [{e.low:+.4f}, {e.high:+.4f}]"
+
+
+def excludes_zero(e) -> bool:
+    return e is not None and (e.low > 0 or e.high < 0)
+
+
+def answers(epochs: int, results: Path) -> list[str]:
+    """F1, F2 and F3 at the chosen schedule, and the study's CPU-hours."""
+    from scripts.study.answers import cpu_hours, f1, f2, f3, groups
+
+    sets = groups(epochs, results)
+    lines = [f"\n## F1: does the supernet rank architectures as training them for {epochs} epoch(s) does?\n",
+             f"Ground truth: stand-alone validation top-1 at E = {epochs}, the mean of {len(plan.RANGE_SEEDS)} seeds "
+             f"for every other architecture of the 24-architecture range set ({len(plan.f1_range())} "
+             f"architectures over the whole FLOPs range: its largest cost up to 6x a band net, so the range set is "
+             f"half the fidelity app's) and of {len(plan.BAND_SEEDS)} seeds for the {len(plan.band_set())} random "
+             f"architectures of the band. So far: range {len(sets['range'].archs)}/{sets['range'].expected}, band "
+             f"{len(sets['band'].archs)}/{sets['band'].expected} architectures with every seed finished. Proxy: "
+             "inherited top-1 from a supernet checkpoint (`search.fidelity seeds=0`), on the whole 10,000-image "
+             "validation split and on the search's 1000-image fitness set. Ceiling: the τ that the architectures' "
+             "true quality reaches against the seed mean (search/ranking.py). Intervals: 95% bootstrap over the "
+             "architectures."]
+    rules = f1(epochs, results)
+    if not rules:
+        lines.append("\nNo supernet has finished training and scoring yet: no F1 figure exists.")
+    for r in rules:
+        lines += [f"\n### `{r['rule']}`, {r['steps']} steps\n",
+                  "| step | set | archs | mean inherited top-1 | τ (whole split) | ρ (whole split) | top-3 (whole) "
+                  "| τ (1000-image fitness set) |", "|---:|---|---:|---:|---|---|---|---|"]
+        for row in r["curve"]:
+            for name in ("range", "band"):
+                g = row[name]
+                if g is None:
+                    continue
+                w, f = g["whole"], g["fitness"]
+                topk = next(v for k, v in w.items() if k.startswith("top"))
+                lines.append(f"| {row['step']} | {name} | {g['archs']} | {g['mean_whole']:.4f} | {ci(w['kendall_tau'])} "
+                             f"| {ci(w['spearman_rho'])} | {ci(topk)} | {ci(f['kendall_tau'])} |")
+        ceil = ", ".join(f"{n} {ci(c['mean'])}" for n, c in r["ceilings"].items() if c)
+        lines.append(f"\nCeilings (seed mean): {ceil or 'n/a'}.")
+        last = r["curve"][-1]
+        if len(r["curve"]) >= 2 and last["range"] is not None and r["curve"][-2]["range"] is not None:
+            rise = last["range"]["mean_whole"] - r["curve"][-2]["range"]["mean_whole"]
+            tau = last["range"]["whole"]["kendall_tau"]
+            lines.append(f"Between its last two kept checkpoints the range's mean inherited top-1 moved by "
+                         f"{rise:+.4f}" + (" (still rising: not at its plateau)" if rise > 0.005 else
+                                           " (at its plateau by this measure)")
+                         + f"; its range τ at the end is {ci(tau)}, "
+                         + ("≥ 0.6." if tau.value >= 0.6 else "below the 0.6 the issue asks for."))
+    lines += f2_section(f2(epochs, results), epochs) + f3_section(f3(epochs, results), epochs)
+    hours = cpu_hours(results)
+    lines += ["\n## What the study cost\n",
+              f"{sum(hours.values()):.1f} CPU-hours so far (stand-alone runs {hours['standalone']:.1f}, supernets "
+              f"{hours['supernet']:.1f}, searches {hours['search']:.1f}), one thread per unit; runs timed by wall "
+              "clock only count their wall time, an upper bound on a shared machine."]
+    return lines
+
+
+def f2_section(res, epochs: int) -> list[str]:
+    from space.cost import fmt_macs
+
+    lines = [f"\n## F2: does the search beat random architectures of the same band? ({epochs} epoch(s), test split)\n"]
+    if res is None:
+        return lines + ["The search on the trained uniform supernet has not finished: no F2 figure exists."]
+    s = res["search"]
+    lines.append(f"The default search (`search.evolve`: evolution, 1000-image fitness set, 10 finalists re-scored on "
+                 f"the whole split) inside {fmt_macs(plan.BAND[0])} .. {fmt_macs(plan.BAND[1])} MACs picked "
+                 f"`{s['short']}` ({fmt_macs(s['macs'])} MACs; inherited top-1 {s['val_acc']:.4f} on the whole split, "
+                 f"lead over the runner-up {est(_e(s.get('lead_over_runner_up')))}). Each net below trained from "
+                 f"scratch for {epochs} epoch(s) with seeds {', '.join(map(str, plan.F23_SEEDS))}; official test "
+                 "split.")
+    if res["rank"] is None:
+        lines.append(f"\nSo far {len(res['searched'])}/{len(plan.F23_SEEDS)} seeds of the searched net and "
+                     f"{len(res['random'].archs)}/{res['random'].expected} random architectures with every seed: no "
+                     "F2 figure yet.")
+        return lines
+    mine, rnd = res["searched"], res["random"]
+    lead = res["lead"]
+    lines += ["", "| net | test top-1 (seed mean) | per seed |", "|---|---:|---|",
+              f"| searched `{s['short']}` | {statistics.mean(mine):.4f} | {', '.join(f'{v:.4f}' for v in mine)} |",
+              f"| random band median ({len(rnd.archs)} archs) | {statistics.median(rnd.means):.4f} | "
+              f"min {min(rnd.means):.4f}, max {max(rnd.means):.4f} |", "",
+              f"The searched net ranks {res['rank']} of {len(rnd.archs) + 1}; its lead over the random median is "
+              f"{est(lead)} (bootstrap over its seeds and the random architectures). "
+              + ("The interval excludes zero." if excludes_zero(lead) else
+                 "The interval includes zero: this study cannot tell the searched net from a random one of its band.")]
+    return lines
+
+
+def _e(d):
+    from search.ranking import Estimate
+
+    return None if not d else Estimate(d["value"], d["low"], d["high"])
+
+
+def f3_section(rows, epochs: int) -> list[str]:
+    from space.cost import fmt_macs, fmt_params
+
+    lines = [f"\n## F3: what do pooling, sharing and search buy? ({epochs} epoch(s), test split)\n"]
+    if rows is None:
+        return lines + ["The PSViT search has not finished: no F3 figure exists."]
+    lines += ["Each net trained from scratch with the same recipe and seeds "
+              f"{', '.join(map(str, plan.F23_SEEDS))}; the gap to the searched PSViT net with Welch's 95% interval "
+              "over seeds.", "", "| net | architecture | MACs | params | test top-1 (seed mean) | seeds | gap to PSViT |",
+              "|---|---|---:|---:|---:|---:|---|"]
+    for r in rows:
+        mean = f"{statistics.mean(r['test']):.4f}" if r["test"] else "—"
+        gap = "" if r["gap"] is None and r is rows[0] else est(r["gap"]) + (
+            "" if r["gap"] is None else " (excludes 0)" if excludes_zero(r["gap"]) else " (includes 0: no claim)")
+        lines.append(f"| {r['label']} | `{r['arch'].short()}` | {fmt_macs(r['macs'])} | {fmt_params(r['params'])} "
+                     f"| {mean} | {len(r['test'])} | {gap} |")
+    return lines
 
 
 def render_page() -> Path:

@@ -1,0 +1,181 @@
+"""F1, F2 and F3 from the committed result files alone (no training): how well each supernet ranks the study's
+architectures against the stand-alone ground truth at the pilot's schedule E, along its training; where the
+searched architecture lands among random ones of the same band; and what pooling, sharing and search buy
+against the plain space and DeiT-like nets."""
+
+from __future__ import annotations
+
+import statistics
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from scripts.study import plan
+from scripts.study.pilot import load
+from scripts.study.units import RESULTS
+
+RESAMPLES = 2000
+
+
+@dataclass(frozen=True)
+class Truth:
+    """The ground truth of one architecture set at one schedule: per architecture (JSON), its seeds' scores."""
+
+    archs: list[str]  # the set's architectures whose every seed has finished
+    runs: list[list[float]]  # runs[i][s]
+    expected: int  # architectures in the set
+
+    @property
+    def means(self) -> list[float]:
+        return [statistics.mean(r) for r in self.runs]
+
+
+def standalone(results: Path = RESULTS) -> dict[tuple[str, int], dict[int, dict[str, Any]]]:
+    """(architecture JSON, epochs) -> {seed: result record} of every finished stand-alone run."""
+    from space.arch import ArchSpec
+
+    out: dict[tuple[str, int], dict[int, dict[str, Any]]] = {}
+    for r in load("standalone", results):
+        out.setdefault((ArchSpec.from_dict(r["arch"]).to_json(), r["epochs"]), {})[r["seed"]] = r
+    return out
+
+
+def truth(runs, archs, seeds, epochs: int, key: str = "val_top1") -> Truth:
+    done = [(a.to_json(), [runs[(a.to_json(), epochs)][s][key] for s in seeds]) for a in archs
+            if all(s in runs.get((a.to_json(), epochs), {}) for s in seeds)]
+    return Truth([a for a, _ in done], [r for _, r in done], len(archs))
+
+
+def groups(epochs: int, results: Path = RESULTS) -> dict[str, Truth]:
+    """F1's two sets at ``epochs``: the range (12 architectures, 2 seeds) and the band (12, 3 seeds)."""
+    runs = standalone(results)
+    return {"range": truth(runs, plan.f1_range(), plan.RANGE_SEEDS, epochs),
+            "band": truth(runs, plan.band_set(), plan.BAND_SEEDS, epochs)}
+
+
+def f1(epochs: int, results: Path = RESULTS) -> list[dict[str, Any]]:
+    """Per finished supernet with kept checkpoints: per checkpoint and set, the mean inherited top-1 and the
+    agreement (Kendall tau, Spearman rho, top-k overlap, with 95% bootstrap intervals) of its whole-split and
+    fitness-set scores with the ground truth's seed mean; and each set's noise ceiling."""
+    from search.ranking import agreement, noise_ceiling
+
+    sets = groups(epochs, results)
+    out = []
+    for sn in load("supernet", results):
+        if not sn["points"]:
+            continue
+        curve = []
+        for point in sn["points"]:
+            from space.arch import ArchSpec
+
+            scores = {ArchSpec.from_dict(r["arch"]).to_json(): r for r in point["archs"]}
+            row: dict[str, Any] = {"step": point["step"]}
+            for name, t in sets.items():
+                if len(t.archs) < 4:  # too few finished to rank
+                    row[name] = None
+                    continue
+                whole = [scores[a]["whole"] for a in t.archs]
+                fitness = [scores[a]["fitness"] for a in t.archs]
+                row[name] = {"archs": len(t.archs), "mean_whole": statistics.mean(whole),
+                             "whole": agreement(whole, t.means, 3, RESAMPLES, 0),
+                             "fitness": agreement(fitness, t.means, 3, RESAMPLES, 0)}
+            curve.append(row)
+        ceilings = {name: noise_ceiling(t.runs, RESAMPLES, 0) if len(t.archs) >= 4 else None
+                    for name, t in sets.items()}
+        out.append({"rule": sn["rule"], "steps": sn["steps"], "curve": curve, "ceilings": ceilings,
+                    "sets": {n: (len(t.archs), t.expected) for n, t in sets.items()},
+                    "cpu_s": sn.get("cpu_s"), "train_cpu_s": sn.get("train_cpu_s")})
+    return out
+
+
+def lead_over_median(searched: list[float], random_means: list[float], resamples: int = RESAMPLES, seed: int = 0):
+    """mean(searched seeds) - median(random architectures' seed means), with a 95% percentile bootstrap interval
+    that resamples both sides independently (the searched net's seeds, the random architectures)."""
+    from scipy import stats
+
+    from search.ranking import Estimate
+
+    a, b = np.asarray(searched, float), np.asarray(random_means, float)
+    res = stats.bootstrap((a, b), lambda x, y, axis: x.mean(axis=axis) - np.median(y, axis=axis), paired=False,
+                          vectorized=True, n_resamples=resamples, confidence_level=0.95, method="percentile",
+                          rng=np.random.default_rng(seed))
+    return Estimate(float(a.mean() - np.median(b)), float(res.confidence_interval.low),
+                    float(res.confidence_interval.high))
+
+
+def welch(a: list[float], b: list[float]):
+    """mean(a) - mean(b) with Welch's 95% t interval (few seeds per net: a bootstrap over 3 values would be too
+    narrow); None when either side has fewer than 2 seeds."""
+    from scipy import stats
+
+    from search.ranking import Estimate
+
+    if len(a) < 2 or len(b) < 2:
+        return None
+    ci = stats.ttest_ind(a, b, equal_var=False).confidence_interval(0.95)
+    return Estimate(float(np.mean(a) - np.mean(b)), float(ci.low), float(ci.high))
+
+
+def search_results(results: Path = RESULTS) -> dict[str, dict[str, Any]]:
+    """The finished searches by their supernet's rule."""
+    return {r["supernet"].split("/")[1].split("_")[0]: r for r in load("search", results)}
+
+
+def seeds_of(runs, arch, epochs: int, key: str = "test_top1") -> list[float]:
+    from space.arch import ArchSpec
+
+    got = runs.get((ArchSpec.from_dict(arch).to_json() if isinstance(arch, dict) else arch.to_json(), epochs), {})
+    return [got[s][key] for s in plan.F23_SEEDS if s in got]
+
+
+def f2(epochs: int, results: Path = RESULTS) -> dict[str, Any] | None:
+    """The PSViT search's winner against F1's 12 random band architectures, each at ``epochs`` with 3 seeds, on
+    the official test split: its rank among them (by seed mean) and its lead over their median."""
+    search = search_results(results).get("uniform")
+    if search is None:
+        return None
+    runs = standalone(results)
+    mine = seeds_of(runs, search["arch"], epochs)
+    rnd = truth(runs, plan.band_set(), plan.BAND_SEEDS, epochs, key="test_top1")
+    out = {"search": search, "searched": mine, "random": rnd, "rank": None, "lead": None}
+    if len(mine) == len(plan.F23_SEEDS) and len(rnd.archs) >= 4:
+        m = statistics.mean(mine)
+        out["rank"] = 1 + sum(v > m for v in rnd.means)
+        out["lead"] = lead_over_median(mine, rnd.means)
+        out["val"] = seeds_of(runs, search["arch"], epochs, "val_top1")
+    return out
+
+
+def f3(epochs: int, results: Path = RESULTS) -> list[dict[str, Any]] | None:
+    """Searched PSViT, the same search in the plain space, and DeiT-like nets matched to the PSViT winner on MACs
+    and on parameters, at ``epochs`` with 3 seeds on the test split; each net's gap to the PSViT winner."""
+    from space.arch import ArchSpec
+    from space.cost import macs, params
+
+    found = search_results(results)
+    if "uniform" not in found:
+        return None
+    runs = standalone(results)
+    psvit = ArchSpec.from_dict(found["uniform"]["arch"])
+    nets = [("PSViT, searched (fmnist_2d)", psvit)]
+    if "plain" in found:
+        nets.append(("searched without pooling and sharing (fmnist_2d_plain)",
+                     ArchSpec.from_dict(found["plain"]["arch"])))
+    deit = plan.deit_matches(psvit)
+    nets += [("DeiT-like, matched on MACs", deit["macs"]), ("DeiT-like, matched on parameters", deit["params"])]
+    ref = seeds_of(runs, psvit, epochs)
+    rows = []
+    for label, arch in nets:
+        got = seeds_of(runs, arch, epochs)
+        rows.append({"label": label, "arch": arch, "macs": macs(arch), "params": params(arch), "test": got,
+                     "gap": None if arch == psvit else welch(got, ref)})
+    return rows
+
+
+def cpu_hours(results: Path = RESULTS) -> dict[str, float]:
+    """CPU-hours the study's finished units took, by kind (a unit timed by wall clock only counts its wall time:
+    an upper bound on a shared machine)."""
+    return {kind: sum(r.get("cpu_s", r.get("wall_s", 0.0)) for r in load(kind, results)) / 3600
+            for kind in ("standalone", "supernet", "search")}
