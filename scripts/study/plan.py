@@ -3,10 +3,10 @@ space/samplers.py, so every machine plans the same units.
 
 - pilot: 8 architectures (the range's smallest and largest, two more range points, 4 spread over the band) x
   2 seeds x doubling schedules (1, 2, 4, 8 epochs): picks the schedule E at which the ranking has settled.
-- study: everything else, at the pilot's E, in the order that decides the answer first: the supernets (F1's
-  uniform and sandwich, F3's plain space), the searches on them, the searched nets and their DeiT-like
-  matches (F2/F3, 3 seeds), F1's ground truth, then the pilot's longer schedules (they can only confirm E or
-  move it later).
+- study: everything else, at the pilot's E, in the order that decides the answer first: F1's supernets
+  (uniform and sandwich), the search on the uniform one, the searched net and its DeiT-like matches (F2/F3,
+  3 seeds), F1's ground truth, then F3's plain-space supernet, its search and its winner, then the pilot's
+  longer schedules (they can only confirm E or move it later).
 """
 
 from __future__ import annotations
@@ -65,10 +65,11 @@ def f1_range():
 
 
 def ground_truth(epochs: int) -> list[Standalone]:
-    """F1's stand-alone runs at schedule ``epochs`` (the pilot's runs at that schedule are among them)."""
-    units = [Standalone.of(a.to_dict(), s, epochs) for a in band_set() for s in BAND_SEEDS]
-    units += [Standalone.of(a.to_dict(), s, epochs) for a in f1_range() for s in RANGE_SEEDS]
-    return sorted(units, key=lambda u: -u.cost())
+    """F1's stand-alone runs at schedule ``epochs`` (the pilot's runs at that schedule are among them): the band
+    first (it decides F2 too), seed by seed (a set's first seeds give a usable ranking early), costliest first."""
+    band = [Standalone.of(a.to_dict(), s, epochs) for a in band_set() for s in BAND_SEEDS]
+    wide = [Standalone.of(a.to_dict(), s, epochs) for a in f1_range() for s in RANGE_SEEDS]
+    return [u for units in (band, wide) for u in sorted(units, key=lambda u: (u.seed, -u.cost()))]
 
 
 def supernets() -> list:
@@ -136,4 +137,8 @@ def study() -> list:
     e = chosen_schedule()
     if e is None:
         raise SystemExit("study: the pilot has not chosen a schedule yet (see docs/results.md); run the pilot first")
-    return supernets() + searches() + final_nets(e) + ground_truth(e) + [u for u in pilot() if u.epochs > e]
+    uniform, sandwich, plain = supernets()
+    psvit, plain_search = searches()
+    # F1 and F2 first (the answer a NAS framework exists for), then F3's plain space, then the pilot's confirmation
+    return ([uniform, sandwich, psvit] + final_nets(e)[:9] + ground_truth(e) + [plain, plain_search]
+            + final_nets(e) + [u for u in pilot() if u.epochs > e])
