@@ -148,3 +148,45 @@ def test_f1_f2_f3_render_from_result_files_alone(tmp_path):
     assert "E = 1 epochs" in text and "ranks 1 of 13" in text and "1.5 CPU-hours" not in text
     assert "| 2000 | range | 12 |" in text and "The interval excludes zero." in text
     assert "2.4 CPU-hours so far (stand-alone runs 0.0, supernets 2.0, searches 0.3)" in text
+
+
+def test_a_later_pair_that_moves_the_ranking_moves_the_chosen_schedule(tmp_path):
+    """tau(1, 2) = 1 would choose E = 1, but the 4-epoch ranking reverses the 2-epoch one (a big net overtaking
+    late): E moves to 4 once tau(4, 8) = 1 is measured, and is None while only the unsettled pair follows."""
+    from scripts.study import plan
+    from scripts.study.pilot import chosen_schedule
+
+    archs = plan.pilot_archs()
+    for e in (1, 2, 4):
+        for i, a in enumerate(archs):
+            for s in plan.PILOT_SEEDS:
+                _write(tmp_path, a.to_dict(), s, e, 0.5 + 0.01 * (i if e < 4 else len(archs) - i) + 0.001 * s)
+    assert chosen_schedule(tmp_path) is None  # tau(2, 4) = -1 unsettles E = 1; nothing after 4 yet
+    for i, a in enumerate(archs):
+        for s in plan.PILOT_SEEDS:
+            _write(tmp_path, a.to_dict(), s, 8, 0.6 + 0.01 * (len(archs) - i) + 0.001 * s)
+    assert chosen_schedule(tmp_path) == 4
+
+
+def test_a_search_unit_trains_its_supernet_when_missing_and_records_the_winner(tmp_path, monkeypatch):
+    """The units a fresh machine runs: a search whose supernet's checkpoint is absent trains it first (the
+    result file of the supernet is all that makes the search ready), then records a winner inside its band."""
+    from scripts.study import units
+    from space.arch import ArchSpec
+    from space.cost import macs
+
+    monkeypatch.setattr(units, "WORK", tmp_path / "work")
+    monkeypatch.setattr(units, "RESULTS", tmp_path / "res")
+    sn = units.Supernet("plain", 4, 4, ("data.batch_size=16",), (), space="fmnist_2d_plain")
+    search = units.Search(sn, (3.5e6, 4.5e6), overrides=(
+        "evolution.population=4", "evolution.topk=2", "evolution.generations=1", "evolution.mutations=2",
+        "evolution.crossovers=2", "eval_images=64", "eval_batch_size=64", "finalists=2", "bootstrap=100"))
+    assert not search.ready()
+    sn.result.parent.mkdir(parents=True)
+    sn.result.write_text("{}")  # as if the supernet's unit had finished on another machine
+    assert search.ready() and not (sn.run_dir / "last.ckpt").exists()
+    rec = search.run()
+    assert (sn.run_dir / "step_4.ckpt").exists() and rec["space"] == "fmnist_2d_plain"
+    arch = ArchSpec.from_dict(rec["arch"])
+    assert 3.5e6 <= macs(arch) <= 4.5e6 and rec["macs"] == macs(arch) and arch.stages[0].tokens == 49
+    assert 0 <= rec["val_acc"] <= 1 and len(rec["finalists"]) == 2 and rec["cpu_s"] > 0
