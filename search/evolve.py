@@ -314,6 +314,10 @@ def finish(cfg: DictConfig, s: Session) -> dict[str, Any]:
                           OmegaConf.to_container(cfg, resolve=True))
         summary = write_report(s.run_dir, s.searches, s.job.constraints, prov, cfg.show_top, winner_latency(s),
                                finals)
+        print(f"time (this process, rank 0): scored {s.scorer.evaluations} candidates in {s.scorer.seconds:.1f} s "
+              f"on {s.scorer.images} images each" + (
+                  f"; re-scored {s.whole.evaluations} finalists in {s.whole.seconds:.1f} s on the whole "
+                  "validation split" if s.whole is not None else ""))
     else:
         summary = {"run_dir": str(s.run_dir), "evaluations": len(s.searches[0].cache),
                    "proposals": sum(len(x.history) for x in s.searches), "best": []}

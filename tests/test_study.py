@@ -129,6 +129,7 @@ def test_f1_f2_f3_render_from_result_files_alone(tmp_path):
         (tmp_path / f"{unit.name}.json").write_text(json.dumps({"unit": "search", "supernet": unit.supernet.name, "arch": arch.to_dict(),
                                            "short": arch.short(), "macs": macs(arch), "val_acc": 0.8,
                                            "lead_over_runner_up": {"value": 0.01, "low": 0.0, "high": 0.02},
+                                           "scored": 1000, "scoring_s": 600.0, "rescored": 10, "rescoring_s": 60.0,
                                            "cpu_s": 600.0}))
     for a in [best, plain_best, *plan.deit_matches(best).values()]:
         for s in plan.F23_SEEDS:
@@ -147,6 +148,7 @@ def test_f1_f2_f3_render_from_result_files_alone(tmp_path):
     text = page(tmp_path)
     assert "E = 1 epochs" in text and "ranks 1 of 13" in text and "1.5 CPU-hours" not in text
     assert "| 2000 | range | 12 |" in text and "The interval excludes zero." in text
+    assert "re-scoring its 10 finalists on the whole split took 1.0 min, 9% of its scoring time" in text
     assert "2.4 CPU-hours so far (stand-alone runs 0.0, supernets 2.0, searches 0.3)" in text
 
 
@@ -190,3 +192,4 @@ def test_a_search_unit_trains_its_supernet_when_missing_and_records_the_winner(t
     arch = ArchSpec.from_dict(rec["arch"])
     assert 3.5e6 <= macs(arch) <= 4.5e6 and rec["macs"] == macs(arch) and arch.stages[0].tokens == 49
     assert 0 <= rec["val_acc"] <= 1 and len(rec["finalists"]) == 2 and rec["cpu_s"] > 0
+    assert rec["scored"] == rec["proposals"] == 4 and rec["rescored"] == 2 and rec["rescoring_s"] > 0

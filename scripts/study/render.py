@@ -161,6 +161,11 @@ def f2_section(res, epochs: int) -> list[str]:
                  f"lead over the runner-up {est(_e(s.get('lead_over_runner_up')))}). Each net below trained from "
                  f"scratch for {epochs} epoch(s) with seeds {', '.join(map(str, plan.F23_SEEDS))}; official test "
                  "split.")
+    if s.get("rescoring_s") is not None and s.get("scoring_s"):
+        share = s["rescoring_s"] / (s["scoring_s"] + s["rescoring_s"])
+        lines.append(f"The search scored {s['scored']} candidates in {s['scoring_s'] / 60:.1f} min (one thread); "
+                     f"re-scoring its {s['rescored']} finalists on the whole split took {s['rescoring_s'] / 60:.1f} "
+                     f"min, {share:.0%} of its scoring time.")
     if res["rank"] is None:
         lines.append(f"\nSo far {len(res['searched'])}/{len(plan.F23_SEEDS)} seeds of the searched net and "
                      f"{len(res['random'].archs)}/{res['random'].expected} random architectures with every seed: no "

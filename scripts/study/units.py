@@ -212,12 +212,22 @@ class Search:
         app(cmd, run_dir)
         best = run_dir / "best_arch.json"
         arch, meta = ArchSpec.load(best), json.loads(best.read_text())["meta"]
+        import re
+
+        said = (run_dir / "log.txt").read_text()
+        scored = re.findall(r"scored (\d+) candidates in ([\d.]+) s", said)
+        rescored = re.findall(r"re-scored (\d+) finalists in ([\d.]+) s", said)
         return {"unit": "search", "supernet": self.supernet.name, "space": self.supernet.space,
                 "band": list(self.band), "seed": self.seed, "arch": arch.to_dict(), "short": arch.short(),
                 "macs": macs(arch), "params": params(arch), "fitness_acc": meta.get("fitness_acc"),
                 "val_acc": meta["val_acc"], "finalists": meta.get("finalists"),
                 "lead_over_runner_up": meta.get("lead_over_runner_up"),
-                "evaluations": sum(1 for _ in open(run_dir / "history.jsonl")),
+                "proposals": sum(1 for _ in open(run_dir / "history.jsonl")),
+                # the scoring time the evolve app reported (its last run: a resumed search counts only its rest)
+                "scored": int(scored[-1][0]) if scored else None,
+                "scoring_s": float(scored[-1][1]) if scored else None,
+                "rescored": int(rescored[-1][0]) if rescored else None,
+                "rescoring_s": float(rescored[-1][1]) if rescored else None,
                 "cpu_s": round(child_cpu() - cpu, 1), "wall_s": round(time.time() - t, 1), "machine": machine(),
                 "date": time.strftime("%Y-%m-%d"), "command": " ".join(map(str, cmd[1:]))}
 
