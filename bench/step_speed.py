@@ -2,7 +2,7 @@
 
     python -m bench.step_speed            # every row (~15 min on 2 busy cores); writes docs/bench/train_step.json
     python -m bench.step_speed quick      # fewer paths and repetitions; prints only
-    python -m bench.step_speed render     # docs/benchmarks.md's table from docs/bench/train_step.json
+    make docs                             # docs/benchmarks.md's table from docs/bench/train_step.json
 
 Each row runs the engine's real ``Trainer.train_step`` (forward and backward under the app's loss, the gradient
 reducer, clipping, the optimizer, the lr schedule) on both sides: the supernet task (``SupernetTask``: path
@@ -49,8 +49,6 @@ REPO = Path(__file__).resolve().parents[1]
 CONF = REPO / "conf"
 JSON = REPO / "docs" / "bench" / "train_step.json"
 PAGE = REPO / "docs" / "benchmarks.md"
-BEGIN = "<!-- train_step: rendered by `python -m bench.step_speed render` from docs/bench/train_step.json -->"
-END = "<!-- /train_step -->"
 TARGET = 1.05
 # (preset, batch: None for the data config's default, paths, repetitions) of a full and a quick run
 PLAN = {"full": [("fmnist_2d", 1, 16, 7), ("fmnist_2d", None, 6, 3), ("fmnist_1d", None, 6, 3),
@@ -266,12 +264,11 @@ def render(doc: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
-def write_page(doc: dict[str, Any], page: Path = PAGE) -> None:
-    """Replace the rendered block of ``page`` (between BEGIN and END) by :func:`render` of ``doc``."""
-    text = page.read_text()
-    head, rest = text.split(BEGIN, 1)
-    _, tail = rest.split(END, 1)
-    page.write_text(f"{head}{BEGIN}\n{render(doc)}\n{END}{tail}")
+def write_page() -> None:
+    """Re-render docs/benchmarks.md's table:train_step block (scripts/docs.py renders it from JSON)."""
+    from scripts.docs import render as render_tables
+
+    render_tables([PAGE])
 
 
 def main(quick: bool = False, command: str = "python -m bench.step_speed") -> list[StepRow]:
@@ -286,13 +283,10 @@ def main(quick: bool = False, command: str = "python -m bench.step_speed") -> li
         doc = record(rows, f"OMP_NUM_THREADS={threads} {command}" if threads else command, start)
         JSON.parent.mkdir(parents=True, exist_ok=True)
         JSON.write_text(json.dumps(doc, indent=1) + "\n")
-        write_page(doc)
+        write_page()
         print(f"  wrote {JSON.relative_to(REPO)} and the table of {PAGE.relative_to(REPO)}")
     return rows
 
 
 if __name__ == "__main__":
-    if sys.argv[1:] == ["render"]:
-        write_page(json.loads(JSON.read_text()))
-    else:
-        main(quick="quick" in sys.argv[1:])
+    main(quick="quick" in sys.argv[1:])

@@ -35,7 +35,6 @@ SHORT_SIDES = (256, 288, 320, 352)  # this store's short sides measured (320: th
 SHAPES = ((500, 375), (375, 500), (500, 333), (500, 500), (640, 480), (300, 225))  # (width, height)
 OUT = REPO / "docs" / "real_scale" / "crop_stats.json"
 PAGE = REPO / "docs" / "real_scale.md"
-BEGIN, END = "<!-- crop_stats: begin (scripts/crop_stats.py writes this table) -->", "<!-- crop_stats: end -->"
 
 
 def timm_boxes(w: int, h: int, n: int, seed: int) -> np.ndarray:
@@ -148,12 +147,11 @@ def render(result: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
-def write_page(result: dict[str, Any], page: Path = PAGE) -> None:
-    """Replace the table between the page's markers with :func:`render`'s."""
-    text = page.read_text()
-    head, rest = text.split(BEGIN, 1)
-    _, tail = rest.split(END, 1)
-    page.write_text(f"{head}{BEGIN}\n{render(result)}\n{END}{tail}")
+def write_page() -> None:
+    """Re-render the page's table:crop_stats block from OUT (scripts/docs.py renders it)."""
+    from scripts.docs import render as render_tables
+
+    render_tables([PAGE])
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -167,8 +165,8 @@ def main(argv: list[str] | None = None) -> None:
     result = collect(n, args.src)
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(result, indent=1) + "\n")
-    if not args.no_render:
-        write_page(result)
+    if not args.no_render and args.out.resolve() == OUT.resolve():
+        write_page()
     print(render(result))
     print(f"-> {args.out}")
 

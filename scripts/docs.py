@@ -186,9 +186,34 @@ def determinism(d: dict[str, Any] | None = None) -> str:
                      "largest weight difference"], rows, "lrlrrr"))
 
 
+def train_step() -> str:
+    from bench import step_speed
+
+    return step_speed.render(json.loads(step_speed.JSON.read_text()))
+
+
+def crop_stats() -> str:
+    from scripts import crop_stats as cs
+
+    return cs.render(json.loads(cs.OUT.read_text()))
+
+
+def latency_tables() -> str:
+    from scripts import latency_tables as lt
+
+    return lt.render()
+
+
+def results_v2_corrected() -> str:
+    from scripts.study.render import v2_block
+
+    return v2_block()
+
+
 TABLES: dict[str, Callable[[], str]] = {
     "setup_readme": setup_readme, "demo_readme": demo_readme, "demo": demo, "suite": suite, "bench": bench,
-    "latency": latency, "gpu_check": gpu_check, "determinism": determinism,
+    "latency": latency, "gpu_check": gpu_check, "determinism": determinism, "train_step": train_step,
+    "crop_stats": crop_stats, "latency_tables": latency_tables, "results_v2_corrected": results_v2_corrected,
 }
 
 

@@ -1,7 +1,7 @@
 """The table of the committed latency tables (docs/latency/*.json) in docs/deployment.md: where each was measured,
 how, and its accuracy on random networks and at the space's smallest and largest ones.
 
-    .venv/bin/python scripts/latency_tables.py           # rewrites the table between the page's markers
+    .venv/bin/python scripts/latency_tables.py           # rewrites the page's table:latency_tables block
     .venv/bin/python scripts/latency_tables.py --check   # exit 1 if the page's table is not the files'
 """
 
@@ -18,8 +18,6 @@ from space.latency import NO_MODEL, LatencyTable  # noqa: E402
 
 TABLES = REPO / "docs" / "latency"
 PAGE = REPO / "docs" / "deployment.md"
-BEGIN = "<!-- latency_tables: begin (scripts/latency_tables.py writes this table) -->"
-END = "<!-- latency_tables: end -->"
 
 
 def _end(end: dict | None) -> str:
@@ -49,19 +47,17 @@ def render(tables: Path = TABLES) -> str:
 
 
 def main(argv: list[str] | None = None) -> None:
+    from scripts.docs import render as render_tables, stale
+
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--check", action="store_true", help="only compare the page's table with the files")
     args = p.parse_args(argv)
-    text = PAGE.read_text()
-    head, rest = text.split(BEGIN, 1)
-    old, tail = rest.split(END, 1)
-    table = render()
     if args.check:
-        if old.strip() != table:
+        if stale([PAGE]):
             raise SystemExit(f"{PAGE}: the latency table is not the files'; run scripts/latency_tables.py")
         return
-    PAGE.write_text(f"{head}{BEGIN}\n{table}\n{END}{tail}")
-    print(table)
+    render_tables([PAGE])
+    print(render())
 
 
 if __name__ == "__main__":

@@ -19,8 +19,9 @@ pytestmark = pytest.mark.usefixtures("one_thread")
 
 def test_the_page_is_the_rendering_of_the_committed_record():
     doc = json.loads(step_speed.JSON.read_text())
-    text = step_speed.PAGE.read_text()
-    block = text.split(step_speed.BEGIN, 1)[1].split(step_speed.END, 1)[0]
+    from scripts.docs import blocks
+
+    block = dict(blocks(step_speed.PAGE.read_text()))["train_step"]
     assert block.strip() == step_speed.render(doc).strip()
     assert {"command", "date", "commit", "machine", "load_average", "target", "rows"} <= set(doc)
     planned = {(preset, batch or step_speed.default_batch(preset), entangle)

@@ -224,7 +224,6 @@ def render() -> None:
 
 # ----------------------------------------------------------------------------- the previous page's statistics
 V2_RULES = ("uniform", "flops_bins", "sandwich", "sandwich_distill")
-V2_BEGIN, V2_END = "<!-- corrected statistics: scripts/experiments.py render -->", "<!-- /corrected statistics -->"
 
 
 def v2_stats(fid: dict) -> dict:
@@ -253,7 +252,7 @@ def v2_block() -> str:
     def c(e: dict) -> str:
         return f"{e['value']:.3f} [{e['low']:.3f}, {e['high']:.3f}]"
 
-    lines = [V2_BEGIN, "", "**Corrected statistics (added later).** The table below replaced the first version's "
+    lines = ["", "**Corrected statistics (added later).** The table below replaced the first version's "
              "noise ceiling, which was computed between single seeds while τ was measured against the mean of the "
              "two seeds: the mean is less noisy, so its ceiling is higher. Each ceiling is the τ that the "
              "architectures' true quality would reach against that ground truth (search/ranking.py). The bare "
@@ -274,12 +273,12 @@ def v2_block() -> str:
     lines += ["", f"So the uniform supernet's range τ ({tau:.3f}) is {tau / top:.0%} of what a perfect proxy could "
               f"reach against this ground truth ({top:.3f}), not the 85% the first version said, and a proxy can rank "
               "better than the seed-to-seed τ. In the band, τ and its ceiling are both too imprecise at 12 "
-              "architectures to compare. At 100 steps, none of these figures describes trained networks.", "", V2_END]
+              "architectures to compare. At 100 steps, none of these figures describes trained networks.", ""]
     return "\n".join(lines)
 
 
 def correct_v2() -> None:
-    """docs/fidelity/*.json's statistics recomputed (rows unchanged) and results_v2.md's corrected block."""
+    """docs/fidelity/*.json's statistics recomputed (rows unchanged), then results_v2.md's corrected block."""
     import json
 
     for rule in V2_RULES:
@@ -287,12 +286,6 @@ def correct_v2() -> None:
         fid = json.loads(path.read_text())
         fid["stats"] = v2_stats(fid)
         path.write_text(json.dumps(fid, indent=1) + "\n")
-    page_path = HOME / "docs" / "results_v2.md"
-    text = page_path.read_text()
-    block = v2_block()
-    if V2_BEGIN in text:
-        text = text[:text.index(V2_BEGIN)] + block + text[text.index(V2_END) + len(V2_END):]
-    else:  # first time: after the F1 table's plots
-        anchor = "![sandwich_distill](fidelity/sandwich_distill.png)"
-        text = text.replace(anchor, anchor + "\n\n" + block)
-    page_path.write_text(text)
+    from scripts.docs import render as render_tables
+
+    render_tables([HOME / "docs" / "results_v2.md"])  # its table:results_v2_corrected block is v2_block()
