@@ -54,6 +54,23 @@ def test_a_typed_figure_in_a_table_is_caught(tmp_path: Path) -> None:
     assert page.read_text() == good and docs.stale([page]) == []
 
 
+def test_the_suite_row_says_whether_the_install_was_timed(tmp_path: Path, monkeypatch) -> None:
+    """`record suite` keeps pytest's own time and, when given, the whole `make test`'s; the README's row says
+    which one it shows."""
+    xml = tmp_path / "suite.xml"
+    xml.write_text('<testsuites><testsuite tests="3" failures="0" errors="0" skipped="0" time="120.0" '
+                   'timestamp="2026-12-07T10:00:00"/></testsuites>')
+    with_make, bare = docs.record_suite(xml, make_seconds=300.0), docs.record_suite(xml)
+    assert with_make["seconds"] == bare["seconds"] == 120.0 and "make_seconds" not in bare
+    demo = docs.load("demo")
+    for rec, said in ((with_make, "5.0 min with the install (pytest 2.0 min)"),
+                      (bare, "pytest 2.0 min (the install not timed)")):
+        monkeypatch.setattr(docs, "load", lambda name, rec=rec: rec if name == "suite" else demo)
+        assert said in docs.setup_readme() and "3 passed, 0 failed, 0 skipped" in docs.setup_readme()
+    with pytest.raises(SystemExit, match="--make-seconds: only for `record suite`"):
+        docs.main(["record", "demo", str(xml), "--make-seconds", "1"])
+
+
 # ----------------------------------------------------------------------------- what the pages name
 
 
