@@ -167,6 +167,21 @@ def test_band_picks_lie_in_the_band_and_a_narrow_band_is_a_user_error():
         band_archs(FMNIST_2D, 10, 1e6, 1.001e6, seed=0, draws=2000)
 
 
+def test_tau_difference_tells_a_better_proxy_from_a_noisier_one():
+    """Two proxies of 30 architectures: one is the truth plus small noise, the other plus large noise. The
+    difference of their taus is the difference of the two taus, and its interval excludes zero; a proxy against
+    itself gives exactly zero."""
+    from search.ranking import kendall_tau, tau_difference
+
+    rng = np.random.default_rng(0)
+    truth = rng.normal(size=30)
+    good, bad = truth + 0.1 * rng.normal(size=30), truth + 2.0 * rng.normal(size=30)
+    d = tau_difference(good, bad, truth, 1000, 0)
+    assert d.value == pytest.approx(kendall_tau(good, truth) - kendall_tau(bad, truth)) and d.low > 0
+    same = tau_difference(good, good, truth, 200, 0)
+    assert same.value == same.low == same.high == 0
+
+
 def test_runs_are_balanced_over_ranks():
     from supernet.engine.distributed import balance
 

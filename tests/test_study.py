@@ -115,11 +115,13 @@ def test_f1_f2_f3_render_from_result_files_alone(tmp_path):
     for a in plan.band_set():
         for s in plan.BAND_SEEDS:
             _write(tmp_path, a.to_dict(), s, 1, q(a) + 0.0001 * s)
-    uniform, _, plain = plan.supernets()
+    uniform, sandwich, plain = plan.supernets()
     archs = plan.range_archs() + plan.band_set()
     points = [{"step": step, "archs": [{"arch": a.to_dict(), "whole": q(a) if step > 1000 else 1 - q(a),
                                         "fitness": q(a), "groups": []} for a in archs]} for step in (1000, 2000)]
-    for unit, pts in ((uniform, points), (plain, [])):
+    worse = [{"step": 1448, "archs": [{"arch": a.to_dict(), "whole": q(a) if a in plan.band_set() else 1 - q(a),
+                                       "fitness": q(a), "groups": []} for a in archs]}]
+    for unit, pts in ((uniform, points), (sandwich, worse), (plain, [])):
         (tmp_path / "supernet").mkdir(exist_ok=True)
         (tmp_path / f"{unit.name}.json").write_text(json.dumps({"unit": "supernet", "rule": unit.rule, "steps": unit.steps,
                                            "points": pts, "cpu_s": 3600.0}))
@@ -136,8 +138,8 @@ def test_f1_f2_f3_render_from_result_files_alone(tmp_path):
             _write(tmp_path, a.to_dict(), s, 1, q(a) + 0.001 * s)
 
     res = f1(1, tmp_path)
-    assert [r["rule"] for r in res] == ["uniform"]  # the plain supernet has no kept points: not an F1 row
-    first, last = res[0]["curve"]
+    assert sorted(r["rule"] for r in res) == ["sandwich", "uniform"]  # plain has no kept points: not in F1
+    first, last = next(r for r in res if r["rule"] == "uniform")["curve"]
     assert last["range"]["whole"]["kendall_tau"].value == 1 and first["range"]["whole"]["kendall_tau"].value == -1
     assert last["band"]["archs"] == 12 and last["range"]["archs"] == 12
     got = f2(1, tmp_path)
@@ -148,8 +150,10 @@ def test_f1_f2_f3_render_from_result_files_alone(tmp_path):
     text = page(tmp_path)
     assert "E = 1 epochs" in text and "ranks 1 of 13" in text and "1.5 CPU-hours" not in text
     assert "| 2000 | range | 12 |" in text and "The interval excludes zero." in text
+    assert "sandwich - uniform, range: Δτ -2.0000 [-2.0000, -2.0000]" in text
+    assert "sandwich - uniform, band: Δτ +0.0000 [+0.0000, +0.0000] (includes 0: no difference shown)" in text
     assert "re-scoring its 10 finalists on the whole split took 1.0 min, 9% of its scoring time" in text
-    assert "2.4 CPU-hours so far (stand-alone runs 0.0, supernets 2.0, searches 0.3)" in text
+    assert "3.4 CPU-hours so far (stand-alone runs 0.0, supernets 3.0, searches 0.3)" in text
 
 
 def test_a_later_pair_that_moves_the_ranking_moves_the_chosen_schedule(tmp_path):

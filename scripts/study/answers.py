@@ -78,7 +78,8 @@ def f1(epochs: int, results: Path = RESULTS) -> list[dict[str, Any]]:
                     continue
                 whole = [scores[a]["whole"] for a in t.archs]
                 fitness = [scores[a]["fitness"] for a in t.archs]
-                row[name] = {"archs": len(t.archs), "mean_whole": statistics.mean(whole),
+                row[name] = {"archs": len(t.archs), "mean_whole": statistics.mean(whole), "scores": whole,
+                             "truth": t.means,
                              "whole": agreement(whole, t.means, 3, RESAMPLES, 0),
                              "fitness": agreement(fitness, t.means, 3, RESAMPLES, 0)}
             curve.append(row)
@@ -87,6 +88,26 @@ def f1(epochs: int, results: Path = RESULTS) -> list[dict[str, Any]]:
         out.append({"rule": sn["rule"], "steps": sn["steps"], "curve": curve, "ceilings": ceilings,
                     "sets": {n: (len(t.archs), t.expected) for n, t in sets.items()},
                     "cpu_s": sn.get("cpu_s"), "train_cpu_s": sn.get("train_cpu_s")})
+    return out
+
+
+def rule_differences(rules: list[dict[str, Any]]) -> dict[str, Any]:
+    """Per set, each other rule's final tau minus the default (uniform) rule's, on the same architectures and
+    ground truth, with a paired bootstrap interval (search/ranking.py: tau_difference)."""
+    from search.ranking import tau_difference
+
+    base = next((r for r in rules if r["rule"] == "uniform"), None)
+    out: dict[str, Any] = {}
+    if base is None:
+        return out
+    for r in rules:
+        if r is base:
+            continue
+        for name in ("range", "band"):
+            a, b = r["curve"][-1].get(name), base["curve"][-1].get(name)
+            if a and b and a["truth"] == b["truth"]:
+                out[f"{r['rule']} - uniform, {name}"] = tau_difference(a["scores"], b["scores"], a["truth"],
+                                                                       RESAMPLES, 0)
     return out
 
 
