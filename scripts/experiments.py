@@ -28,7 +28,8 @@ def main() -> None:
     w = sub.add_parser("work", help="train the plan's units that have no result file yet")
     w.add_argument("plan", choices=["pilot", "study"])
     w.add_argument("--commit", action="store_true", help="git-commit each result file as soon as it exists")
-    sub.add_parser("render", help="write docs/results.md from docs/study/")
+    r = sub.add_parser("render", help="write docs/results.md (and results_v2.md's statistics) from docs/study/")
+    r.add_argument("--page", action="store_true", help="docs/results.md only (what a worker does with a result)")
     args = ap.parse_args()
     if args.cmd == "work":
         import torch
@@ -36,6 +37,10 @@ def main() -> None:
         torch.set_num_threads(1)
         # the study's plan is asked again after each unit; a worker with nothing ready waits for the other
         drain(plan.study if args.plan == "study" else plan.pilot(), args.commit, wait=60.0)
+    elif args.page:
+        from scripts.study.render import render_page
+
+        print(f"wrote {render_page()}")
     else:
         from scripts.study.render import render
 

@@ -268,15 +268,20 @@ def write_result(unit, record: dict[str, Any], commit: bool) -> None:
     os.replace(tmp, unit.result)
     if not commit:
         return
-    from scripts.study.render import render_page
-
     WORK.mkdir(parents=True, exist_ok=True)
     with open(WORK / "commit.lock", "w") as lock:
         fcntl.flock(lock, fcntl.LOCK_EX)
-        page = render_page()
+        # the page is rendered by the receiving checkout's own code (the worker's may be a frozen copy), so a
+        # renderer improved under development needs no restart; if it fails, the result file is committed alone
+        done = subprocess.run([PY, str(HOME / "scripts" / "experiments.py"), "render", "--page"], cwd=HOME,
+                              env={k: v for k, v in os.environ.items() if k != "PSVIT_STUDY_HOME"},
+                              capture_output=True, text=True)
+        if done.returncode != 0:
+            print(f"study: docs/results.md not rendered: {done.stderr.strip()[-500:]}", flush=True)
+        page = HOME / "docs" / "results.md"
         msg = f"study: {unit.name} ({record.get('short', '')}): " + ", ".join(
             f"{k} {record[k]:.4f}" for k in ("val_top1", "test_top1", "val_acc") if isinstance(record.get(k), float))
-        paths = [str(unit.result), str(page)]
+        paths = [str(unit.result)] + ([str(page)] if done.returncode == 0 else [])
         for _ in range(30):  # the developer may be committing too: retry while the index is locked
             added = subprocess.run(["git", "add", "--", *paths], cwd=HOME, capture_output=True).returncode == 0
             if added and subprocess.run(["git", "commit", "-q", "-m", msg, "--", *paths], cwd=HOME,
