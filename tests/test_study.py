@@ -148,7 +148,7 @@ def test_f1_f2_f3_render_from_result_files_alone(tmp_path):
     assert [len(r["test"]) for r in rows] == [3, 3, 3, 3] and rows[0]["gap"] is None
     assert all(r["gap"].value == pytest.approx(q(r["arch"]) - q(best)) for r in rows[1:])
     text = page(tmp_path)
-    assert "E = 1 epochs" in text and "ranks 1 of 13" in text and "1.5 CPU-hours" not in text
+    assert "E = 1 epoch**" in text and "ranks 1 of 13" in text and "1.5 CPU-hours" not in text
     assert "| 2000 | range | 12 |" in text and "The interval excludes zero." in text
     assert "sandwich - uniform, range: Δτ -2.0000 [-2.0000, -2.0000]" in text
     assert "sandwich - uniform, band: Δτ +0.0000 [+0.0000, +0.0000] (includes 0: no difference shown)" in text
