@@ -212,10 +212,17 @@ def results_v2_corrected() -> str:
     return v2_block()
 
 
+def study_readme() -> str:
+    from scripts.study.render import readme_table
+
+    return readme_table()
+
+
 TABLES: dict[str, Callable[[], str]] = {
     "setup_readme": setup_readme, "demo_readme": demo_readme, "demo": demo, "suite": suite, "bench": bench,
     "latency": latency, "gpu_check": gpu_check, "determinism": determinism, "train_step": train_step,
     "crop_stats": crop_stats, "latency_tables": latency_tables, "results_v2_corrected": results_v2_corrected,
+    "study_readme": study_readme,
 }
 
 

@@ -29,7 +29,8 @@ def main() -> None:
     w.add_argument("plan", choices=["pilot", "study"])
     w.add_argument("--commit", action="store_true", help="git-commit each result file as soon as it exists")
     r = sub.add_parser("render", help="write docs/results.md (and results_v2.md's statistics) from docs/study/")
-    r.add_argument("--page", action="store_true", help="docs/results.md only (what a worker does with a result)")
+    r.add_argument("--page", action="store_true",
+                   help="docs/results.md and the README's study table only (what a worker does with each result)")
     args = ap.parse_args()
     if args.cmd == "work":
         import torch
@@ -38,9 +39,12 @@ def main() -> None:
         # the study's plan is asked again after each unit; a worker with nothing ready waits for the other
         drain(plan.study if args.plan == "study" else plan.pilot(), args.commit, wait=60.0)
     elif args.page:
+        from scripts.docs import render as render_tables
         from scripts.study.render import render_page
 
-        print(f"wrote {render_page()}")
+        print(render_page())  # one path a line: what a worker commits with its result
+        for path in render_tables([REPO / "README.md"]):  # the README's table of the study's answers
+            print(path)
     else:
         from scripts.study.render import render
 

@@ -224,6 +224,32 @@ def f3_section(rows, epochs: int) -> list[str]:
     return lines
 
 
+def readme_table(results: Path = RESULTS) -> str:
+    """The README's three answers, each a row: what the study measured so far, or that it has not."""
+    from scripts.study.answers import f1, f2, f3
+
+    e = chosen_schedule(results)
+    rows = ["| question | answer so far (docs/results.md) |", "| --- | --- |"]
+    if e is None:
+        return "\n".join(rows + ["| every question | not measured: the pilot has not chosen a schedule |"])
+    uni = next((r for r in f1(e, results) if r["rule"] == "uniform"), None)
+    last = uni["curve"][-1] if uni else None
+    rows.append("| does the supernet rank nets as training them does? | " + (
+        f"Kendall τ {ci(last['range']['whole']['kendall_tau'])} over the FLOPs range, "
+        f"{ci(last['band']['whole']['kendall_tau'])} inside the search band ({uni['steps']} uniform steps; "
+        f"truth: {n_epochs(e)} from scratch) |" if last and last["range"] and last["band"] else "not measured yet |"))
+    got = f2(e, results)
+    rows.append("| does the search beat random nets of its band? | " + (
+        f"searched net ranks {got['rank']} of {len(got['random'].archs) + 1}; lead over the random median "
+        f"{est(got['lead'])} test top-1 ({n_epochs(e)}, 3 seeds) |" if got and got["rank"] else "not measured yet |"))
+    rows3 = f3(e, results)
+    deit = [r for r in rows3 or [] if r["label"].startswith("DeiT") and r["gap"] is not None]
+    rows.append("| PSViT against DeiT-like nets of equal cost? | " + (
+        "; ".join(f"{r['label'][len('DeiT-like, '):]}: DeiT-like minus PSViT {est(r['gap'])}" for r in deit)
+        + f" test top-1 ({n_epochs(e)}, 3 seeds) |" if len(deit) == 2 else "not measured yet |"))
+    return "\n".join(rows)
+
+
 def render_page() -> Path:
     """docs/results.md from the result files; returns its path."""
     out = HOME / "docs" / "results.md"

@@ -273,15 +273,15 @@ def write_result(unit, record: dict[str, Any], commit: bool) -> None:
         fcntl.flock(lock, fcntl.LOCK_EX)
         # the page is rendered by the receiving checkout's own code (the worker's may be a frozen copy), so a
         # renderer improved under development needs no restart; if it fails, the result file is committed alone
-        done = subprocess.run([PY, str(HOME / "scripts" / "experiments.py"), "render", "--page"], cwd=HOME,
+        rendered = subprocess.run([PY, str(HOME / "scripts" / "experiments.py"), "render", "--page"], cwd=HOME,
                               env={k: v for k, v in os.environ.items() if k != "PSVIT_STUDY_HOME"},
                               capture_output=True, text=True)
-        if done.returncode != 0:
-            print(f"study: docs/results.md not rendered: {done.stderr.strip()[-500:]}", flush=True)
-        page = HOME / "docs" / "results.md"
+        if rendered.returncode != 0:
+            print(f"study: docs/results.md not rendered: {rendered.stderr.strip()[-500:]}", flush=True)
+        pages = rendered.stdout.split() if rendered.returncode == 0 else []
         msg = f"study: {unit.name} ({record.get('short', '')}): " + ", ".join(
             f"{k} {record[k]:.4f}" for k in ("val_top1", "test_top1", "val_acc") if isinstance(record.get(k), float))
-        paths = [str(unit.result)] + ([str(page)] if done.returncode == 0 else [])
+        paths = [str(unit.result), *pages]
         for _ in range(30):  # the developer may be committing too: retry while the index is locked
             added = subprocess.run(["git", "add", "--", *paths], cwd=HOME, capture_output=True).returncode == 0
             if added and subprocess.run(["git", "commit", "-q", "-m", msg, "--", *paths], cwd=HOME,
