@@ -21,25 +21,32 @@ def ci(e) -> str:
 def page(results: Path = RESULTS) -> str:
     from space.cost import fmt_macs, macs
 
+    from scripts.study.answers import cpu_hours
+
     records = load("standalone", results)
+    every = records + load("supernet", results) + load("search", results)
     sched = schedules(results)
     pilot_units = plan.pilot()
     done = {u.name for u in pilot_units if (results / f"{u.name}.json").exists()}
-    cpu = sum(r.get("cpu_s", r["wall_s"]) for r in records) / 3600
-    wall_only = sum(1 for r in records if "cpu_s" not in r)
-    torch_versions = sorted({r["machine"]["torch"] for r in records})
-    cpus = sorted({f"{r['machine']['cpu']} ({r['machine']['cores']} cores)" for r in records})
+    hours = sum(cpu_hours(results).values())
+    wall_only = sum(1 for r in every if "cpu_s" not in r)
+    torch_versions = sorted({r["machine"]["torch"] for r in every if "machine" in r})
+    cpus = sorted({f"{r['machine']['cpu']} ({r['machine']['cores']} cores)" for r in every if "machine" in r})
     lines = [
         "# Results: does the search find better architectures? (Fashion-MNIST, trained regime)\n",
         "Rendered by `.venv/bin/python scripts/experiments.py render` from the result files under "
-        "[docs/study/](study/), one per finished unit of work (a stand-alone training: architecture, seed, schedule, "
-        "accuracies, wall and CPU time, machine, torch). The study runs in the background as two one-thread "
-        "workers (`scripts/experiments.py work <plan> --commit`) and continues on a fresh clone where it stopped. "
-        "FLOPs are multiply-accumulates (MACs). The previous page, whose ground truth was 100 steps of training "
-        "(under half an epoch), is kept as [results_v2.md](results_v2.md) with its statistics corrected; its "
-        "figures describe under-trained nets, not the method.\n",
-        f"So far: {len(records)} stand-alone runs, {cpu:.1f} CPU-hours"
-        + (f" ({wall_only} of them timed by wall clock only, an upper bound on a shared machine)" if wall_only else "")
+        "[docs/study/](study/), one per finished unit of work: a stand-alone training (architecture, seed, "
+        "schedule, accuracies), a supernet's training with its kept checkpoints' inherited scores, or a search "
+        "(its winner and what the search said of it); each with its wall and CPU time, machine and torch. The "
+        "study runs in the background as two one-thread workers (`scripts/experiments.py work pilot|study "
+        "--commit`) and continues on a fresh clone where it stopped (checkpoints are never committed: a supernet "
+        "that a unit needs and this machine lacks is trained again). FLOPs are multiply-accumulates (MACs). The "
+        "previous page, whose ground truth was 100 steps of training (under half an epoch), is kept as "
+        "[results_v2.md](results_v2.md) with its statistics corrected; its figures describe under-trained nets, "
+        "not the method.\n",
+        f"So far: {len(records)} stand-alone runs, {len(every) - len(records)} supernets and searches, "
+        f"{hours:.1f} CPU-hours"
+        + (f" ({wall_only} units timed by wall clock only, an upper bound on a shared machine)" if wall_only else "")
         + f"; machines: {'; '.join(cpus) or 'none'}; torch {', '.join(torch_versions) or 'n/a'}.\n",
         "## The pilot: which schedule ranks architectures reproducibly?\n",
         "Eight architectures of `fmnist_2d` (the range's smallest and largest, two more points of the range and "
