@@ -117,14 +117,17 @@ def test_f1_f2_f3_render_from_result_files_alone(tmp_path):
             _write(tmp_path, a.to_dict(), s, 1, q(a) + 0.0001 * s)
     uniform, sandwich, plain = plan.supernets()
     archs = plan.range_archs() + plan.band_set()
-    points = [{"step": step, "archs": [{"arch": a.to_dict(), "whole": q(a) if step > 1000 else 1 - q(a),
-                                        "fitness": q(a), "groups": []} for a in archs]} for step in (1000, 2000)]
-    worse = [{"step": 1448, "archs": [{"arch": a.to_dict(), "whole": q(a) if a in plan.band_set() else 1 - q(a),
-                                       "fitness": q(a), "groups": []} for a in archs]}]
-    for unit, pts in ((uniform, points), (sandwich, worse), (plain, [])):
+    fid = {"archs": [a.to_dict() for a in archs],
+           "groups": [["range"]] * len(plan.range_archs()) + [["band"]] * len(plan.band_set())}
+    points = [{"step": step, "whole": [q(a) if step > 1000 else 1 - q(a) for a in archs],
+               "fitness": [q(a) for a in archs]} for step in (1000, 2000)]
+    worse = [{"step": 1448, "whole": [q(a) if a in plan.band_set() else 1 - q(a) for a in archs],
+              "fitness": [q(a) for a in archs]}]
+    for unit, pts, f in ((uniform, points, fid), (sandwich, worse, fid), (plain, [], {"archs": [], "groups": []})):
         (tmp_path / "supernet").mkdir(exist_ok=True)
-        (tmp_path / f"{unit.name}.json").write_text(json.dumps({"unit": "supernet", "rule": unit.rule, "steps": unit.steps,
-                                           "points": pts, "cpu_s": 3600.0}))
+        (tmp_path / f"{unit.name}.json").write_text(json.dumps({
+            "unit": "supernet", "rule": unit.rule, "steps": unit.steps, **f, "points": pts, "cpu_s": 3600.0,
+            **({"train_cpu_s": 600.0, "train_wall_s": 1800.0} if unit is uniform else {})}))
     best, plain_best = plan.band_set()[-1], plan.band_set()[0]  # the band's largest wins
     for unit, arch in zip(plan.searches(), (best, plain_best)):
         (tmp_path / "search").mkdir(exist_ok=True)
@@ -149,11 +152,12 @@ def test_f1_f2_f3_render_from_result_files_alone(tmp_path):
     assert all(r["gap"].value == pytest.approx(q(r["arch"]) - q(best)) for r in rows[1:])
     text = page(tmp_path)
     assert "E = 1 epoch**" in text and "ranks 1 of 13" in text and "1.5 CPU-hours" not in text
-    assert "| 2000 | range | 12 |" in text and "The interval excludes zero." in text
+    assert "| 2000 | range | 0.6137 (24) | 12 |" in text and "The interval excludes zero." in text
     assert "sandwich - uniform, range: Δτ -2.0000 [-2.0000, -2.0000]" in text
     assert "sandwich - uniform, band: Δτ +0.0000 [+0.0000, +0.0000] (includes 0: no difference shown)" in text
     assert "re-scoring its 10 finalists on the whole split took 1.0 min, 9% of its scoring time" in text
-    assert "3.4 CPU-hours so far (stand-alone runs 0.0, supernets 3.0, searches 0.3)" in text
+    # uniform's training ran 1800 s over its processes, of which the unit's own clock saw 600 s
+    assert "3.7 CPU-hours so far (stand-alone runs 0.0, supernets 3.3, searches 0.3)" in text
 
 
 def test_a_later_pair_that_moves_the_ranking_moves_the_chosen_schedule(tmp_path):

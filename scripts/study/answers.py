@@ -61,27 +61,30 @@ def f1(epochs: int, results: Path = RESULTS) -> list[dict[str, Any]]:
     fitness-set scores with the ground truth's seed mean; and each set's noise ceiling."""
     from search.ranking import agreement, noise_ceiling
 
+    from space.arch import ArchSpec
+
     sets = groups(epochs, results)
     out = []
     for sn in load("supernet", results):
         if not sn["points"]:
             continue
+        index = {ArchSpec.from_dict(a).to_json(): i for i, a in enumerate(sn["archs"])}
+        members = {name: [i for i, g in enumerate(sn["groups"]) if name in g] for name in sets}
         curve = []
         for point in sn["points"]:
-            from space.arch import ArchSpec
-
-            scores = {ArchSpec.from_dict(r["arch"]).to_json(): r for r in point["archs"]}
             row: dict[str, Any] = {"step": point["step"]}
             for name, t in sets.items():
-                if len(t.archs) < 4:  # too few finished to rank
-                    row[name] = None
-                    continue
-                whole = [scores[a]["whole"] for a in t.archs]
-                fitness = [scores[a]["fitness"] for a in t.archs]
-                row[name] = {"archs": len(t.archs), "mean_whole": statistics.mean(whole), "scores": whole,
-                             "truth": t.means,
-                             "whole": agreement(whole, t.means, 3, RESAMPLES, 0),
-                             "fitness": agreement(fitness, t.means, 3, RESAMPLES, 0)}
+                # the set's mean inherited top-1 over every architecture the fidelity app scored in it (the
+                # plateau check needs no ground truth); the agreement needs the finished ground truth
+                g = {"scored": len(members[name]),
+                     "mean_whole": statistics.mean(point["whole"][i] for i in members[name])}
+                if len(t.archs) >= 4:
+                    whole = [point["whole"][index[a]] for a in t.archs]
+                    fitness = [point["fitness"][index[a]] for a in t.archs]
+                    g.update(archs=len(t.archs), scores=whole, truth=t.means,
+                             whole=agreement(whole, t.means, 3, RESAMPLES, 0),
+                             fitness=agreement(fitness, t.means, 3, RESAMPLES, 0))
+                row[name] = g
             curve.append(row)
         ceilings = {name: noise_ceiling(t.runs, RESAMPLES, 0) if len(t.archs) >= 4 else None
                     for name, t in sets.items()}
@@ -105,7 +108,7 @@ def rule_differences(rules: list[dict[str, Any]]) -> dict[str, Any]:
             continue
         for name in ("range", "band"):
             a, b = r["curve"][-1].get(name), base["curve"][-1].get(name)
-            if a and b and a["truth"] == b["truth"]:
+            if a and b and "truth" in a and "truth" in b and a["truth"] == b["truth"]:
                 out[f"{r['rule']} - uniform, {name}"] = tau_difference(a["scores"], b["scores"], a["truth"],
                                                                        RESAMPLES, 0)
     return out
@@ -197,6 +200,12 @@ def f3(epochs: int, results: Path = RESULTS) -> list[dict[str, Any]] | None:
 
 def cpu_hours(results: Path = RESULTS) -> dict[str, float]:
     """CPU-hours the study's finished units took, by kind (a unit timed by wall clock only counts its wall time:
-    an upper bound on a shared machine)."""
-    return {kind: sum(r.get("cpu_s", r.get("wall_s", 0.0)) for r in load(kind, results)) / 3600
-            for kind in ("standalone", "supernet", "search")}
+    an upper bound on a shared machine; a supernet's training counts its processes' wall time, see
+    units.train_wall_seconds)."""
+    def hours(r: dict[str, Any]) -> float:
+        spent = r.get("cpu_s", r.get("wall_s", 0.0))
+        if "train_wall_s" in r:  # a supernet: its training over every process that ran it, then its scoring
+            spent += r["train_wall_s"] - r["train_cpu_s"]
+        return spent / 3600
+
+    return {kind: sum(hours(r) for r in load(kind, results)) for kind in ("standalone", "supernet", "search")}

@@ -131,30 +131,33 @@ def answers(epochs: int, results: Path) -> list[str]:
         lines.append("\nNo supernet has finished training and scoring yet: no F1 figure exists.")
     for r in rules:
         lines += [f"\n### `{r['rule']}`, {r['steps']} steps\n",
-                  "| step | set | archs | mean inherited top-1 | τ (whole split) | ρ (whole split) | top-3 (whole) "
-                  "| τ (1000-image fitness set) |", "|---:|---|---:|---:|---|---|---|---|"]
+                  "| step | set | mean inherited top-1 (archs scored) | archs with truth | τ (whole split) "
+                  "| ρ (whole split) | top-3 (whole) | τ (1000-image fitness set) |",
+                  "|---:|---|---:|---:|---|---|---|---|"]
         for row in r["curve"]:
             for name in ("range", "band"):
                 g = row[name]
-                if g is None:
-                    continue
-                w, f = g["whole"], g["fitness"]
-                topk = next(v for k, v in w.items() if k.startswith("top"))
-                lines.append(f"| {row['step']} | {name} | {g['archs']} | {g['mean_whole']:.4f} | {ci(w['kendall_tau'])} "
-                             f"| {ci(w['spearman_rho'])} | {ci(topk)} | {ci(f['kendall_tau'])} |")
+                if "whole" in g:
+                    w, f = g["whole"], g["fitness"]
+                    topk = next(v for k, v in w.items() if k.startswith("top"))
+                    cells = f"{g['archs']} | {ci(w['kendall_tau'])} | {ci(w['spearman_rho'])} | {ci(topk)} | " \
+                            f"{ci(f['kendall_tau'])}"
+                else:
+                    cells = "too few | n/a | n/a | n/a | n/a"
+                lines.append(f"| {row['step']} | {name} | {g['mean_whole']:.4f} ({g['scored']}) | {cells} |")
         ceil = ", ".join(f"{n} {ci(c['mean'])}" for n, c in r["ceilings"].items() if c)
         lines.append(f"\nCeilings (seed mean): {ceil or 'n/a'}.")
-        last = r["curve"][-1]
-        if len(r["curve"]) >= 2 and last["range"] is not None and r["curve"][-2]["range"] is not None:
-            rise = last["range"]["mean_whole"] - r["curve"][-2]["range"]["mean_whole"]
-            tau = last["range"]["whole"]["kendall_tau"]
-            lines.append(f"Between its last two kept checkpoints the range's mean inherited top-1 moved by "
-                         f"{rise:+.4f}" + (" (still rising: not at its plateau)" if rise > 0.005 else
-                                           " (at its plateau by this measure)")
-                         + f"; its range τ at the end is {ci(tau)}: "
+        if len(r["curve"]) >= 2:
+            last, before = r["curve"][-1]["range"], r["curve"][-2]["range"]
+            rise = last["mean_whole"] - before["mean_whole"]
+            text = (f"Between its last two kept checkpoints the range's mean inherited top-1 moved by {rise:+.4f}"
+                    + (" (still rising: not at its plateau)" if rise > 0.005 else " (at its plateau by this measure)"))
+            if "whole" in last:
+                tau = last["whole"]["kendall_tau"]
+                text += (f"; its range τ at the end is {ci(tau)}: "
                          + ("≥ 0.6 with its whole interval." if tau.low >= 0.6 else
-                            "≥ 0.6, but its interval reaches below." if tau.value >= 0.6 else
-                            "below 0.6."))
+                            "≥ 0.6, but its interval reaches below." if tau.value >= 0.6 else "below 0.6."))
+            lines.append(text + ("" if "whole" in last else "."))
     diffs = rule_differences(rules)
     if diffs:
         lines += ["", "Other rules against the default (final checkpoints, the same architectures and ground truth; "
@@ -244,7 +247,8 @@ def readme_table(results: Path = RESULTS) -> str:
     rows.append("| does the supernet rank nets as training them does? | " + (
         f"Kendall τ {ci(last['range']['whole']['kendall_tau'])} over the FLOPs range, "
         f"{ci(last['band']['whole']['kendall_tau'])} inside the search band ({uni['steps']} uniform steps; "
-        f"truth: {n_epochs(e)} from scratch) |" if last and last["range"] and last["band"] else "not measured yet |"))
+        f"truth: {n_epochs(e)} from scratch) |" if last and "whole" in last["range"] and "whole" in last["band"]
+        else "not measured yet |"))
     got = f2(e, results)
     rows.append("| does the search beat random nets of its band? | " + (
         f"searched net ranks {got['rank']} of {len(got['random'].archs) + 1}; lead over the random median "

@@ -160,21 +160,51 @@ class Supernet:
         t, cpu = time.time(), child_cpu()
         self.checkpoint()
         train_cpu = child_cpu() - cpu
-        points, data = [], {}
+        scored = []
         for step in range(self.keep, self.steps + 1, self.keep) if self.fidelity else ():
             out = self.run_dir / f"fidelity_{step}"
-            app([PY, "-m", "search.fidelity", f"checkpoint={self.run_dir / f'step_{step}.ckpt'}", f"run_dir={out}",
-                 "seeds=0", "progress=false", "eval_images=1000", *self.fidelity], self.run_dir)
-            fid = json.loads((out / "fidelity.json").read_text())
-            data = {"val_images": fid["data"]["val_images"], "fitness_images": fid["data"]["fitness_images"]}
-            points.append({"step": step, "archs": [{"arch": r["arch"], "whole": r["inherited_val_top1"],
-                                                    "fitness": r["inherited_fitness_top1"], "groups": r["groups"]}
-                                                   for r in fid["archs"]]})
+            if not (out / "fidelity.json").exists():  # a restarted unit keeps the checkpoints already scored
+                app([PY, "-m", "search.fidelity", f"checkpoint={self.run_dir / f'step_{step}.ckpt'}",
+                     f"run_dir={out}", "seeds=0", "progress=false", "eval_images=1000", *self.fidelity], self.run_dir)
+            scored.append((step, json.loads((out / "fidelity.json").read_text())))
         return {"unit": "supernet", "rule": self.rule, "space": self.space, "steps": self.steps,
                 "keep_every": self.keep, "overrides": list(self.overrides), "fidelity": list(self.fidelity),
-                "points": points, **data, "train_cpu_s": round(train_cpu, 1), "cpu_s": round(child_cpu() - cpu, 1),
-                "wall_s": round(time.time() - t, 1), "machine": machine(), "date": time.strftime("%Y-%m-%d"),
-                "command": " ".join(map(str, self.train_command()[1:]))}
+                **compact_points(scored), "train_cpu_s": round(train_cpu, 1),
+                "train_wall_s": round(train_wall_seconds(self.run_dir / "tb"), 1),
+                "cpu_s": round(child_cpu() - cpu, 1), "wall_s": round(time.time() - t, 1), "machine": machine(),
+                "date": time.strftime("%Y-%m-%d"), "command": " ".join(map(str, self.train_command()[1:]))}
+
+
+def compact_points(scored: list[tuple[int, dict[str, Any]]]) -> dict[str, Any]:
+    """The fidelity app's outputs of several checkpoints (step, fidelity.json) as one small record: the
+    architectures and their groups once, then per checkpoint the inherited top-1 of each, in that order, on the
+    whole validation split and on the fitness set."""
+    if not scored:
+        return {"archs": [], "groups": [], "points": []}
+    first = scored[0][1]
+    archs = [r["arch"] for r in first["archs"]]
+    points = []
+    for step, fid in scored:
+        if [r["arch"] for r in fid["archs"]] != archs:
+            raise RuntimeError(f"step {step}: the fidelity app scored other architectures than at step {scored[0][0]}")
+        points.append({"step": step, "whole": [r["inherited_val_top1"] for r in fid["archs"]],
+                       "fitness": [r["inherited_fitness_top1"] for r in fid["archs"]]})
+    return {"archs": archs, "groups": [r["groups"] for r in first["archs"]], "points": points,
+            "val_images": first["data"]["val_images"], "fitness_images": first["data"]["fitness_images"]}
+
+
+def train_wall_seconds(tb: Path) -> float:
+    """Wall time of a supernet's training processes, from their TensorBoard event files (one per process: a
+    resumed training spans several): the sum of each file's first-to-last event. A training interrupted and
+    resumed by another worker process is counted whole, where the unit's own CPU clock sees only its last part."""
+    from tensorboard.backend.event_processing.event_file_loader import EventFileLoader
+
+    total = 0.0
+    for path in sorted(tb.glob("events.out.tfevents.*")):
+        times = [e.wall_time for e in EventFileLoader(str(path)).Load()]
+        if len(times) > 1:
+            total += max(times) - min(times)
+    return total
 
 
 @dataclass(frozen=True)
