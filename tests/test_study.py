@@ -154,6 +154,7 @@ def test_f1_f2_f3_render_from_result_files_alone(tmp_path):
     assert "E = 1 epoch**" in text and "ranks 1 of 13" in text and "1.5 CPU-hours" not in text
     assert "| 2000 | range | 0.6137 (24) | 12 |" in text and "The interval excludes zero." in text
     assert "sandwich - uniform, range: Δτ -2.0000 [-2.0000, -2.0000]" in text
+    assert "| `uniform` (step 2000) | 1.000 [1.000, 1.000] | 1.000 [1.000, 1.000] |" in text  # vs the pilot
     assert "sandwich - uniform, band: Δτ +0.0000 [+0.0000, +0.0000] (includes 0: no difference shown)" in text
     assert "re-scoring its 10 finalists on the whole split took 1.0 min, 9% of its scoring time" in text
     # uniform's training ran 1800 s over its processes, of which the unit's own clock saw 600 s
@@ -201,3 +202,25 @@ def test_a_search_unit_trains_its_supernet_when_missing_and_records_the_winner(t
     assert 3.5e6 <= macs(arch) <= 4.5e6 and rec["macs"] == macs(arch) and arch.stages[0].tokens == 49
     assert 0 <= rec["val_acc"] <= 1 and len(rec["finalists"]) == 2 and rec["cpu_s"] > 0
     assert rec["scored"] == rec["proposals"] == 4 and rec["rescored"] == 2 and rec["rescoring_s"] > 0
+
+
+def test_the_study_queue_follows_the_pilot(tmp_path, monkeypatch):
+    """Without a chosen schedule the queue is the pilot's; with E = 1 it puts the supernets and the search first,
+    the band's ground truth before the pilot's 4-epoch confirmation, and the range's after it."""
+    from scripts.study import pilot, plan
+
+    monkeypatch.setattr(pilot, "RESULTS", tmp_path)
+    monkeypatch.setattr(pilot.chosen_schedule, "__defaults__", (tmp_path,))
+    assert [u.name for u in plan.study()] == [u.name for u in plan.pilot()]
+    for a in plan.pilot_archs():
+        for e in (1, 2):
+            for s in plan.PILOT_SEEDS:
+                _write(tmp_path, a.to_dict(), s, e, 0.5 + 0.001 * s)
+    monkeypatch.setattr(pilot, "chosen_schedule", lambda results=tmp_path: 1)
+    names = [u.name for u in plan.study()]
+    assert names[:3] == ["supernet/uniform_8000", "supernet/sandwich_1448", "search/uniform_8000_s0"]
+    first_e4 = next(i for i, n in enumerate(names) if n.endswith("_e4"))
+    band = {plan.arch_key(a) for a in plan.band_set()}
+    wide = {plan.arch_key(a) for a in plan.f1_range()} - band
+    assert all(i < first_e4 for i, n in enumerate(names) if n.endswith("_e1") and n.split("/")[1][:12] in band)
+    assert any(i > first_e4 for i, n in enumerate(names) if n.endswith("_e1") and n.split("/")[1][:12] in wide)

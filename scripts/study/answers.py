@@ -94,6 +94,29 @@ def f1(epochs: int, results: Path = RESULTS) -> list[dict[str, Any]]:
     return out
 
 
+def against_pilot(results: Path = RESULTS) -> list[dict[str, Any]]:
+    """Each supernet's final inherited scores of the pilot's 8 architectures against the pilot's ground truth
+    (2-seed mean) at every schedule finished so far, Kendall tau with its bootstrap interval: whether the
+    supernet ranks architectures like short or like longer training."""
+    from search.ranking import bootstrap, kendall_tau
+    from space.arch import ArchSpec
+
+    runs = standalone(results)
+    out = []
+    for sn in load("supernet", results):
+        if not sn["points"]:
+            continue
+        index = {ArchSpec.from_dict(a).to_json(): i for i, a in enumerate(sn["archs"])}
+        final = sn["points"][-1]["whole"]
+        row = {"rule": sn["rule"], "step": sn["points"][-1]["step"], "taus": {}}
+        for e in plan.PILOT_SCHEDULES:
+            t = truth(runs, plan.pilot_archs(), plan.PILOT_SEEDS, e)
+            if len(t.archs) == t.expected:
+                row["taus"][e] = bootstrap(kendall_tau, [final[index[a]] for a in t.archs], t.means, RESAMPLES, 0)
+        out.append(row)
+    return out
+
+
 def rule_differences(rules: list[dict[str, Any]]) -> dict[str, Any]:
     """Per set, each other rule's final tau minus the default (uniform) rule's, on the same architectures and
     ground truth, with a paired bootstrap interval (search/ranking.py: tau_difference)."""

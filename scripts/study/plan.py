@@ -130,15 +130,28 @@ def final_nets(epochs: int) -> list[Standalone]:
 
 
 def study() -> list:
-    """The whole queue at the pilot's schedule E (asked again after every unit: a finished search adds its
-    nets' trainings)."""
+    """The whole queue at the pilot's schedule E, asked again after every unit (a finished search adds its
+    nets' trainings; a longer pilot pair that unsettles E moves everything to the new E). While the pilot has
+    no E, the queue is the pilot's remaining runs."""
     from scripts.study.pilot import chosen_schedule
 
     e = chosen_schedule()
     if e is None:
-        raise SystemExit("study: the pilot has not chosen a schedule yet (see docs/results.md); run the pilot first")
+        return pilot()
     uniform, sandwich, plain = supernets()
     psvit, plain_search = searches()
-    # F1 and F2 first (the answer a NAS framework exists for), then F3's plain space, then the pilot's confirmation
-    return ([uniform, sandwich, psvit] + final_nets(e)[:9] + ground_truth(e) + [plain, plain_search]
+    truth = ground_truth(e)
+    band = [u for u in truth if u.key in {arch_key(a) for a in band_set()}]
+    confirm = [u for u in pilot() if u.epochs == 4 * e]  # tau(2E, 4E): does the ranking at E hold?
+    # F1's supernets and F2 first (the answer a NAS framework exists for), then the pilot's next schedule (the
+    # supernets rank the range's large nets higher than E's ground truth does: is E's ranking settled?), F1's
+    # range, F3's plain space, then the pilot's longest schedule
+    wide = [u for u in truth if u not in band]
+    return ([uniform, sandwich, psvit] + final_nets(e)[:9] + band + confirm + wide + [plain, plain_search]
             + final_nets(e) + [u for u in pilot() if u.epochs > e])
+
+
+def arch_key(arch) -> str:
+    from scripts.study.units import arch_hash
+
+    return arch_hash(arch.to_dict())

@@ -112,7 +112,7 @@ def excludes_zero(e) -> bool:
 
 def answers(epochs: int, results: Path) -> list[str]:
     """F1, F2 and F3 at the chosen schedule, and the study's CPU-hours."""
-    from scripts.study.answers import cpu_hours, f1, f2, f3, groups, rule_differences
+    from scripts.study.answers import against_pilot, cpu_hours, f1, f2, f3, groups, rule_differences
 
     sets = groups(epochs, results)
     lines = [f"\n## F1: does the supernet rank architectures as training them for {n_epochs(epochs)} does?\n",
@@ -151,13 +151,26 @@ def answers(epochs: int, results: Path) -> list[str]:
             last, before = r["curve"][-1]["range"], r["curve"][-2]["range"]
             rise = last["mean_whole"] - before["mean_whole"]
             text = (f"Between its last two kept checkpoints the range's mean inherited top-1 moved by {rise:+.4f}"
-                    + (" (still rising: not at its plateau)" if rise > 0.005 else " (at its plateau by this measure)"))
+                    + (" (still rising: not at its plateau)" if rise > 0.005 else
+                       " (flat; the cosine schedule's learning rate nears zero there, so the steps before show how "
+                       "much each stretch of training still added)"))
             if "whole" in last:
                 tau = last["whole"]["kendall_tau"]
                 text += (f"; its range τ at the end is {ci(tau)}: "
                          + ("≥ 0.6 with its whole interval." if tau.low >= 0.6 else
                             "≥ 0.6, but its interval reaches below." if tau.value >= 0.6 else "below 0.6."))
             lines.append(text + ("" if "whole" in last else "."))
+    pilot_rows = against_pilot(results)
+    if pilot_rows:
+        done = sorted({e for r in pilot_rows for e in r["taus"]})
+        lines += ["", "**Against the pilot's schedules.** Each supernet's final checkpoint against the pilot's 8 "
+                  "architectures (2-seed mean) trained for each schedule finished so far: a τ that grows with the "
+                  "schedule means the supernet ranks like longer training than E (the range's large nets, "
+                  "under-trained at short schedules, are where they differ). 8 architectures: wide intervals.", "",
+                  "| supernet | " + " | ".join(f"τ vs {n_epochs(e)}" for e in done) + " |",
+                  "|---|" + "---|" * len(done)]
+        lines += [f"| `{r['rule']}` (step {r['step']}) | " + " | ".join(ci(r["taus"].get(e)) for e in done) + " |"
+                  for r in pilot_rows]
     diffs = rule_differences(rules)
     if diffs:
         lines += ["", "Other rules against the default (final checkpoints, the same architectures and ground truth; "
