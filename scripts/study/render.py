@@ -196,7 +196,10 @@ def f2_section(res, epochs: int) -> list[str]:
     lines.append(f"The default search (`search.evolve`: evolution, 1000-image fitness set, 10 finalists re-scored on "
                  f"the whole split) inside {fmt_macs(plan.BAND[0])} .. {fmt_macs(plan.BAND[1])} MACs picked "
                  f"`{s['short']}` ({fmt_macs(s['macs'])} MACs; inherited top-1 {s['val_acc']:.4f} on the whole split, "
-                 f"lead over the runner-up {est(_e(s.get('lead_over_runner_up')))}). Each net below trained from "
+                 f"lead over the runner-up {est(_e(s.get('lead_over_runner_up')))}"
+                 + ("" if excludes_zero(_e(s.get("lead_over_runner_up"))) else
+                    ": within the validation split's noise, the runner-up was as good a pick")
+                 + "). Each net below trained from "
                  f"scratch for {n_epochs(epochs)} with seeds {', '.join(map(str, plan.F23_SEEDS))}; official test "
                  "split.")
     if s.get("rescoring_s") is not None and s.get("scoring_s"):
