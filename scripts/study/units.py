@@ -309,7 +309,8 @@ def write_result(unit, record: dict[str, Any], commit: bool) -> None:
         if rendered.returncode != 0:
             print(f"study: docs/results.md not rendered: {rendered.stderr.strip()[-500:]}", flush=True)
         pages = rendered.stdout.split() if rendered.returncode == 0 else []
-        msg = f"study: {unit.name} ({record.get('short', '')}): " + ", ".join(
+        what = record.get("short") or ", ".join(f"{k} {record[k]}" for k in ("space", "steps") if k in record)
+        msg = f"study: {unit.name} ({what}): " + ", ".join(
             f"{k} {record[k]:.4f}" for k in ("val_top1", "test_top1", "val_acc") if isinstance(record.get(k), float))
         paths = [str(unit.result), *pages]
         for _ in range(30):  # the developer may be committing too: retry while the index is locked
