@@ -94,6 +94,8 @@ class Standalone:
                              "weight_decay": 0.05, "label_smoothing": 0.1, "recipe": res["recipe"]},
                 "val_top1": res["val_top1"], "test_top1": res["test_top1"], "wall_s": round(time.time() - t, 1),
                 "cpu_s": round(child_cpu() - cpu, 1),
+                # a run resumed from an earlier process (a worker stopped mid-way) spans several event files
+                "train_wall_s": round(train_wall_seconds(run_dir / "tb"), 1),
                 "machine": machine(), "date": time.strftime("%Y-%m-%d"), "command": " ".join(cmd[1:])}
 
 
