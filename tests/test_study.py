@@ -173,6 +173,12 @@ def test_a_later_pair_that_moves_the_ranking_moves_the_chosen_schedule(tmp_path)
             for s in plan.PILOT_SEEDS:
                 _write(tmp_path, a.to_dict(), s, e, 0.5 + 0.01 * (i if e < 4 else len(archs) - i) + 0.001 * s)
     assert chosen_schedule(tmp_path) is None  # tau(2, 4) = -1 unsettles E = 1; nothing after 4 yet
+    from scripts.study.render import page, readme_table
+
+    text = page(tmp_path)  # what was measured at 1 epoch stays on the page, marked as not settled
+    assert "**No schedule is chosen yet:**" in text and "F1-F3 below were measured at 1 epoch" in text
+    assert "## F1: does the supernet rank" in text and "not settled: the ranking at 1 epoch moves" in readme_table(
+        tmp_path)
     for i, a in enumerate(archs):
         for s in plan.PILOT_SEEDS:
             _write(tmp_path, a.to_dict(), s, 8, 0.6 + 0.01 * (len(archs) - i) + 0.001 * s)

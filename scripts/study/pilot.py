@@ -77,3 +77,10 @@ def chosen_schedule(results: Path = RESULTS) -> int | None:
         if all(r.settle is None or r.settle.value >= SETTLED for r in rows[i + 1:]):
             return s.epochs
     return None
+
+
+def first_settled(results: Path = RESULTS) -> int | None:
+    """The shortest schedule whose own pair settled (tau(E, 2E) >= 0.8, ceiling >= 0.8), whether or not a longer
+    pair unsettled it later: where F1-F3 were measured before a longer pair could say otherwise."""
+    return next((s.epochs for s in schedules(results, resamples=200) if s.settle is not None
+                 and s.settle.value >= SETTLED and s.ceiling.value >= SETTLED), None)

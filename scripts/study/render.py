@@ -6,7 +6,7 @@ import statistics
 from pathlib import Path
 
 from scripts.study import plan
-from scripts.study.pilot import SETTLED, chosen_schedule, load, schedules, table
+from scripts.study.pilot import SETTLED, chosen_schedule, first_settled, load, schedules, table
 from scripts.study.units import HOME, RESULTS
 
 
@@ -81,9 +81,17 @@ def page(results: Path = RESULTS) -> str:
                      f"(τ(E, 2E) ≥ {SETTLED}) and the 2-seed mean's ceiling is ≥ {SETTLED}.\n")
     else:
         missing = len(pilot_units) - len(done)
+        early = first_settled(results)
         lines.append(f"**No schedule is chosen yet:** {missing} of the pilot's {len(pilot_units)} runs are still to "
-                     f"train, and no finished pair of schedules shows τ(E, 2E) ≥ {SETTLED} with a ceiling ≥ "
-                     f"{SETTLED}. Until then, no accuracy on this page is a claim about architectures.")
+                     "train, and " + (
+                         f"the ranking at {n_epochs(early)} settled against {n_epochs(2 * early)} but a longer pair "
+                         f"does not (τ(E, 2E) < {SETTLED}): the ranking still moves with longer training. F1-F3 below "
+                         f"were measured at {n_epochs(early)} before that was known; they describe nets trained that "
+                         "long, and no claim about converged architectures rests on them." if early is not None else
+                         f"no finished pair of schedules shows τ(E, 2E) ≥ {SETTLED} with a ceiling ≥ {SETTLED}. "
+                         "Until then, no accuracy on this page is a claim about architectures."))
+        if early is not None:
+            lines += answers(early, results)
     if chosen is not None:
         e = next(x for x in sched if x.epochs == chosen)
         nxt = next(x for x in sched if x.epochs == 2 * chosen)
@@ -94,10 +102,10 @@ def page(results: Path = RESULTS) -> str:
                      f"({ci(e.settle)}), so this is the rule's choice, not proof that longer training would keep "
                      "the ranking: " + ("the longer pairs measured so far agree (" + ", ".join(
                          f"τ({x.epochs}, {2 * x.epochs}) = {ci(x.settle)}" for x in later) + ")." if later else
-                         "the pilot's longer schedules are queued after F1-F3 and move E later if a longer pair "
+                         "the pilot's next schedule is queued right after F2, and E moves later if a longer pair "
                          "does not settle (`chosen_schedule`, scripts/study/pilot.py)."))
         lines += answers(chosen, results)
-    else:
+    elif first_settled(results) is None:
         lines += ["\n## F1, F2, F3\n", "Not measured: they run at the chosen schedule E."]
     return "\n".join(lines) + "\n"
 
@@ -257,6 +265,10 @@ def readme_table(results: Path = RESULTS) -> str:
 
     e = chosen_schedule(results)
     rows = ["| question | answer so far (docs/results.md) |", "| --- | --- |"]
+    if e is None and first_settled(results) is not None:
+        e = first_settled(results)
+        rows.append(f"| which schedule ranks nets reproducibly? | not settled: the ranking at {n_epochs(e)} moves "
+                    "with longer training; the rows below describe nets trained that long |")
     if e is None:
         return "\n".join(rows + ["| every question | not measured: the pilot has not chosen a schedule |"])
     uni = next((r for r in f1(e, results) if r["rule"] == "uniform"), None)
