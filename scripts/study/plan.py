@@ -5,8 +5,9 @@ space/samplers.py, so every machine plans the same units.
   2 seeds x doubling schedules (1, 2, 4, 8 epochs): picks the schedule E at which the ranking has settled.
 - study: everything else, at the pilot's E, in the order that decides the answer first: F1's supernets
   (uniform and sandwich), the search on the uniform one, the searched net and its DeiT-like matches (F2/F3,
-  3 seeds), F1's ground truth, then F3's plain-space supernet, its search and its winner, then the pilot's
-  longer schedules (they can only confirm E or move it later).
+  3 seeds), F1's band ground truth, the pilot's 4E runs (do they keep E's ranking?), F1's range ground truth,
+  F3's plain-space supernet, its search and its winner, then the pilot's longest runs. While no E is chosen
+  (or a longer pair has unsettled it), the study's queue is the pilot's.
 """
 
 from __future__ import annotations
