@@ -196,9 +196,10 @@ def compact_points(scored: list[tuple[int, dict[str, Any]]]) -> dict[str, Any]:
 
 
 def train_wall_seconds(tb: Path) -> float:
-    """Wall time of a supernet's training processes, from their TensorBoard event files (one per process: a
-    resumed training spans several): the sum of each file's first-to-last event. A training interrupted and
-    resumed by another worker process is counted whole, where the unit's own CPU clock sees only its last part."""
+    """Wall time of a training's processes (a supernet's or a stand-alone run's), from their TensorBoard event
+    files (one per process: a resumed training spans several): the sum of each file's first-to-last event. A
+    training interrupted and resumed by another worker process is counted whole, where the unit's own CPU clock
+    sees only its last part."""
     from tensorboard.backend.event_processing.event_file_loader import EventFileLoader
 
     total = 0.0
