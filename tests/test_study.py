@@ -131,7 +131,8 @@ def test_f1_f2_f3_render_from_result_files_alone(tmp_path):
     best, plain_best = plan.band_set()[-1], plan.band_set()[0]  # the band's largest wins
     for unit, arch in zip(plan.searches(), (best, plain_best)):
         (tmp_path / "search").mkdir(exist_ok=True)
-        (tmp_path / f"{unit.name}.json").write_text(json.dumps({"unit": "search", "supernet": unit.supernet.name, "arch": arch.to_dict(),
+        (tmp_path / f"{unit.name}.json").write_text(json.dumps({"unit": "search", "supernet": unit.supernet.name,
+                                           "arch": arch.to_dict(),
                                            "short": arch.short(), "macs": macs(arch), "val_acc": 0.8,
                                            "lead_over_runner_up": {"value": 0.01, "low": 0.0, "high": 0.02},
                                            "scored": 1000, "scoring_s": 600.0, "rescored": 10, "rescoring_s": 60.0,

@@ -12,9 +12,14 @@ space/samplers.py, so every machine plans the same units.
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 from omegaconf import OmegaConf
 
 from scripts.study.units import REPO, Standalone
+
+if TYPE_CHECKING:
+    from space.arch import ArchSpec
 
 BAND = (3.5e6, 4.5e6)  # MACs: candidates of about the demo's 4 M budget
 PILOT_SCHEDULES = (1, 2, 4, 8)

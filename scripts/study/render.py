@@ -248,7 +248,8 @@ def f3_section(rows, epochs: int) -> list[str]:
     lines += ["Each net trained from scratch with the same recipe and seeds "
               f"{', '.join(map(str, plan.F23_SEEDS))}; the gap to the searched PSViT net with Welch's 95% interval "
               f"over seeds. At {n_epochs(epochs)} a gap is the accuracy after the same short training, which favours "
-              "nets that train fast; whether it holds at longer schedules is what the pilot's longer runs test.", "", "| net | architecture | MACs | params | test top-1 (seed mean) | seeds | gap to PSViT |",
+              "nets that train fast; whether it holds at longer schedules is what the pilot's longer runs test.", "",
+              "| net | architecture | MACs | params | test top-1 (seed mean) | seeds | gap to PSViT |",
               "|---|---|---:|---:|---:|---:|---|"]
     for r in rows:
         mean = f"{statistics.mean(r['test']):.4f}" if r["test"] else "—"
