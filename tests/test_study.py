@@ -213,7 +213,7 @@ def test_a_search_unit_trains_its_supernet_when_missing_and_records_the_winner(t
 
 def test_the_study_queue_follows_the_pilot(tmp_path, monkeypatch):
     """Without a chosen schedule the queue is the pilot's; with E = 1 it puts the supernets and the search first,
-    the band's ground truth before the pilot's 4-epoch confirmation, and the range's after it."""
+    the band's ground truth before the pilot's 4-epoch confirmation, and the plain supernet before the range's."""
     from scripts.study import pilot, plan
 
     monkeypatch.setattr(pilot, "RESULTS", tmp_path)
@@ -231,3 +231,6 @@ def test_the_study_queue_follows_the_pilot(tmp_path, monkeypatch):
     wide = {plan.arch_key(a) for a in plan.f1_range()} - band
     assert all(i < first_e4 for i, n in enumerate(names) if n.endswith("_e1") and n.split("/")[1][:12] in band)
     assert any(i > first_e4 for i, n in enumerate(names) if n.endswith("_e1") and n.split("/")[1][:12] in wide)
+    # the plain supernet runs beside the range's trainings, not after them
+    assert names.index("supernet/plain_8000") < min(i for i, n in enumerate(names)
+                                                    if n.endswith("_e1") and n.split("/")[1][:12] in wide)

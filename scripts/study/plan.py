@@ -150,11 +150,12 @@ def study() -> list:
     band = [u for u in truth if u.key in {arch_key(a) for a in band_set()}]
     confirm = [u for u in pilot() if u.epochs == 4 * e]  # tau(2E, 4E): does the ranking at E hold?
     # F1's supernets and F2 first (the answer a NAS framework exists for), then the pilot's next schedule (the
-    # supernets rank the range's large nets higher than E's ground truth does: is E's ranking settled?), F1's
-    # range, F3's plain space, then the pilot's longest schedule
+    # supernets rank the range's large nets higher than E's ground truth does: is E's ranking settled?), then
+    # F3's plain supernet, which one worker trains while the other trains F1's range (its search and nets take
+    # the next free worker once it is done), then the pilot's longest schedule
     wide = [u for u in truth if u not in band]
-    return ([uniform, sandwich, psvit] + final_nets(e)[:9] + band + confirm + wide + [plain, plain_search]
-            + final_nets(e) + [u for u in pilot() if u.epochs > e])
+    return ([uniform, sandwich, psvit] + final_nets(e)[:9] + band + confirm + [plain, plain_search]
+            + final_nets(e) + wide + [u for u in pilot() if u.epochs > e])
 
 
 def arch_key(arch) -> str:
