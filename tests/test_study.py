@@ -234,3 +234,15 @@ def test_the_study_queue_follows_the_pilot(tmp_path, monkeypatch):
     # the plain supernet runs beside the range's trainings, not after them
     assert names.index("supernet/plain_8000") < min(i for i, n in enumerate(names)
                                                     if n.endswith("_e1") and n.split("/")[1][:12] in wide)
+    # once the PSViT search has a winner, its F3 nets run again at 4E (cheapest first), after F1's range and
+    # before the pilot's 8-epoch runs
+    pilots = {plan.arch_key(a) for a in plan.pilot_archs()}
+    winner = next(a for a in plan.band_set() if plan.arch_key(a) not in pilots)
+    monkeypatch.setattr(plan, "searched", lambda search: winner if search.supernet.rule == "uniform" else None)
+    names = [u.name for u in plan.study()]
+    longer = plan.f3_longer(1)
+    assert len(longer) == 9 and {u.epochs for u in longer} == {4}
+    assert [u.cost() for u in longer] == sorted(u.cost() for u in longer)
+    spots = [names.index(u.name) for u in longer]
+    last_wide = max(i for i, n in enumerate(names) if n.endswith("_e1") and n.split("/")[1][:12] in wide)
+    assert last_wide < min(spots) and max(spots) < min(i for i, n in enumerate(names) if n.endswith("_e8"))

@@ -5,9 +5,11 @@ space/samplers.py, so every machine plans the same units.
   2 seeds x doubling schedules (1, 2, 4, 8 epochs): picks the schedule E at which the ranking has settled.
 - study: everything else, at the pilot's E, in the order that decides the answer first: F1's supernets
   (uniform and sandwich), the search on the uniform one, the searched net and its DeiT-like matches (F2/F3,
-  3 seeds), F1's band ground truth, the pilot's 4E runs (do they keep E's ranking?), F1's range ground truth,
-  F3's plain-space supernet, its search and its winner, then the pilot's longest runs. While no E is chosen
-  (or a longer pair has unsettled it), the study's queue is the pilot's.
+  3 seeds), F1's band ground truth, the pilot's 4E runs (do they keep E's ranking?), F3's plain-space
+  supernet (beside F1's range ground truth), its search and its winner, F1's range ground truth, F3's nets
+  again at 4E (the DeiT-like nets lie outside the pilot's space: does their gap hold with longer training?),
+  then the pilot's longest runs. While no E is chosen (or a longer pair has unsettled it), the study's queue
+  is the pilot's.
 """
 
 from __future__ import annotations
@@ -155,7 +157,13 @@ def study() -> list:
     # the next free worker once it is done), then the pilot's longest schedule
     wide = [u for u in truth if u not in band]
     return ([uniform, sandwich, psvit] + final_nets(e)[:9] + band + confirm + [plain, plain_search]
-            + final_nets(e) + wide + [u for u in pilot() if u.epochs > e])
+            + final_nets(e) + wide + f3_longer(e) + [u for u in pilot() if u.epochs > e])
+
+
+def f3_longer(e: int) -> list[Standalone]:
+    """F3's nets again at 4E, cheapest first: the DeiT-like nets lie outside the pilot's space, so the pilot's
+    settled ranking says nothing about whether their gap to PSViT at E is the nets' or the short schedule's."""
+    return sorted(final_nets(4 * e), key=Standalone.cost)
 
 
 def arch_key(arch) -> str:
