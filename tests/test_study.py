@@ -96,10 +96,11 @@ def test_a_standalone_units_name_and_cost_follow_its_architecture(epochs):
 def test_f1_f2_f3_render_from_result_files_alone(tmp_path):
     """A synthetic study in which quality grows with MACs and the supernet's inherited scores follow it from its
     second kept checkpoint on: the page picks E = 1, shows the tau-vs-length curve (tau 1 at the end, below it at
-    the start), the searched net's rank and lead over the random median, and F3's gaps with their intervals."""
+    the start), why the rankings differ (tau with MACs), the searched net's rank and lead over the random median,
+    and F3's gaps with their intervals at E and at 4E."""
     from scripts.study import plan
-    from scripts.study.answers import f1, f2, f3
-    from scripts.study.render import page
+    from scripts.study.answers import diagnosis, f1, f2, f3
+    from scripts.study.render import page, readme_table
     from space.cost import macs
 
     def q(a):  # the synthetic truth: bigger is better
@@ -140,6 +141,7 @@ def test_f1_f2_f3_render_from_result_files_alone(tmp_path):
     for a in [best, plain_best, *plan.deit_matches(best).values()]:
         for s in plan.F23_SEEDS:
             _write(tmp_path, a.to_dict(), s, 1, q(a) + 0.001 * s)
+            _write(tmp_path, a.to_dict(), s, 4, q(a) + 0.05 + 0.001 * s)  # F3 again at 4E
 
     res = f1(1, tmp_path)
     assert sorted(r["rule"] for r in res) == ["sandwich", "uniform"]  # plain has no kept points: not in F1
@@ -151,7 +153,14 @@ def test_f1_f2_f3_render_from_result_files_alone(tmp_path):
     rows = f3(1, tmp_path)
     assert [len(r["test"]) for r in rows] == [3, 3, 3, 3] and rows[0]["gap"] is None
     assert all(r["gap"].value == pytest.approx(q(r["arch"]) - q(best)) for r in rows[1:])
+    diag = diagnosis(1, tmp_path)["range"]["rankings"]  # truth and uniform follow MACs, sandwich the reverse
+    assert [r["tau_macs"].value for r in diag] == [1.0, -1.0, 1.0]
+    assert diag[0]["ranks"] == diag[2]["ranks"] and sorted(diag[1]["ranks"]) == list(range(1, 13))
     text = page(tmp_path)
+    assert "| range | `uniform` inherited (step 2000) |" in text and "### F3 at 4 epochs" in text
+    assert "Runs finished so far: 12/12" in text
+    f3_row = readme_table(tmp_path).splitlines()[-1]
+    assert "(1 epoch, 3 seeds)" in f3_row and f3_row.endswith("test top-1 (4 epochs, 3 seeds) |")
     assert "E = 1 epoch**" in text and "ranks 1 of 13" in text and "1.5 CPU-hours" not in text
     assert "| 2000 | range | 0.6137 (24) | 12 |" in text and "The interval excludes zero." in text
     assert "sandwich - uniform, range: Δτ -2.0000 [-2.0000, -2.0000]" in text

@@ -94,6 +94,42 @@ def f1(epochs: int, results: Path = RESULTS) -> list[dict[str, Any]]:
     return out
 
 
+def diagnosis(epochs: int, results: Path = RESULTS) -> dict[str, dict[str, Any]]:
+    """Why a supernet's ranking differs from the ground truth, per F1 set with its ground truth finished: the
+    spread of each ranking's scores across the architectures (standard deviation) against the standard error of
+    one score (the truth's: its seeds' sd over the root of their number; an inherited score's: binomial, on the
+    whole validation split), and how each ranking follows cost (Kendall tau with MACs): a ranking whose spread
+    is within its own noise cannot order the set, and two rankings that follow MACs differently measure
+    different things. Also the per-architecture rows, each ranking's score and rank in the set."""
+    from search.ranking import bootstrap, kendall_tau
+    from space.arch import ArchSpec
+    from space.cost import macs
+
+    sets = groups(epochs, results)
+    supernets = [sn for sn in load("supernet", results) if sn["points"]]
+    out: dict[str, dict[str, Any]] = {}
+    for name, t in sets.items():
+        if len(t.archs) < 4:
+            continue
+        cost = [float(macs(ArchSpec.from_json(a))) for a in t.archs]
+        seeds = len(t.runs[0])
+        rankings = [{"label": f"ground truth ({seeds}-seed mean)", "scores": t.means,
+                     "noise": statistics.mean(statistics.stdev(r) for r in t.runs) / seeds ** 0.5}]
+        for sn in supernets:
+            index = {ArchSpec.from_dict(a).to_json(): i for i, a in enumerate(sn["archs"])}
+            final = [sn["points"][-1]["whole"][index[a]] for a in t.archs]
+            p, n = statistics.mean(final), sn.get("val_images", 10000)
+            rankings.append({"label": f"`{sn['rule']}` inherited (step {sn['points'][-1]['step']})", "scores": final,
+                             "noise": (p * (1 - p) / n) ** 0.5})
+        for r in rankings:
+            r["spread"] = statistics.stdev(r["scores"])
+            r["tau_macs"] = bootstrap(kendall_tau, r["scores"], cost, RESAMPLES, 0)
+            order = sorted(range(len(r["scores"])), key=lambda i: -r["scores"][i])
+            r["ranks"] = [order.index(i) + 1 for i in range(len(order))]
+        out[name] = {"archs": [ArchSpec.from_json(a) for a in t.archs], "macs": cost, "rankings": rankings}
+    return out
+
+
 def against_pilot(results: Path = RESULTS) -> list[dict[str, Any]]:
     """Each supernet's final inherited scores of the pilot's 8 architectures against the pilot's ground truth
     (2-seed mean) at every schedule finished so far, Kendall tau with its bootstrap interval: whether the

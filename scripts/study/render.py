@@ -120,7 +120,7 @@ def excludes_zero(e) -> bool:
 
 def answers(epochs: int, results: Path) -> list[str]:
     """F1, F2 and F3 at the chosen schedule, and the study's CPU-hours."""
-    from scripts.study.answers import against_pilot, cpu_hours, f1, f2, f3, groups, rule_differences
+    from scripts.study.answers import against_pilot, cpu_hours, diagnosis, f1, f2, f3, groups, rule_differences
 
     sets = groups(epochs, results)
     lines = [f"\n## F1: does the supernet rank architectures as training them for {n_epochs(epochs)} does?\n",
@@ -185,6 +185,7 @@ def answers(epochs: int, results: Path) -> list[str]:
                   "paired bootstrap over the architectures): " + "; ".join(
                       f"{k}: Δτ {est(v)}" + ("" if excludes_zero(v) else " (includes 0: no difference shown)")
                       for k, v in diffs.items()) + "."]
+    lines += diagnosis_section(diagnosis(epochs, results), epochs)
     lines += (f2_section(f2(epochs, results), epochs) + f3_section(f3(epochs, results), epochs)
               + f3_longer_section(f3(4 * epochs, results), epochs))
     hours = cpu_hours(results)
@@ -192,6 +193,48 @@ def answers(epochs: int, results: Path) -> list[str]:
               f"{sum(hours.values()):.1f} CPU-hours so far (stand-alone runs {hours['standalone']:.1f}, supernets "
               f"{hours['supernet']:.1f}, searches {hours['search']:.1f}), one thread per unit; runs timed by wall "
               "clock only count their wall time, an upper bound on a shared machine."]
+    return lines
+
+
+def diagnosis_section(diag, epochs: int) -> list[str]:
+    """Why the supernets' rankings differ from the ground truth: each ranking's spread against its noise and
+    how it follows MACs, per set, then the per-architecture scores and ranks."""
+    from space.cost import fmt_macs
+
+    if not diag:
+        return []
+    lines = ["\n### Why the rankings differ\n",
+             "Per set with its ground truth finished: how far each ranking's scores spread across the architectures "
+             "(standard deviation) against the standard error of one score (ground truth: its seeds' sd over the "
+             "root of their number; inherited: binomial, 10,000 images), and how each ranking follows cost (Kendall "
+             "τ with MACs, 95% bootstrap interval). A ranking whose spread is near its own noise cannot order the "
+             "set; two rankings that follow MACs differently rank by different things.", "",
+             "| set | ranking | spread (sd) | standard error of one score | spread / error | τ with MACs |",
+             "|---|---|---:|---:|---:|---|"]
+    for name, d in diag.items():
+        lines += [f"| {name} | {r['label']} | {r['spread']:.4f} | {r['noise']:.4f} | {r['spread'] / r['noise']:.1f} "
+                  f"| {ci(r['tau_macs'])} |" for r in d["rankings"]]
+    readings = []
+    for name, d in diag.items():
+        truth, *proxies = d["rankings"]
+        for r in proxies:
+            if r["spread"] < 2 * r["noise"]:
+                readings.append(f"in the {name}, {r['label']} spreads its scores over only "
+                                f"{r['spread'] / r['noise']:.1f}x the standard error of one score, so most of its "
+                                "order there is the validation images' sampling noise")
+            if r["tau_macs"].low > truth["tau_macs"].high:
+                readings.append(f"in the {name}, {r['label']} favours larger nets (τ with MACs "
+                                f"{r['tau_macs'].value:.2f}) where {n_epochs(epochs)} of training does not "
+                                f"({truth['tau_macs'].value:.2f}); the intervals do not overlap")
+    if readings:
+        lines += ["", "Measured: " + "; ".join(readings) + "."]
+    labels = [r["label"].split(" (")[0] for r in next(iter(diag.values()))["rankings"]]
+    lines += ["", "Per architecture: score (rank in its set).", "",
+              "| set | architecture | MACs | " + " | ".join(labels) + " |", "|---|---|---:|" + "---:|" * len(labels)]
+    for name, d in diag.items():
+        order = sorted(range(len(d["archs"])), key=lambda i: d["rankings"][0]["ranks"][i])
+        lines += [f"| {name} | `{d['archs'][i].short()}` | {fmt_macs(d['macs'][i])} | " + " | ".join(
+            f"{r['scores'][i]:.4f} ({r['ranks'][i]})" for r in d["rankings"]) + " |" for i in order]
     return lines
 
 
