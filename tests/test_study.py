@@ -53,7 +53,9 @@ def test_the_pilot_chooses_the_shortest_schedule_whose_ranking_has_settled(tmp_p
 
 
 def test_a_worker_skips_finished_units_and_claims_are_exclusive(tmp_path, monkeypatch):
-    """A unit with a result file is never run again; a unit claimed by a live process is left to it."""
+    """A unit with a result file is never run again; a unit claimed by another process is left to it, and its
+    claim frees itself when that process lets go (or dies); a claim is exclusive."""
+    import fcntl
     import os
 
     from scripts.study import units
@@ -74,12 +76,18 @@ def test_a_worker_skips_finished_units_and_claims_are_exclusive(tmp_path, monkey
     done.result.write_text("{}")
     lock = tmp_path / "work" / "claims" / "held.lock"
     lock.parent.mkdir(parents=True)
-    lock.write_text(str(os.getppid()))  # a live process that is not this one
+    other = os.open(lock, os.O_CREAT | os.O_RDWR)  # another open file: its flock conflicts like another process's
+    fcntl.flock(other, fcntl.LOCK_EX)
+    assert units.held_by_another(held) and not units.claim(held)
     units.drain([done, free, held], commit=False)
     assert ran == ["free"] and json.loads(free.result.read_text()) == {"unit": "fake"}
-    lock.write_text("999999999")  # its process is gone: the claim is retaken
+    os.close(other)  # its holder lets go (a dead process's flock goes the same way); a stale file stays behind
+    assert lock.exists() and not units.held_by_another(held)
     units.drain([held], commit=False)
-    assert ran == ["free", "held"]
+    assert ran == ["free", "held"] and not units._HELD  # released once its result was written
+    again = Unit("again")
+    assert units.claim(again) and not units.held_by_another(again) and units.claim(again) is False
+    units.release(again)
 
 
 @pytest.mark.parametrize("epochs", [1])
@@ -255,3 +263,18 @@ def test_the_study_queue_follows_the_pilot(tmp_path, monkeypatch):
     spots = [names.index(u.name) for u in longer]
     last_wide = max(i for i, n in enumerate(names) if n.endswith("_e1") and n.split("/")[1][:12] in wide)
     assert last_wide < min(spots) and max(spots) < min(i for i, n in enumerate(names) if n.endswith("_e8"))
+
+
+def test_the_lead_over_the_random_median_counts_the_searched_nets_seed_noise():
+    """With 3 seeds a bootstrap of the searched net's mean never leaves [min, max] of its seeds (here all above the
+    random median): the interval must be Student's t over its seeds instead, and so include 0 here."""
+    from scipy import stats
+
+    from scripts.study.answers import lead_over_median
+
+    seeds, random = [0.71, 0.72, 0.73], [0.70] * 12  # a constant random side: the interval is the searched side's
+    lead = lead_over_median(seeds, random, resamples=20000)
+    half = stats.t.ppf(0.975, 2) * stats.sem(seeds)
+    assert lead.value == pytest.approx(0.02)
+    assert lead.low == pytest.approx(0.02 - half, abs=0.002) and lead.high == pytest.approx(0.02 + half, abs=0.002)
+    assert lead.low < 0 < lead.high

@@ -94,13 +94,13 @@ def f1(epochs: int, results: Path = RESULTS) -> list[dict[str, Any]]:
     return out
 
 
-def diagnosis(epochs: int, results: Path = RESULTS) -> dict[str, dict[str, Any]]:
-    """Why a supernet's ranking differs from the ground truth, per F1 set with its ground truth finished: the
-    spread of each ranking's scores across the architectures (standard deviation) against the standard error of
-    one score (the truth's: its seeds' sd over the root of their number; an inherited score's: binomial, on the
-    whole validation split), and how each ranking follows cost (Kendall tau with MACs): a ranking whose spread
-    is within its own noise cannot order the set, and two rankings that follow MACs differently measure
-    different things. Also the per-architecture rows, each ranking's score and rank in the set."""
+def diagnosis(epochs: int, results: Path = RESULTS, outliers: int = 2) -> dict[str, dict[str, Any]]:
+    """Why a supernet's ranking differs from the ground truth, per F1 set with its ground truth finished: how far
+    each ranking's scores spread across the architectures (standard deviation), also without the set's
+    ``outliers`` lowest architectures by ground truth (a few poor nets can carry a whole set's tau); the standard
+    error of one score (ground truth: the seeds' pooled sd over the root of their number; inherited: binomial on
+    the whole validation split); how each ranking follows cost (Kendall tau with MACs); and per architecture,
+    each ranking's score and rank in the set."""
     from search.ranking import bootstrap, kendall_tau
     from space.arch import ArchSpec
     from space.cost import macs
@@ -109,24 +109,27 @@ def diagnosis(epochs: int, results: Path = RESULTS) -> dict[str, dict[str, Any]]
     supernets = [sn for sn in load("supernet", results) if sn["points"]]
     out: dict[str, dict[str, Any]] = {}
     for name, t in sets.items():
-        if len(t.archs) < 4:
+        if len(t.archs) < 4 + outliers:
             continue
         cost = [float(macs(ArchSpec.from_json(a))) for a in t.archs]
         seeds = len(t.runs[0])
-        rankings = [{"label": f"ground truth ({seeds}-seed mean)", "scores": t.means,
-                     "noise": statistics.mean(statistics.stdev(r) for r in t.runs) / seeds ** 0.5}]
+        pooled = statistics.mean(statistics.variance(r) for r in t.runs) ** 0.5
+        rankings = [{"label": f"ground truth ({seeds}-seed mean)", "scores": t.means, "error": pooled / seeds ** 0.5}]
         for sn in supernets:
             index = {ArchSpec.from_dict(a).to_json(): i for i, a in enumerate(sn["archs"])}
             final = [sn["points"][-1]["whole"][index[a]] for a in t.archs]
             p, n = statistics.mean(final), sn.get("val_images", 10000)
             rankings.append({"label": f"`{sn['rule']}` inherited (step {sn['points'][-1]['step']})", "scores": final,
-                             "noise": (p * (1 - p) / n) ** 0.5})
+                             "error": (p * (1 - p) / n) ** 0.5})
+        lowest = sorted(range(len(t.means)), key=lambda i: t.means[i])[:outliers]
         for r in rankings:
             r["spread"] = statistics.stdev(r["scores"])
+            r["spread_without"] = statistics.stdev(v for i, v in enumerate(r["scores"]) if i not in lowest)
             r["tau_macs"] = bootstrap(kendall_tau, r["scores"], cost, RESAMPLES, 0)
             order = sorted(range(len(r["scores"])), key=lambda i: -r["scores"][i])
             r["ranks"] = [order.index(i) + 1 for i in range(len(order))]
-        out[name] = {"archs": [ArchSpec.from_json(a) for a in t.archs], "macs": cost, "rankings": rankings}
+        out[name] = {"archs": [ArchSpec.from_json(a) for a in t.archs], "macs": cost, "rankings": rankings,
+                     "lowest": lowest}
     return out
 
 
@@ -174,18 +177,20 @@ def rule_differences(rules: list[dict[str, Any]]) -> dict[str, Any]:
 
 
 def lead_over_median(searched: list[float], random_means: list[float], resamples: int = RESAMPLES, seed: int = 0):
-    """mean(searched seeds) - median(random architectures' seed means), with a 95% percentile bootstrap interval
-    that resamples both sides independently (the searched net's seeds, the random architectures)."""
+    """mean(searched seeds) - median(random architectures' seed means), with a 95% interval from the two sources
+    of doubt drawn independently: the searched net's true mean from Student's t on its seeds (a bootstrap of 3
+    seeds has only 10 distinct resamples and is far too narrow), the random median by resampling the random
+    architectures (percentile)."""
     from scipy import stats
 
     from search.ranking import Estimate
 
     a, b = np.asarray(searched, float), np.asarray(random_means, float)
-    res = stats.bootstrap((a, b), lambda x, y, axis: x.mean(axis=axis) - np.median(y, axis=axis), paired=False,
-                          vectorized=True, n_resamples=resamples, confidence_level=0.95, method="percentile",
-                          rng=np.random.default_rng(seed))
-    return Estimate(float(a.mean() - np.median(b)), float(res.confidence_interval.low),
-                    float(res.confidence_interval.high))
+    rng = np.random.default_rng(seed)
+    mine = a.mean() + a.std(ddof=1) / np.sqrt(len(a)) * stats.t.rvs(len(a) - 1, size=resamples, random_state=rng)
+    median = np.median(b[rng.integers(0, len(b), (resamples, len(b)))], axis=1)
+    low, high = np.percentile(mine - median, [2.5, 97.5])
+    return Estimate(float(a.mean() - np.median(b)), float(low), float(high))
 
 
 def welch(a: list[float], b: list[float]):

@@ -66,6 +66,22 @@ def schedules(results: Path = RESULTS, resamples: int = 2000) -> list[Schedule]:
     return out
 
 
+def pair_taus(results: Path = RESULTS, resamples: int = 2000) -> dict[tuple[int, int], Any]:
+    """Kendall tau (bootstrap Estimate) between the 2-seed-mean rankings at every two finished schedules, shorter
+    first: tau(E, 2E) is the rule's pair; tau(E, 4E) and beyond show whether the ranking keeps drifting."""
+    from search.ranking import bootstrap, kendall_tau
+
+    t = table(load("standalone", results))
+    archs = [a.to_json() for a in plan.pilot_archs()]
+    means = {}
+    for e in plan.PILOT_SCHEDULES:
+        runs = [[t.get((a, e), {}).get(s) for s in plan.PILOT_SEEDS] for a in archs]
+        if all(v is not None for r in runs for v in r):
+            means[e] = [statistics.mean(r) for r in runs]
+    return {(a, b): bootstrap(kendall_tau, means[a], means[b], resamples, 0)
+            for a in means for b in means if a < b}
+
+
 def chosen_schedule(results: Path = RESULTS) -> int | None:
     """The shortest pilot schedule E whose 2-seed mean has a ceiling >= 0.8 and from which on the ranking has
     settled: tau(E', 2E') >= 0.8 for E and every longer schedule E' measured so far (a later pair that moves

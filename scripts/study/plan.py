@@ -139,8 +139,10 @@ def final_nets(epochs: int) -> list[Standalone]:
 
 def study() -> list:
     """The whole queue at the pilot's schedule E, asked again after every unit (a finished search adds its
-    nets' trainings; a longer pilot pair that unsettles E moves everything to the new E). While the pilot has
-    no E, the queue is the pilot's remaining runs."""
+    nets' trainings; a longer pilot pair that unsettles E moves everything to the next settled E, or, when no
+    longer schedule is left to settle, leaves no E: the queue is then the pilot's, and the page says that F1-F3
+    describe nets trained for the first settled schedule). While the pilot has no E, the queue is the pilot's
+    remaining runs."""
     from scripts.study.pilot import chosen_schedule
 
     e = chosen_schedule()

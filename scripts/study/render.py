@@ -6,7 +6,7 @@ import statistics
 from pathlib import Path
 
 from scripts.study import plan
-from scripts.study.pilot import SETTLED, chosen_schedule, first_settled, load, schedules, table
+from scripts.study.pilot import SETTLED, chosen_schedule, first_settled, load, pair_taus, schedules, table
 from scripts.study.units import HOME, RESULTS
 
 
@@ -63,22 +63,25 @@ def page(results: Path = RESULTS) -> str:
         acc = "n/a" if s.mean is None else f"{s.mean:.4f} ({s.low:.4f} .. {s.high:.4f})"
         lines.append(f"| {s.epochs} | {s.runs}/16 | {acc} | {ci(s.seed_tau)} | {ci(s.ceiling)} | {ci(s.settle)} |")
     t = table(records)
-    lines += ["", "Per architecture (validation top-1, mean of the seeds finished; * = in the band):\n",
+    lines += ["", f"Per architecture (validation top-1, mean of seeds {' and '.join(map(str, plan.PILOT_SEEDS))}, "
+              "the seeds every statistic above uses; * = in the band):\n",
               "| architecture | MACs | " + " | ".join(f"{e} ep" for e in plan.PILOT_SCHEDULES) + " |",
               "|---|---:|" + "---:|" * len(plan.PILOT_SCHEDULES)]
     for a in sorted(plan.pilot_archs(), key=macs):
         cells = []
         for e in plan.PILOT_SCHEDULES:
-            v = t.get((a.to_json(), e), {})
-            cells.append(f"{statistics.mean(v.values()):.4f}" + ("" if len(v) == 2 else f" ({len(v)} seed)")
-                         if v else "—")
+            got = t.get((a.to_json(), e), {})
+            v = [got[s] for s in plan.PILOT_SEEDS if s in got]
+            cells.append(f"{statistics.mean(v):.4f}" + ("" if len(v) == len(plan.PILOT_SEEDS) else
+                                                        f" ({len(v)} seed)") if v else "—")
         star = "*" if plan.BAND[0] <= macs(a) <= plan.BAND[1] else ""
         lines.append(f"| `{a.short()}`{star} | {fmt_macs(macs(a))} | " + " | ".join(cells) + " |")
     chosen = chosen_schedule(results)
     lines.append("")
     if chosen is not None:
-        lines.append(f"**Chosen schedule: E = {n_epochs(chosen)}**, the shortest at which the ranking has settled "
-                     f"(τ(E, 2E) ≥ {SETTLED}) and the 2-seed mean's ceiling is ≥ {SETTLED}.\n")
+        lines.append(f"**Chosen schedule: E = {n_epochs(chosen)}**, the shortest whose ranking agrees with twice the "
+                     f"training (τ(E, 2E) ≥ {SETTLED}) and whose 2-seed mean's ceiling is ≥ "
+                     f"{SETTLED}.\n")
     else:
         missing = len(pilot_units) - len(done)
         early = first_settled(results)
@@ -97,13 +100,23 @@ def page(results: Path = RESULTS) -> str:
         nxt = next(x for x in sched if x.epochs == 2 * chosen)
         later = [x for x in sched if x.epochs > chosen and x.settle is not None]
         lines.append(f"Accuracy still rises with the schedule (mean {e.mean:.4f} at {n_epochs(chosen)}, {nxt.mean:.4f} "
-                     f"at {n_epochs(2 * chosen)}): E is where the ranking holds, not where the nets stop improving. ")
+                     f"at {n_epochs(2 * chosen)}): E is where the rule's pair settles, not where the nets stop "
+                     "improving. ")
         lines.append(f"With {len(plan.pilot_archs())} architectures the interval of τ({chosen}, {2 * chosen}) is wide "
                      f"({ci(e.settle)}), so this is the rule's choice, not proof that longer training would keep "
-                     "the ranking: " + ("the longer pairs measured so far agree (" + ", ".join(
+                     "the ranking: " + ("the longer doubling pairs measured so far settle too (" + ", ".join(
                          f"τ({x.epochs}, {2 * x.epochs}) = {ci(x.settle)}" for x in later) + ")." if later else
                          "the pilot's next schedule is queued right after F2, and E moves later if a longer pair "
                          "does not settle (`chosen_schedule`, scripts/study/pilot.py)."))
+        far = {k: v for k, v in pair_taus(results).items() if k[0] == chosen and k[1] > 2 * chosen}
+        if far:
+            drift = [f"τ({a}, {b}) = {ci(v)}" for (a, b), v in sorted(far.items())]
+            low = [k for k, v in far.items() if v.value < SETTLED]
+            lines.append("Across more than one doubling: " + ", ".join(drift) + (
+                f". Below {SETTLED}: each doubling moves the ranking only a little, but the moves can add up, so "
+                f"the ranking at {n_epochs(chosen)} need not be the one longer training converges to (the "
+                f"intervals are wide); F1-F3 below rank nets as {n_epochs(chosen)} of training does." if low else
+                f": the ranking at {n_epochs(chosen)} holds against longer training too."))
         lines += answers(chosen, results)
     elif first_settled(results) is None:
         lines += ["\n## F1, F2, F3\n", "Not measured: they run at the chosen schedule E."]
@@ -122,12 +135,16 @@ def answers(epochs: int, results: Path) -> list[str]:
     """F1, F2 and F3 at the chosen schedule, and the study's CPU-hours."""
     from scripts.study.answers import against_pilot, cpu_hours, diagnosis, f1, f2, f3, groups, rule_differences
 
+    from space.cost import fmt_macs, macs
+
     sets = groups(epochs, results)
+    wide = [macs(a) for a in plan.f1_range()]
     lines = [f"\n## F1: does the supernet rank architectures as training them for {n_epochs(epochs)} does?\n",
              f"Ground truth: stand-alone validation top-1 at E = {epochs}, the mean of {len(plan.RANGE_SEEDS)} seeds "
-             f"for every other architecture of the 24-architecture range set ({len(plan.f1_range())} "
-             f"architectures over the whole FLOPs range: its largest cost up to 6x a band net, so the range set is "
-             f"half the fidelity app's) and of {len(plan.BAND_SEEDS)} seeds for the {len(plan.band_set())} random "
+             f"for every other architecture of the fidelity app's 24-architecture range set ({len(wide)} "
+             f"architectures from {fmt_macs(min(wide))} to {fmt_macs(max(wide))} MACs, {max(wide) / 4e6:.1f}x a 4 M "
+             "band net: a training costs about its MACs, so the range set is half the app's) and of "
+             f"{len(plan.BAND_SEEDS)} seeds for the {len(plan.band_set())} random "
              f"architectures of the band. So far: range {len(sets['range'].archs)}/{sets['range'].expected}, band "
              f"{len(sets['band'].archs)}/{sets['band'].expected} architectures with every seed finished. Proxy: "
              "inherited top-1 from a supernet checkpoint (`search.fidelity seeds=0`), on the whole 10,000-image "
@@ -137,6 +154,13 @@ def answers(epochs: int, results: Path) -> list[str]:
     rules = f1(epochs, results)
     if not rules:
         lines.append("\nNo supernet has finished training and scoring yet: no F1 figure exists.")
+    walls = {sn["rule"]: sn["train_wall_s"] for sn in load("supernet", results) if sn.get("train_wall_s")}
+    if len(rules) > 1:
+        lines.append(f"\nThe rules train at equal cost: sandwich trains {plan.SANDWICH_COST}x uniform's cost per step "
+                     "(`make bench`), so it runs that many times fewer steps" + (
+                         " (training time here: " + ", ".join(f"{k} {v / 60:.0f} min" for k, v in sorted(walls.items())
+                                                             if k in {r['rule'] for r in rules}) + ")"
+                         if walls else "") + ".")
     for r in rules:
         lines += [f"\n### `{r['rule']}`, {r['steps']} steps\n",
                   "| step | set | mean inherited top-1 (archs scored) | archs with truth | τ (whole split) "
@@ -191,41 +215,48 @@ def answers(epochs: int, results: Path) -> list[str]:
     hours = cpu_hours(results)
     lines += ["\n## What the study cost\n",
               f"{sum(hours.values()):.1f} CPU-hours so far (stand-alone runs {hours['standalone']:.1f}, supernets "
-              f"{hours['supernet']:.1f}, searches {hours['search']:.1f}), one thread per unit; runs timed by wall "
-              "clock only count their wall time, an upper bound on a shared machine."]
+              f"{hours['supernet']:.1f}, searches {hours['search']:.1f}), one thread per unit. Where a process's CPU "
+              "time is unknown the count uses wall time, an upper bound on a shared machine: units timed by wall "
+              "clock only, and trainings resumed across processes (their earlier processes' training time is read "
+              "from their TensorBoard files)."]
     return lines
 
 
 def diagnosis_section(diag, epochs: int) -> list[str]:
-    """Why the supernets' rankings differ from the ground truth: each ranking's spread against its noise and
-    how it follows MACs, per set, then the per-architecture scores and ranks."""
+    """Why the supernets' rankings differ from the ground truth: how far each ranking spreads the set (with and
+    without its lowest nets by ground truth) and how it follows MACs, then the per-architecture scores."""
     from space.cost import fmt_macs
 
     if not diag:
         return []
+    k = len(next(iter(diag.values()))["lowest"])
     lines = ["\n### Why the rankings differ\n",
              "Per set with its ground truth finished: how far each ranking's scores spread across the architectures "
-             "(standard deviation) against the standard error of one score (ground truth: its seeds' sd over the "
-             "root of their number; inherited: binomial, 10,000 images), and how each ranking follows cost (Kendall "
-             "τ with MACs, 95% bootstrap interval). A ranking whose spread is near its own noise cannot order the "
-             "set; two rankings that follow MACs differently rank by different things.", "",
-             "| set | ranking | spread (sd) | standard error of one score | spread / error | τ with MACs |",
-             "|---|---|---:|---:|---:|---|"]
+             f"(standard deviation), also without the set's {k} lowest nets by ground truth; the standard error of "
+             "one score (ground truth: the seeds' pooled sd over the root of their number; inherited: binomial on "
+             "10,000 images, which overstates the image noise between two nets scored on the same images and leaves "
+             "out the supernet's own training noise, unmeasured with one supernet per rule, so the two kinds are not "
+             "comparable); and how each ranking follows cost (Kendall τ with MACs, 95% bootstrap interval).", "",
+             f"| set | ranking | spread (sd) | spread without the {k} lowest | standard error of one score "
+             "| τ with MACs |", "|---|---|---:|---:|---:|---|"]
     for name, d in diag.items():
-        lines += [f"| {name} | {r['label']} | {r['spread']:.4f} | {r['noise']:.4f} | {r['spread'] / r['noise']:.1f} "
+        lines += [f"| {name} | {r['label']} | {r['spread']:.4f} | {r['spread_without']:.4f} | {r['error']:.4f} "
                   f"| {ci(r['tau_macs'])} |" for r in d["rankings"]]
     readings = []
     for name, d in diag.items():
         truth, *proxies = d["rankings"]
         for r in proxies:
-            if r["spread"] < 2 * r["noise"]:
-                readings.append(f"in the {name}, {r['label']} spreads its scores over only "
-                                f"{r['spread'] / r['noise']:.1f}x the standard error of one score, so most of its "
-                                "order there is the validation images' sampling noise")
             if r["tau_macs"].low > truth["tau_macs"].high:
                 readings.append(f"in the {name}, {r['label']} favours larger nets (τ with MACs "
                                 f"{r['tau_macs'].value:.2f}) where {n_epochs(epochs)} of training does not "
                                 f"({truth['tau_macs'].value:.2f}); the intervals do not overlap")
+        if truth["spread_without"] < 2 * truth["error"]:
+            ranks = "; ".join(f"{r['label'].split(' (')[0]} ranks them " + " and ".join(
+                str(r["ranks"][i]) for i in d["lowest"]) for r in proxies)
+            ratio = truth["spread_without"] / truth["error"]
+            readings.append(f"without its {k} lowest nets, the {name}'s ground truth spreads only {ratio:.1f}x its own "
+                            f"standard error: among the rest its order is mostly seed noise, so τ over the {name} "
+                            f"rests mainly on whether a ranking puts those {k} last (of {len(d['archs'])}: {ranks})")
     if readings:
         lines += ["", "Measured: " + "; ".join(readings) + "."]
     labels = [r["label"].split(" (")[0] for r in next(iter(diag.values()))["rankings"]]
@@ -256,7 +287,8 @@ def f2_section(res, epochs: int) -> list[str]:
                  "split.")
     if s.get("rescoring_s") is not None and s.get("scoring_s"):
         share = s["rescoring_s"] / (s["scoring_s"] + s["rescoring_s"])
-        lines.append(f"The search scored {s['scored']} candidates in {s['scoring_s'] / 60:.1f} min (one thread); "
+        lines.append(f"The search scored {s['scored']} candidates in {s['scoring_s'] / 60:.1f} min of wall time "
+                     "(one thread, on a shared machine); "
                      f"re-scoring its {s['rescored']} finalists on the whole split took {s['rescoring_s'] / 60:.1f} "
                      f"min, {share:.0%} of its scoring time.")
     if res["rank"] is None:
@@ -271,8 +303,10 @@ def f2_section(res, epochs: int) -> list[str]:
               f"| random band median ({len(rnd.archs)} archs) | {statistics.median(rnd.means):.4f} | "
               f"min {min(rnd.means):.4f}, max {max(rnd.means):.4f} |", "",
               f"The searched net ranks {res['rank']} of {len(rnd.archs) + 1}; its lead over the random median is "
-              f"{est(lead)} (bootstrap over its seeds and the random architectures). "
-              + ("The interval excludes zero." if excludes_zero(lead) else
+              f"{est(lead)} (95% interval: Student's t over its seeds, bootstrap over the random architectures). "
+              + (("The interval excludes zero" + (f", but only just (its lower end is {lead.low:+.4f}): a small "
+                                                  "edge, not a wide one" if lead.low < 0.25 * lead.value else "")
+                  + ".") if excludes_zero(lead) else
                  "The interval includes zero: this study cannot tell the searched net from a random one of its band.")]
     return lines
 
@@ -292,17 +326,20 @@ def f3_section(rows, epochs: int) -> list[str]:
               f"over seeds. At {n_epochs(epochs)} a gap is the accuracy after the same short training, which favours "
               "nets that train fast; the DeiT-like nets lie outside the pilot's space, so the pilot's settled ranking "
               f"does not vouch for them: the same nets trained for {n_epochs(4 * epochs)} follow.", ""]
-    return lines + f3_table(rows)
+    pending = [] if any("plain" in r["label"] for r in rows) else [
+        "", "The same search in `fmnist_2d_plain` (no pooling, no sharing) has not finished: its row is added when "
+        "it has."]
+    return lines + f3_table(rows) + pending
 
 
 def f3_longer_section(rows, epochs: int) -> list[str]:
     """F3's nets again at 4E: does the gap at E hold with longer training?"""
-    if rows is None or not any(r["test"] for r in rows):
+    if rows is None:
         return []
     lines = [f"\n### F3 at {n_epochs(4 * epochs)}: does the gap hold with longer training?\n",
-             f"The same nets, recipe and seeds, trained four times as long. Runs finished so far: "
-             f"{sum(len(r['test']) for r in rows)}/{len(rows) * len(plan.F23_SEEDS)}.", ""]
-    return lines + f3_table(rows)
+             f"The same nets, recipe and seeds, trained four times as long (queued after F1's range). Runs finished "
+             f"so far: {sum(len(r['test']) for r in rows)}/{len(rows) * len(plan.F23_SEEDS)}."]
+    return lines + ([""] + f3_table(rows) if any(r["test"] for r in rows) else [])
 
 
 def f3_table(rows) -> list[str]:

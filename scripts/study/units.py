@@ -1,5 +1,5 @@
 """One unit of the study = one small committed JSON file under docs/study/. A unit is done when its file
-exists; a worker claims a unit with a lock file under runs/study/claims/ (on this machine only), runs it
+exists; a worker claims a unit with an flock on a file under runs/study/claims/ (this machine only), runs it
 through the project's own apps, and writes its file atomically. A fresh machine with the repository
 continues where the last one stopped: nothing but the result files is needed.
 """
@@ -270,24 +270,37 @@ def done(unit) -> bool:
     return unit.result.exists()
 
 
+_HELD: dict[str, int] = {}  # unit name -> the open descriptor whose flock is this process's claim
+
+
+def _claim_path(unit) -> Path:
+    return WORK / "claims" / (unit.name.replace("/", "__") + ".lock")
+
+
 def claim(unit) -> bool:
-    """Take ``unit`` for this process unless another live process holds it (claims die with their process)."""
-    path = WORK / "claims" / (unit.name.replace("/", "__") + ".lock")
+    """Take ``unit`` for this process unless another process holds it. A claim is an flock on the unit's lock
+    file, held until its result is written: the kernel drops it when its process dies (kill -9 included), so a
+    dead worker's claim frees itself, and no two processes can hold one at once."""
+    import fcntl
+
+    path = _claim_path(unit)
     path.parent.mkdir(parents=True, exist_ok=True)
-    for _ in range(2):
-        try:
-            fd = os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY)
-            os.write(fd, str(os.getpid()).encode())
-            os.close(fd)
-            return True
-        except FileExistsError:
-            try:
-                pid = int(path.read_text() or 0)
-                os.kill(pid, 0)
-                return False
-            except (ProcessLookupError, ValueError):
-                path.unlink(missing_ok=True)  # its process is gone: retake it
-    return False
+    fd = os.open(path, os.O_CREAT | os.O_RDWR)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        os.close(fd)
+        return False
+    os.ftruncate(fd, 0)
+    os.write(fd, str(os.getpid()).encode())  # for a person looking at the file; the flock is the claim
+    _HELD[unit.name] = fd
+    return True
+
+
+def release(unit) -> None:
+    fd = _HELD.pop(unit.name, None)
+    if fd is not None:
+        os.close(fd)  # closing the descriptor drops the flock
 
 
 def write_result(unit, record: dict[str, Any], commit: bool) -> None:
@@ -326,14 +339,22 @@ def write_result(unit, record: dict[str, Any], commit: bool) -> None:
 
 
 def held_by_another(unit) -> bool:
-    """Whether a live process other than this one has claimed ``unit``."""
-    path = WORK / "claims" / (unit.name.replace("/", "__") + ".lock")
-    try:
-        pid = int(path.read_text() or 0)
-        os.kill(pid, 0)
-    except (FileNotFoundError, ProcessLookupError, ValueError):
+    """Whether a process other than this one holds ``unit``'s claim."""
+    import fcntl
+
+    if unit.name in _HELD:
         return False
-    return pid != os.getpid()
+    try:
+        fd = os.open(_claim_path(unit), os.O_RDWR)
+    except FileNotFoundError:
+        return False
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        return False
+    except BlockingIOError:
+        return True
+    finally:
+        os.close(fd)
 
 
 def drain(plan, commit: bool, wait: float = 0.0) -> None:
@@ -350,10 +371,14 @@ def drain(plan, commit: bool, wait: float = 0.0) -> None:
                 time.sleep(wait)
                 continue
             return
+        if done(unit):  # another worker finished it after this one listed what was left
+            release(unit)
+            continue
         t = time.time()
         print(f"[{time.strftime('%H:%M:%S')}] {unit.name} ...", flush=True)
         record = unit.run()
         write_result(unit, record, commit)
+        release(unit)
         print(f"[{time.strftime('%H:%M:%S')}] {unit.name} done in {(time.time() - t) / 60:.1f} min: "
               + ", ".join(f"{k} {record[k]:.4f}" for k in ("val_top1", "test_top1", "val_acc")
                           if isinstance(record.get(k), float)), flush=True)
