@@ -374,7 +374,10 @@ def readme_table(results: Path = RESULTS) -> str:
             (("range", "over the FLOPs range"), ("band", "inside the search band")) if "whole" in last.get(n, {})]
     rows.append("| does the supernet rank nets as training them does? | " + (
         f"Kendall τ {', '.join(taus)} ({uni['steps']} uniform steps; truth: {n_epochs(e)} from scratch"
-        + ("" if len(taus) == 2 else "; the other set not measured yet") + ") |" if taus else "not measured yet |"))
+        + ("" if len(taus) == 2 else "; the other set not measured yet") + ")"
+        + ("; why it is low: [docs/results.md](docs/results.md#why-the-rankings-differ)"
+           if any(last[n]["whole"]["kendall_tau"].value < 0.6 for n in ("range", "band") if "whole" in last.get(n, {}))
+           else "") + " |" if taus else "not measured yet |"))
     got = f2(e, results)
     rows.append("| does the search beat random nets of its band? | " + (
         f"searched net ranks {got['rank']} of {len(got['random'].archs) + 1}; lead over the random median "
