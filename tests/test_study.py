@@ -163,9 +163,11 @@ def test_f1_f2_f3_render_from_result_files_alone(tmp_path):
     assert all(r["gap"].value == pytest.approx(q(r["arch"]) - q(best)) for r in rows[1:])
     diag = diagnosis(1, tmp_path)["range"]["rankings"]  # truth and uniform follow MACs, sandwich the reverse
     assert [r["tau_macs"].value for r in diag] == [1.0, -1.0, 1.0]
+    assert [r["macs_over_truth"].value for r in diag[1:]] == [-2.0, 0.0]
     assert diag[0]["ranks"] == diag[2]["ranks"] and sorted(diag[1]["ranks"]) == list(range(1, 13))
     text = page(tmp_path)
     assert "| range | `uniform` inherited (step 2000) |" in text and "### F3 at 4 epochs" in text
+    assert "in the range, `sandwich` inherited (step 1448) favours smaller nets than 1 epoch of training" in text
     assert "Runs finished so far: 12/12" in text
     f3_row = readme_table(tmp_path).splitlines()[-1]
     assert "(1 epoch, 3 seeds)" in f3_row and f3_row.endswith("test top-1 (4 epochs, 3 seeds) |")

@@ -99,9 +99,10 @@ def diagnosis(epochs: int, results: Path = RESULTS, outliers: int = 2) -> dict[s
     each ranking's scores spread across the architectures (standard deviation), also without the set's
     ``outliers`` lowest architectures by ground truth (a few poor nets can carry a whole set's tau); the standard
     error of one score (ground truth: the seeds' pooled sd over the root of their number; inherited: binomial on
-    the whole validation split); how each ranking follows cost (Kendall tau with MACs); and per architecture,
-    each ranking's score and rank in the set."""
-    from search.ranking import bootstrap, kendall_tau
+    the whole validation split); how each ranking follows cost (Kendall tau with MACs, and a supernet's minus
+    the ground truth's, paired over the architectures); and per architecture, each ranking's score and rank in
+    the set."""
+    from search.ranking import bootstrap, kendall_tau, tau_difference
     from space.arch import ArchSpec
     from space.cost import macs
 
@@ -122,6 +123,8 @@ def diagnosis(epochs: int, results: Path = RESULTS, outliers: int = 2) -> dict[s
             rankings.append({"label": f"`{sn['rule']}` inherited (step {sn['points'][-1]['step']})", "scores": final,
                              "error": (p * (1 - p) / n) ** 0.5})
         lowest = sorted(range(len(t.means)), key=lambda i: t.means[i])[:outliers]
+        for r in rankings[1:]:  # does it follow MACs more than the ground truth does? (paired over the archs)
+            r["macs_over_truth"] = tau_difference(r["scores"], t.means, cost, RESAMPLES, 0)
         for r in rankings:
             r["spread"] = statistics.stdev(r["scores"])
             r["spread_without"] = statistics.stdev(v for i, v in enumerate(r["scores"]) if i not in lowest)

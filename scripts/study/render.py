@@ -246,10 +246,12 @@ def diagnosis_section(diag, epochs: int) -> list[str]:
     for name, d in diag.items():
         truth, *proxies = d["rankings"]
         for r in proxies:
-            if r["tau_macs"].low > truth["tau_macs"].high:
-                readings.append(f"in the {name}, {r['label']} favours larger nets (τ with MACs "
-                                f"{r['tau_macs'].value:.2f}) where {n_epochs(epochs)} of training does not "
-                                f"({truth['tau_macs'].value:.2f}); the intervals do not overlap")
+            d_macs = r["macs_over_truth"]
+            if excludes_zero(d_macs):
+                readings.append(f"in the {name}, {r['label']} favours {'larger' if d_macs.value > 0 else 'smaller'} "
+                                f"nets than {n_epochs(epochs)} of training does (τ with MACs "
+                                f"{r['tau_macs'].value:.2f} against {truth['tau_macs'].value:.2f}; difference "
+                                f"{est(d_macs)}, paired over the architectures)")
         if truth["spread_without"] < 2 * truth["error"]:
             ranks = "; ".join(f"{r['label'].split(' (')[0]} ranks them " + " and ".join(
                 str(r["ranks"][i]) for i in d["lowest"]) for r in proxies)
