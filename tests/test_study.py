@@ -169,6 +169,8 @@ def test_f1_f2_f3_render_from_result_files_alone(tmp_path):
     assert "| range | `uniform` inherited (step 2000) |" in text and "### F3 at 4 epochs" in text
     assert "in the range, `sandwich` inherited (step 1448) favours smaller nets than 1 epoch of training" in text
     assert "Runs finished so far: 12/12" in text
+    assert "The pilot's 4-epoch and 8-epoch runs are queued last and not all run" in text  # 4 of 16 at 4 epochs
+    assert "τ(2, 4) is unmeasured" in text
     f3_row = readme_table(tmp_path).splitlines()[-1]
     assert "(1 epoch, 3 seeds)" in f3_row and f3_row.endswith("test top-1 (4 epochs, 3 seeds) |")
     assert "E = 1 epoch**" in text and "ranks 1 of 13" in text and "1.5 CPU-hours" not in text

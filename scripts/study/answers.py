@@ -265,16 +265,18 @@ def f3(epochs: int, results: Path = RESULTS) -> list[dict[str, Any]] | None:
     return rows
 
 
-def cpu_hours(results: Path = RESULTS) -> dict[str, float]:
-    """CPU-hours the study's finished units took, by kind (a unit timed by wall clock only counts its wall time:
-    an upper bound on a shared machine; a training resumed across processes counts all of them by their
-    TensorBoard event files, see units.train_wall_seconds)."""
-    def hours(r: dict[str, Any]) -> float:
-        spent = r.get("cpu_s", r.get("wall_s", 0.0))
-        if "train_cpu_s" in r and "train_wall_s" in r:  # a supernet: its training over every process, its scoring
-            spent += r["train_wall_s"] - r["train_cpu_s"]
-        elif "train_wall_s" in r:  # a stand-alone run resumed from an earlier process counts that process too
-            spent = max(spent, r["train_wall_s"])
-        return spent / 3600
+def unit_hours(r: dict[str, Any]) -> float:
+    """CPU-hours one finished unit took (a unit timed by wall clock only counts its wall time: an upper bound on a
+    shared machine; a training resumed across processes counts all of them by their TensorBoard event files, see
+    units.train_wall_seconds)."""
+    spent = r.get("cpu_s", r.get("wall_s", 0.0))
+    if "train_cpu_s" in r and "train_wall_s" in r:  # a supernet: its training over every process, its scoring
+        spent += r["train_wall_s"] - r["train_cpu_s"]
+    elif "train_wall_s" in r:  # a stand-alone run resumed from an earlier process counts that process too
+        spent = max(spent, r["train_wall_s"])
+    return spent / 3600
 
-    return {kind: sum(hours(r) for r in load(kind, results)) for kind in ("standalone", "supernet", "search")}
+
+def cpu_hours(results: Path = RESULTS) -> dict[str, float]:
+    """CPU-hours the study's finished units took, by kind (see unit_hours)."""
+    return {kind: sum(unit_hours(r) for r in load(kind, results)) for kind in ("standalone", "supernet", "search")}

@@ -19,6 +19,7 @@ def ci(e) -> str:
 
 
 def page(results: Path = RESULTS) -> str:
+    from space.arch import ArchSpec
     from space.cost import fmt_macs, macs
 
     from scripts.study.answers import cpu_hours
@@ -108,6 +109,19 @@ def page(results: Path = RESULTS) -> str:
                          f"τ({x.epochs}, {2 * x.epochs}) = {ci(x.settle)}" for x in later) + ")." if later else
                          "the pilot's next schedule is queued right after F2, and E moves later if a longer pair "
                          "does not settle (`chosen_schedule`, scripts/study/pilot.py)."))
+        full = len(plan.pilot_archs()) * len(plan.PILOT_SEEDS)
+        pending = [x for x in sched if x.runs < full]
+        if pending:
+            from scripts.study.answers import unit_hours
+
+            base = max(x.epochs for x in sched if x.runs == full)
+            keys = {a.to_json() for a in plan.pilot_archs()}
+            per_run = sum(unit_hours(r) for r in records if r["epochs"] == base and r["seed"] in plan.PILOT_SEEDS
+                          and ArchSpec.from_dict(r["arch"]).to_json() in keys) / full
+            cost = sum((full - x.runs) * per_run * x.epochs / base for x in pending)
+            lines.append(f"The pilot's {' and '.join(f'{x.epochs}-epoch' for x in pending)} runs are queued last and "
+                         f"not all run (about {cost:.1f} CPU-hours to go: the {base}-epoch runs' measured time, scaled "
+                         f"by the schedule): τ({base}, {2 * base}) is unmeasured.")
         far = {k: v for k, v in pair_taus(results).items() if k[0] == chosen and k[1] > 2 * chosen}
         if far:
             drift = [f"τ({a}, {b}) = {ci(v)}" for (a, b), v in sorted(far.items())]
