@@ -171,8 +171,9 @@ def test_f1_f2_f3_render_from_result_files_alone(tmp_path):
     assert "Runs finished so far: 12/12" in text
     assert "The pilot's 4-epoch and 8-epoch runs are queued last and not all run" in text  # 4 of 16 at 4 epochs
     assert "τ(2, 4) is unmeasured" in text
-    f3_row = readme_table(tmp_path).splitlines()[-1]
+    plain_row, f3_row = readme_table(tmp_path).splitlines()[-2:]
     assert "(1 epoch, 3 seeds)" in f3_row and f3_row.endswith("test top-1 (4 epochs, 3 seeds) |")
+    assert "searched in `fmnist_2d_plain` minus PSViT" in plain_row and plain_row.endswith("(4 epochs, 3 seeds) |")
     assert "E = 1 epoch**" in text and "ranks 1 of 13" in text and "1.5 CPU-hours" not in text
     assert "| 2000 | range | 0.6137 (24) | 12 |" in text and "The interval excludes zero." in text
     assert "sandwich - uniform, range: Δτ -2.0000 [-2.0000, -2.0000]" in text

@@ -398,23 +398,29 @@ def readme_table(results: Path = RESULTS) -> str:
     rows.append("| does the search beat random nets of its band? | " + (
         f"searched net ranks {got['rank']} of {len(got['random'].archs) + 1}; lead over the random median "
         f"{est(got['lead'])} test top-1 ({n_epochs(e)}, 3 seeds) |" if got and got["rank"] else "not measured yet |"))
-    def deit(epochs):
-        return [r for r in f3(epochs, results) or [] if r["label"].startswith("DeiT") and r["gap"] is not None
+
+    def finished(epochs, pick):
+        return [r for r in f3(epochs, results) or [] if pick(r["label"]) and r["gap"] is not None
                 and len(r["test"]) == len(plan.F23_SEEDS)]
 
-    def gaps(found, epochs):
-        return ("; ".join(f"{r['label'][len('DeiT-like, '):]}: DeiT-like minus PSViT {est(r['gap'])}" for r in found)
+    def gaps(found, epochs, name):
+        return ("; ".join(f"{name(r['label'])} minus PSViT {est(r['gap'])}" for r in found)
                 + f" test top-1 ({n_epochs(epochs)}, 3 seeds)")
 
-    short, longer = deit(e), deit(4 * e)
-    if len(short) < 2:
-        answer = "not measured yet"
-    elif len(longer) < 2:
-        answer = (gaps(short, e) + ": accuracy after a short training, which favours nets that train fast; the "
-                  f"runs at {n_epochs(4 * e)} are not all in yet")
-    else:
-        answer = gaps(short, e) + "; " + gaps(longer, 4 * e)
-    rows.append(f"| PSViT against DeiT-like nets of equal cost? | {answer} |")
+    for question, pick, name, want in (
+            ("what do pooling and sharing buy (the same search without them)?", lambda label: "plain" in label,
+             lambda label: "searched in `fmnist_2d_plain`", 1),
+            ("PSViT against DeiT-like nets of equal cost?", lambda label: label.startswith("DeiT"),
+             lambda label: label[len("DeiT-like, "):] + ": DeiT-like", 2)):
+        short, longer = finished(e, pick), finished(4 * e, pick)
+        if len(short) < want:
+            answer = "not measured yet"
+        elif len(longer) < want:
+            answer = (gaps(short, e, name) + ": accuracy after a short training, which favours nets that train fast; "
+                      f"the runs at {n_epochs(4 * e)} are not all in yet")
+        else:
+            answer = gaps(short, e, name) + "; " + gaps(longer, 4 * e, name)
+        rows.append(f"| {question} | {answer} |")
     return "\n".join(rows)
 
 
