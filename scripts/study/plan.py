@@ -156,15 +156,16 @@ def study() -> list:
     # F1's supernets and F2 first (the answer a NAS framework exists for), then the pilot's next schedule (the
     # supernets rank the range's large nets higher than E's ground truth does: is E's ranking settled?), then
     # F3's plain supernet, which one worker trains while the other trains F1's range (its search and nets take
-    # the next free worker once it is done), then the pilot's longest schedule
+    # the next free worker once it is done), then F3's nets again at 4E, then the pilot's longest schedule
     wide = [u for u in truth if u not in band]
     return ([uniform, sandwich, psvit] + final_nets(e)[:9] + band + confirm + [plain, plain_search]
             + final_nets(e) + wide + f3_longer(e) + [u for u in pilot() if u.epochs > e])
 
 
 def f3_longer(e: int) -> list[Standalone]:
-    """F3's nets again at 4E, cheapest first: the DeiT-like nets lie outside the pilot's space, so the pilot's
-    settled ranking says nothing about whether their gap to PSViT at E is the nets' or the short schedule's."""
+    """F3's nets again at 4E, cheapest first: the DeiT-like and plain-space nets lie outside the pilot's space, so
+    the pilot's settled ranking says nothing about whether their gap to PSViT at E is the nets' or the short
+    schedule's."""
     return sorted(final_nets(4 * e), key=Standalone.cost)
 
 

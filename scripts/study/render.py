@@ -340,8 +340,8 @@ def f3_section(rows, epochs: int) -> list[str]:
     lines += ["Each net trained from scratch with the same recipe and seeds "
               f"{', '.join(map(str, plan.F23_SEEDS))}; the gap to the searched PSViT net with Welch's 95% interval "
               f"over seeds. At {n_epochs(epochs)} a gap is the accuracy after the same short training, which favours "
-              "nets that train fast; the DeiT-like nets lie outside the pilot's space, so the pilot's settled ranking "
-              f"does not vouch for them: the same nets trained for {n_epochs(4 * epochs)} follow.", ""]
+              "nets that train fast; the DeiT-like and plain-space nets lie outside the pilot's space, so the pilot's "
+              f"settled ranking does not vouch for them: the same nets trained for {n_epochs(4 * epochs)} follow.", ""]
     pending = [] if any("plain" in r["label"] for r in rows) else [
         "", "The same search in `fmnist_2d_plain` (no pooling, no sharing) has not finished: its row is added when "
         "it has."]
@@ -353,8 +353,8 @@ def f3_longer_section(rows, epochs: int) -> list[str]:
     if rows is None:
         return []
     lines = [f"\n### F3 at {n_epochs(4 * epochs)}: does the gap hold with longer training?\n",
-             f"The same nets, recipe and seeds, trained four times as long (queued after F1's range). Runs finished "
-             f"so far: {sum(len(r['test']) for r in rows)}/{len(rows) * len(plan.F23_SEEDS)}."]
+             f"The same nets, recipe and seeds, trained four times as long. Runs finished so far: "
+             f"{sum(len(r['test']) for r in rows)}/{len(rows) * len(plan.F23_SEEDS)}."]
     return lines + ([""] + f3_table(rows) if any(r["test"] for r in rows) else [])
 
 
