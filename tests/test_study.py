@@ -169,6 +169,7 @@ def test_f1_f2_f3_render_from_result_files_alone(tmp_path):
     assert "| range | `uniform` inherited (step 2000) |" in text and "### F3 at 4 epochs" in text
     assert "in the range, `sandwich` inherited (step 1448) favours smaller nets than 1 epoch of training" in text
     assert "Runs finished so far: 12/12" in text
+    assert "From 1 epoch to 4 epochs: " in text and "Not every gap shrinks with longer training" in text  # equal gaps
     assert "The pilot's 4-epoch and 8-epoch runs are queued last and not all run" in text  # 4 of 16 at 4 epochs
     assert "τ(2, 4) is unmeasured" in text
     plain_row, f3_row = readme_table(tmp_path).splitlines()[-2:]

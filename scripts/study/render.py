@@ -225,7 +225,7 @@ def answers(epochs: int, results: Path) -> list[str]:
                       for k, v in diffs.items()) + "."]
     lines += diagnosis_section(diagnosis(epochs, results), epochs)
     lines += (f2_section(f2(epochs, results), epochs) + f3_section(f3(epochs, results), epochs)
-              + f3_longer_section(f3(4 * epochs, results), epochs))
+              + f3_longer_section(f3(4 * epochs, results), epochs, f3(epochs, results)))
     hours = cpu_hours(results)
     lines += ["\n## What the study cost\n",
               f"{sum(hours.values()):.1f} CPU-hours so far (stand-alone runs {hours['standalone']:.1f}, supernets "
@@ -348,14 +348,26 @@ def f3_section(rows, epochs: int) -> list[str]:
     return lines + f3_table(rows) + pending
 
 
-def f3_longer_section(rows, epochs: int) -> list[str]:
-    """F3's nets again at 4E: does the gap at E hold with longer training?"""
+def f3_longer_section(rows, epochs: int, at_e=None) -> list[str]:
+    """F3's nets again at 4E: does the gap at E hold with longer training? (``at_e``: the rows at E, to compare)"""
     if rows is None:
         return []
     lines = [f"\n### F3 at {n_epochs(4 * epochs)}: does the gap hold with longer training?\n",
              f"The same nets, recipe and seeds, trained four times as long. Runs finished so far: "
              f"{sum(len(r['test']) for r in rows)}/{len(rows) * len(plan.F23_SEEDS)}."]
-    return lines + ([""] + f3_table(rows) if any(r["test"] for r in rows) else [])
+    if not any(r["test"] for r in rows):
+        return lines
+    lines += [""] + f3_table(rows)
+    before = {r["label"]: r["gap"] for r in at_e or [] if r["gap"] is not None}
+    pairs = [(r["label"], before[r["label"]], r["gap"]) for r in rows if r["gap"] is not None and r["label"] in before]
+    if pairs:
+        lines += ["", f"From {n_epochs(epochs)} to {n_epochs(4 * epochs)}: " + "; ".join(
+            f"{label}: {a.value:+.4f} to {b.value:+.4f}"
+            + (" (still excludes 0)" if excludes_zero(b) else " (now includes 0)") for label, a, b in pairs)
+            + ". " + ("Every gap shrinks with longer training" if all(abs(b.value) < abs(a.value) for _, a, b in pairs)
+                      else "Not every gap shrinks with longer training")
+            + (", and every one still excludes zero." if all(excludes_zero(b) for _, _, b in pairs) else ".")]
+    return lines
 
 
 def f3_table(rows) -> list[str]:
