@@ -107,7 +107,7 @@ def test_f1_f2_f3_render_from_result_files_alone(tmp_path):
     the start), why the rankings differ (tau with MACs), the searched net's rank and lead over the random median,
     and F3's gaps with their intervals at E and at 4E."""
     from scripts.study import plan
-    from scripts.study.answers import diagnosis, f1, f2, f3
+    from scripts.study.answers import diagnosis, f1, f2, f3, groups
     from scripts.study.render import page, readme_table
     from space.cost import macs
 
@@ -161,7 +161,8 @@ def test_f1_f2_f3_render_from_result_files_alone(tmp_path):
     rows = f3(1, tmp_path)
     assert [len(r["test"]) for r in rows] == [3, 3, 3, 3] and rows[0]["gap"] is None
     assert all(r["gap"].value == pytest.approx(q(r["arch"]) - q(best)) for r in rows[1:])
-    diag = diagnosis(1, tmp_path)["range"]["rankings"]  # truth and uniform follow MACs, sandwich the reverse
+    # truth and uniform follow MACs, sandwich the reverse
+    diag = diagnosis(groups(1, tmp_path), res)["range"]["rankings"]
     assert [r["tau_macs"].value for r in diag] == [1.0, -1.0, 1.0]
     assert [r["macs_over_truth"].value for r in diag[1:]] == [-2.0, 0.0]
     assert diag[0]["ranks"] == diag[2]["ranks"] and sorted(diag[1]["ranks"]) == list(range(1, 13))

@@ -89,25 +89,24 @@ def f1(epochs: int, results: Path = RESULTS) -> list[dict[str, Any]]:
         ceilings = {name: noise_ceiling(t.runs, RESAMPLES, 0) if len(t.archs) >= 4 else None
                     for name, t in sets.items()}
         out.append({"rule": sn["rule"], "steps": sn["steps"], "curve": curve, "ceilings": ceilings,
+                    "val_images": sn.get("val_images", 10000),
                     "sets": {n: (len(t.archs), t.expected) for n, t in sets.items()},
                     "cpu_s": sn.get("cpu_s"), "train_cpu_s": sn.get("train_cpu_s")})
     return out
 
 
-def diagnosis(epochs: int, results: Path = RESULTS, outliers: int = 2) -> dict[str, dict[str, Any]]:
-    """Why a supernet's ranking differs from the ground truth, per F1 set with its ground truth finished: how far
-    each ranking's scores spread across the architectures (standard deviation), also without the set's
-    ``outliers`` lowest architectures by ground truth (a few poor nets can carry a whole set's tau); the standard
-    error of one score (ground truth: the seeds' pooled sd over the root of their number; inherited: binomial on
-    the whole validation split); how each ranking follows cost (Kendall tau with MACs, and a supernet's minus
-    the ground truth's, paired over the architectures); and per architecture, each ranking's score and rank in
-    the set."""
+def diagnosis(sets: dict[str, Truth], rules: list[dict[str, Any]], outliers: int = 2) -> dict[str, dict[str, Any]]:
+    """Why a supernet's ranking differs from the ground truth, per F1 set (``groups``) with its ground truth
+    finished, from each rule's final checkpoint (``f1``): how far each ranking's scores spread across the
+    architectures (standard deviation), also without the set's ``outliers`` lowest architectures by ground truth
+    (a few poor nets can carry a whole set's tau); the standard error of one score (ground truth: the seeds'
+    pooled sd over the root of their number; inherited: binomial on the whole validation split); how each
+    ranking follows cost (Kendall tau with MACs, and a supernet's minus the ground truth's, paired over the
+    architectures); and per architecture, each ranking's score and rank in the set."""
     from search.ranking import bootstrap, kendall_tau, tau_difference
     from space.arch import ArchSpec
     from space.cost import macs
 
-    sets = groups(epochs, results)
-    supernets = [sn for sn in load("supernet", results) if sn["points"]]
     out: dict[str, dict[str, Any]] = {}
     for name, t in sets.items():
         if len(t.archs) < 4 + outliers:
@@ -116,15 +115,15 @@ def diagnosis(epochs: int, results: Path = RESULTS, outliers: int = 2) -> dict[s
         seeds = len(t.runs[0])
         pooled = statistics.mean(statistics.variance(r) for r in t.runs) ** 0.5
         rankings = [{"label": f"ground truth ({seeds}-seed mean)", "scores": t.means, "error": pooled / seeds ** 0.5}]
-        for sn in supernets:
-            index = {ArchSpec.from_dict(a).to_json(): i for i, a in enumerate(sn["archs"])}
-            final = [sn["points"][-1]["whole"][index[a]] for a in t.archs]
-            p, n = statistics.mean(final), sn.get("val_images", 10000)
-            rankings.append({"label": f"`{sn['rule']}` inherited (step {sn['points'][-1]['step']})", "scores": final,
-                             "error": (p * (1 - p) / n) ** 0.5})
+        for rule in rules:
+            last = rule["curve"][-1]
+            final = last[name]["scores"]  # the set's final inherited scores, in t.archs's order
+            p = statistics.mean(final)
+            rankings.append({"label": f"`{rule['rule']}` inherited (step {last['step']})", "scores": final,
+                             "error": (p * (1 - p) / rule["val_images"]) ** 0.5,
+                             # does it follow MACs more than the ground truth does? (paired over the archs)
+                             "macs_over_truth": tau_difference(final, t.means, cost, RESAMPLES, 0)})
         lowest = sorted(range(len(t.means)), key=lambda i: t.means[i])[:outliers]
-        for r in rankings[1:]:  # does it follow MACs more than the ground truth does? (paired over the archs)
-            r["macs_over_truth"] = tau_difference(r["scores"], t.means, cost, RESAMPLES, 0)
         for r in rankings:
             r["spread"] = statistics.stdev(r["scores"])
             r["spread_without"] = statistics.stdev(v for i, v in enumerate(r["scores"]) if i not in lowest)

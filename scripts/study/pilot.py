@@ -12,6 +12,7 @@ from typing import Any
 
 from scripts.study import plan
 from scripts.study.units import RESULTS
+from space.arch import ArchSpec
 
 SETTLED = 0.8  # tau(E, 2E) and the ceiling of the 2-seed mean must both reach it (issue: the trained regime)
 
@@ -42,25 +43,32 @@ class Schedule:
     settle: Any  # tau between this schedule's and the next one's ranking (Estimate), or None
 
 
+def pilot_runs(results: Path = RESULTS) -> dict[int, list[list[float | None]]]:
+    """Per pilot schedule, each pilot architecture's (plan.pilot_archs order) validation top-1 per pilot seed
+    (None: not run yet)."""
+    t = table(load("standalone", results))
+    archs = [a.to_json() for a in plan.pilot_archs()]
+    return {e: [[t.get((a, e), {}).get(s) for s in plan.PILOT_SEEDS] for a in archs] for e in plan.PILOT_SCHEDULES}
+
+
+def complete_means(runs: dict[int, list[list[float | None]]]) -> dict[int, list[float]]:
+    """The seed-mean ranking of every schedule whose pilot runs have all finished."""
+    return {e: [statistics.mean(r) for r in rs] for e, rs in runs.items()
+            if all(v is not None for r in rs for v in r)}
+
+
 def schedules(results: Path = RESULTS, resamples: int = 2000) -> list[Schedule]:
     from search.ranking import bootstrap, kendall_tau, noise_ceiling
 
-    t = table(load("standalone", results))
-    archs = [a.to_json() for a in plan.pilot_archs()]
+    runs = pilot_runs(results)
+    means = complete_means(runs)
     out = []
     for i, e in enumerate(plan.PILOT_SCHEDULES):
-        runs = [[t.get((a, e), {}).get(s) for s in plan.PILOT_SEEDS] for a in archs]
-        done = sum(v is not None for r in runs for v in r)
-        flat = [v for r in runs for v in r if v is not None]
-        complete = done == len(archs) * len(plan.PILOT_SEEDS)
-        ceiling = noise_ceiling(runs, resamples) if complete else None
-        settle = None
-        if complete and i + 1 < len(plan.PILOT_SCHEDULES):
-            nxt = [[t.get((a, plan.PILOT_SCHEDULES[i + 1]), {}).get(s) for s in plan.PILOT_SEEDS] for a in archs]
-            if all(v is not None for r in nxt for v in r):
-                settle = bootstrap(kendall_tau, [statistics.mean(r) for r in runs], [statistics.mean(r) for r in nxt],
-                                   resamples, 0)
-        out.append(Schedule(e, done, statistics.mean(flat) if flat else None, min(flat, default=None),
+        flat = [v for r in runs[e] for v in r if v is not None]
+        ceiling = noise_ceiling(runs[e], resamples) if e in means else None
+        nxt = plan.PILOT_SCHEDULES[i + 1] if i + 1 < len(plan.PILOT_SCHEDULES) else None
+        settle = bootstrap(kendall_tau, means[e], means[nxt], resamples, 0) if e in means and nxt in means else None
+        out.append(Schedule(e, len(flat), statistics.mean(flat) if flat else None, min(flat, default=None),
                             max(flat, default=None), ceiling["seed_to_seed"] if ceiling else None,
                             ceiling["mean"] if ceiling else None, settle))
     return out
@@ -71,15 +79,27 @@ def pair_taus(results: Path = RESULTS, resamples: int = 2000) -> dict[tuple[int,
     first: tau(E, 2E) is the rule's pair; tau(E, 4E) and beyond show whether the ranking keeps drifting."""
     from search.ranking import bootstrap, kendall_tau
 
-    t = table(load("standalone", results))
-    archs = [a.to_json() for a in plan.pilot_archs()]
-    means = {}
-    for e in plan.PILOT_SCHEDULES:
-        runs = [[t.get((a, e), {}).get(s) for s in plan.PILOT_SEEDS] for a in archs]
-        if all(v is not None for r in runs for v in r):
-            means[e] = [statistics.mean(r) for r in runs]
+    means = complete_means(pilot_runs(results))
     return {(a, b): bootstrap(kendall_tau, means[a], means[b], resamples, 0)
             for a in means for b in means if a < b}
+
+
+def pending(results: Path = RESULTS) -> tuple[list[int], int, float] | None:
+    """The pilot schedules not all run, the longest schedule that is, and the CPU-hours the missing runs would
+    take (that schedule's measured time per run, scaled by the schedule); None when every run has finished."""
+    from scripts.study.answers import unit_hours  # answers imports this module
+
+    runs = pilot_runs(results)
+    full = len(plan.pilot_archs()) * len(plan.PILOT_SEEDS)
+    left = {e: full - sum(v is not None for r in rs for v in r) for e, rs in runs.items()}
+    todo = [e for e in plan.PILOT_SCHEDULES if left[e]]
+    if not todo:
+        return None
+    base = max(e for e in plan.PILOT_SCHEDULES if not left[e])
+    keys = {a.to_json() for a in plan.pilot_archs()}
+    per_run = sum(unit_hours(r) for r in load("standalone", results) if r["epochs"] == base
+                  and r["seed"] in plan.PILOT_SEEDS and ArchSpec.from_dict(r["arch"]).to_json() in keys) / full
+    return todo, base, sum(left[e] * per_run * e / base for e in todo)
 
 
 def chosen_schedule(results: Path = RESULTS) -> int | None:

@@ -6,7 +6,8 @@ import statistics
 from pathlib import Path
 
 from scripts.study import plan
-from scripts.study.pilot import SETTLED, chosen_schedule, first_settled, load, pair_taus, schedules, table
+from scripts.study.pilot import (SETTLED, chosen_schedule, first_settled, load, pair_taus, pending, pilot_runs,
+                                 schedules)
 from scripts.study.units import HOME, RESULTS
 
 
@@ -19,7 +20,6 @@ def ci(e) -> str:
 
 
 def page(results: Path = RESULTS) -> str:
-    from space.arch import ArchSpec
     from space.cost import fmt_macs, macs
 
     from scripts.study.answers import cpu_hours
@@ -63,16 +63,15 @@ def page(results: Path = RESULTS) -> str:
     for s in sched:
         acc = "n/a" if s.mean is None else f"{s.mean:.4f} ({s.low:.4f} .. {s.high:.4f})"
         lines.append(f"| {s.epochs} | {s.runs}/16 | {acc} | {ci(s.seed_tau)} | {ci(s.ceiling)} | {ci(s.settle)} |")
-    t = table(records)
+    runs, archs = pilot_runs(results), plan.pilot_archs()
     lines += ["", f"Per architecture (validation top-1, mean of seeds {' and '.join(map(str, plan.PILOT_SEEDS))}, "
               "the seeds every statistic above uses; * = in the band):\n",
               "| architecture | MACs | " + " | ".join(f"{e} ep" for e in plan.PILOT_SCHEDULES) + " |",
               "|---|---:|" + "---:|" * len(plan.PILOT_SCHEDULES)]
-    for a in sorted(plan.pilot_archs(), key=macs):
-        cells = []
+    for i in sorted(range(len(archs)), key=lambda i: macs(archs[i])):
+        a, cells = archs[i], []
         for e in plan.PILOT_SCHEDULES:
-            got = t.get((a.to_json(), e), {})
-            v = [got[s] for s in plan.PILOT_SEEDS if s in got]
+            v = [x for x in runs[e][i] if x is not None]
             cells.append(f"{statistics.mean(v):.4f}" + ("" if len(v) == len(plan.PILOT_SEEDS) else
                                                         f" ({len(v)} seed)") if v else "—")
         star = "*" if plan.BAND[0] <= macs(a) <= plan.BAND[1] else ""
@@ -109,19 +108,12 @@ def page(results: Path = RESULTS) -> str:
                          f"τ({x.epochs}, {2 * x.epochs}) = {ci(x.settle)}" for x in later) + ")." if later else
                          "the pilot's next schedule is queued right after F2, and E moves later if a longer pair "
                          "does not settle (`chosen_schedule`, scripts/study/pilot.py)."))
-        full = len(plan.pilot_archs()) * len(plan.PILOT_SEEDS)
-        pending = [x for x in sched if x.runs < full]
-        if pending:
-            from scripts.study.answers import unit_hours
-
-            base = max(x.epochs for x in sched if x.runs == full)
-            keys = {a.to_json() for a in plan.pilot_archs()}
-            per_run = sum(unit_hours(r) for r in records if r["epochs"] == base and r["seed"] in plan.PILOT_SEEDS
-                          and ArchSpec.from_dict(r["arch"]).to_json() in keys) / full
-            cost = sum((full - x.runs) * per_run * x.epochs / base for x in pending)
-            lines.append(f"The pilot's {' and '.join(f'{x.epochs}-epoch' for x in pending)} runs are queued last and "
-                         f"not all run (about {cost:.1f} CPU-hours to go: the {base}-epoch runs' measured time, scaled "
-                         f"by the schedule): τ({base}, {2 * base}) is unmeasured.")
+        left = pending(results)
+        if left:
+            todo, base, cost = left
+            lines.append(f"The pilot's {' and '.join(f'{e}-epoch' for e in todo)} runs are queued last and not all "
+                         f"run (about {cost:.1f} CPU-hours to go: the {base}-epoch runs' measured time, scaled by the "
+                         f"schedule): τ({base}, {2 * base}) is unmeasured.")
         far = {k: v for k, v in pair_taus(results).items() if k[0] == chosen and k[1] > 2 * chosen}
         if far:
             drift = [f"τ({a}, {b}) = {ci(v)}" for (a, b), v in sorted(far.items())]
@@ -223,9 +215,10 @@ def answers(epochs: int, results: Path) -> list[str]:
                   "paired bootstrap over the architectures): " + "; ".join(
                       f"{k}: Δτ {est(v)}" + ("" if excludes_zero(v) else " (includes 0: no difference shown)")
                       for k, v in diffs.items()) + "."]
-    lines += diagnosis_section(diagnosis(epochs, results), epochs)
-    lines += (f2_section(f2(epochs, results), epochs) + f3_section(f3(epochs, results), epochs)
-              + f3_longer_section(f3(4 * epochs, results), epochs, f3(epochs, results)))
+    lines += diagnosis_section(diagnosis(sets, rules), epochs)
+    at_e = f3(epochs, results)
+    lines += (f2_section(f2(epochs, results), epochs) + f3_section(at_e, epochs)
+              + f3_longer_section(f3(4 * epochs, results), epochs, at_e))
     hours = cpu_hours(results)
     lines += ["\n## What the study cost\n",
               f"{sum(hours.values()):.1f} CPU-hours so far (stand-alone runs {hours['standalone']:.1f}, supernets "
@@ -342,10 +335,10 @@ def f3_section(rows, epochs: int) -> list[str]:
               f"over seeds. At {n_epochs(epochs)} a gap is the accuracy after the same short training, which favours "
               "nets that train fast; the DeiT-like and plain-space nets lie outside the pilot's space, so the pilot's "
               f"settled ranking does not vouch for them: the same nets trained for {n_epochs(4 * epochs)} follow.", ""]
-    pending = [] if any("plain" in r["label"] for r in rows) else [
+    plain_note = [] if any("plain" in r["label"] for r in rows) else [
         "", "The same search in `fmnist_2d_plain` (no pooling, no sharing) has not finished: its row is added when "
         "it has."]
-    return lines + f3_table(rows) + pending
+    return lines + f3_table(rows) + plain_note
 
 
 def f3_longer_section(rows, epochs: int, at_e=None) -> list[str]:
